@@ -1,0 +1,272 @@
+"""The single place for every default of the MST-KD pipeline.
+
+Stage scripts call :func:`parse_cli` (``key=value`` overrides, values parsed as Python literals) and get a
+:class:`Config`. Derived values (scaled learning rates, run directories) are properties computed from the
+final values, so importing this module does nothing and an override always reaches them.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+ETHNICITIES = ("African", "Asian", "Caucasian", "Indian")
+# The released adaptors were trained on this concatenation order; it must never change.
+CONCAT_ORDER = ("Asian", "African", "Caucasian", "Indian")
+NUM_BASELINE_SPLITS = 4
+TEACHER_SETS = ("specialized", "baseline")
+ADAPTORS = ("SL", "DuL", "DLDPO")
+KD_KINDS = ("aKD", "EAFKD")
+AMP_MODES = ("none", "bf16", "fp16")
+
+# Default margin-head hyperparameters per loss (s, m, std); `s`, `m`, `std` keys override them.
+MARGIN_DEFAULTS: dict[str, dict[str, float]] = {
+    "ElasticArcFace": {"s": 64.0, "m": 0.5, "std": 0.05},
+    "ElasticArcFacePlus": {"s": 64.0, "m": 0.5, "std": 0.0175},
+    "ElasticCosFace": {"s": 64.0, "m": 0.35, "std": 0.05},
+    "ElasticCosFacePlus": {"s": 64.0, "m": 0.35, "std": 0.025},
+    "ArcFace": {"s": 64.0, "m": 0.5, "std": 0.0},
+    "CosFace": {"s": 64.0, "m": 0.35, "std": 0.0},
+    "CurricularFace": {"s": 64.0, "m": 0.5, "std": 0.0},
+}
+
+
+@dataclass
+class Config:
+    # ---- data -------------------------------------------------------------------------------------------
+    data_root: str | None = None  # BUPT-BalancedFace root (ROOT/<Ethnicity>/<identity>/<img>) or a folder with train.rec/train.idx
+    rfw_root: str | None = None  # folder with <Ethnicity>_test.bin (or RFW pair lists); None = no verification
+    output_root: str = "work_dirs"  # every run, store and report lives under this folder
+    ids_per_ethnicity: int | None = None  # use a seeded random subset of k identities per ethnicity (None = all)
+    input_size: int = 112  # square input side in pixels; images of another size are resized
+    num_workers: int = 4  # data-loader worker processes per rank
+    # ---- what to train ----------------------------------------------------------------------------------
+    ethnicity: str = "African"  # specialized teacher / extraction target: African|Asian|Caucasian|Indian|all
+    teacher_set: str = "specialized"  # specialized (one ethnicity each) | baseline (balanced splits)
+    split: int = 0  # which balanced baseline split (0..3) when teacher_set=baseline
+    network: str = "iresnet34"  # teacher backbone
+    student_network: str = "iresnet34"  # student backbone
+    use_se: bool = False  # squeeze-and-excitation blocks in the iResNets
+    dropout: float | None = None  # dropout before the backbone FC; None = network default (0.4 for iresnet50)
+    width: int = 64  # base channel width of the backbone (64 for the paper; smaller only for demos)
+    embedding_size: int = 512  # embedding dimension of every backbone and adaptor
+    # ---- optimisation (teachers and students) -----------------------------------------------------------
+    batch_size: int = 128  # images per GPU (per rank)
+    lr: float = 0.1  # base lr for teachers and students, scaled by batch_size * world_size / 512
+    momentum: float = 0.9  # SGD momentum (every stage)
+    weight_decay: float = 5e-4  # SGD weight decay (every stage)
+    num_epoch: int = 52  # epochs for teachers and students
+    milestones: list[int] = field(default_factory=lambda: [16, 28, 40, 50])  # lr x lr_decay at these epochs
+    lr_decay: float = 0.1  # step-decay factor
+    grad_clip: float = 5.0  # max grad-norm on the backbone/adaptor (never the header)
+    # ---- margin head ------------------------------------------------------------------------------------
+    loss: str = "ElasticArcFace"  # margin head: see MARGIN_DEFAULTS for the names
+    s: float | None = None  # scale; None = the loss default
+    m: float | None = None  # margin; None = the loss default
+    std: float | None = None  # margin std for the elastic heads; None = the loss default (0.05 for EAF)
+    # ---- adaptors ---------------------------------------------------------------------------------------
+    adaptor: str = "SL"  # SL | DuL | DLDPO (which adaptor a stage trains or reads targets from)
+    has_drop_out: bool = False  # dual_layer_EAF-Fusion.py: False trains DuL, True trains DLDPO (release name)
+    lr_fc: float = 1.0  # base lr for adaptors, scaled like lr
+    num_epoch_fc: int = 26  # adaptor epochs
+    milestones_fc: list[int] = field(default_factory=lambda: [16])  # as released: the teachers' schedule cut at 26 epochs
+    adaptor_std: float = 0.0125  # ElasticArcFace margin std of the adaptor stage (release value)
+    batch_size_fc: int = 128  # adaptor samples per rank and step
+    middle_layer_size: int = 512  # hidden width of the dual-layer adaptors
+    adaptor_dropout: float = 0.2  # dropout of DLDPO between its two layers
+    adaptor_negative_slope: float = 0.01  # LeakyReLU slope of the dual-layer adaptors
+    store_in_memory: bool = True  # load teacher stores into RAM for the adaptor (False = read the memory map)
+    # ---- knowledge distillation -------------------------------------------------------------------------
+    kd: str = "aKD"  # aKD (KD alone) | EAFKD (ElasticArcFace + KD); set by KD_alone.py / KD_CEL.py
+    loss_lambda: float = 10000.0  # weight of the KD MSE term
+    kd_flip_consistent: bool = False  # pair flipped images with flipped-image targets (release: False)
+    # ---- extraction -------------------------------------------------------------------------------------
+    extract_flipped: bool = False  # also store embeddings of flipped images (needed by kd_flip_consistent)
+    extract_batch_size: int = 256  # images per rank and forward pass during extraction and evaluation
+    # ---- run control ------------------------------------------------------------------------------------
+    seed: int = 0  # seeds python, numpy, torch, the sampler, flips and margins (per rank)
+    amp: str = "none"  # none | bf16 | fp16 (GPU only; margin and loss maths stay fp32)
+    log_every: int = 50  # steps between log lines and TensorBoard points
+    resume: bool = False  # continue from checkpoint_last.pt of this run
+    resume_same_world_size: bool = False  # refuse to resume under a different world size
+    init_weights: str | None = None  # start the model from these weights (no optimiser state)
+    stop_after_epoch: int | None = None  # end this process after that many epochs (to split a run)
+    keep_epoch_weights: bool = True  # keep every epoch's weights files, not just best and last
+    split_materialize: bool = False  # baseline_data_split.py: also build per-split folders with hard links
+    split_overwrite: bool = False  # baseline_data_split.py: replace an existing different split
+    num_classes: int | None = None  # derived from the data by the stage; setting it checks the data
+
+    # ---- derived values -------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def scaled_lr(self) -> float:
+        """Teacher/student lr: base_lr / 512 * batch_per_gpu * world_size (the paper's linear rule)."""
+        return self.lr / 512 * self.batch_size * self.world_size
+
+    @property
+    def scaled_lr_fc(self) -> float:
+        return self.lr_fc / 512 * self.batch_size_fc * self.world_size
+
+    def margin_params(self, adaptor_stage: bool = False) -> dict[str, float]:
+        params = dict(MARGIN_DEFAULTS[self.loss])
+        for key in ("s", "m", "std"):
+            value = getattr(self, key)
+            if value is not None:
+                params[key] = float(value)
+        if adaptor_stage:
+            params["std"] = float(self.adaptor_std)
+        return params
+
+    @property
+    def teacher_member(self) -> str:
+        """Name of the teacher this config points at: an ethnicity, or ``split<k>`` for baseline teachers."""
+        return teacher_member(self.teacher_set, self.ethnicity, self.split)
+
+    @property
+    def work_root(self) -> Path:
+        return Path(self.output_root)
+
+    @property
+    def split_manifest(self) -> Path:
+        return self.work_root / "splits" / "baseline_split.json"
+
+    def teacher_dir(self, member: str | None = None) -> Path:
+        return self.work_root / "teachers" / self.teacher_set / f"{self.network}_{member or self.teacher_member}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.work_root / "embeddings" / f"{self.teacher_set}_{self.network}"
+
+    @property
+    def adaptor_dir(self) -> Path:
+        return self.work_root / "adaptors" / f"{self.teacher_set}_{self.network}" / self.adaptor
+
+    @property
+    def student_dir(self) -> Path:
+        teachers = f"{self.teacher_set}_{self.network}"
+        return self.work_root / "students" / teachers / f"{self.adaptor}_{self.kd}_{self.student_network}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["derived"] = {
+            "world_size": self.world_size,
+            "scaled_lr": self.scaled_lr,
+            "scaled_lr_fc": self.scaled_lr_fc,
+            "teacher_member": self.teacher_member,
+        }
+        return data
+
+    def save(self, path: str | Path) -> None:
+        from utils.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def teacher_members(teacher_set: str) -> list[str]:
+    """The four teachers of a set, in adaptor concatenation order."""
+    if teacher_set == "specialized":
+        return list(CONCAT_ORDER)
+    if teacher_set == "baseline":
+        return [f"split{k}" for k in range(NUM_BASELINE_SPLITS)]
+    raise ValueError(f"teacher_set must be one of {TEACHER_SETS}, got {teacher_set!r}")
+
+
+def teacher_member(teacher_set: str, ethnicity: str, split: int) -> str:
+    if teacher_set == "baseline":
+        return f"split{split}"
+    return ethnicity
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        # Bare words (paths, names) are strings; `None`/`True`/numbers went through literal_eval above.
+        return text
+
+
+def _validate(cfg: Config) -> None:
+    checks = [
+        ("teacher_set", cfg.teacher_set, TEACHER_SETS),
+        ("adaptor", cfg.adaptor, ADAPTORS),
+        ("kd", cfg.kd, KD_KINDS),
+        ("amp", cfg.amp, AMP_MODES),
+        ("loss", cfg.loss, tuple(MARGIN_DEFAULTS)),
+        ("ethnicity", cfg.ethnicity, ETHNICITIES + ("all",)),
+    ]
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"config key {key}={value!r} is not one of {', '.join(allowed)}")
+    if not 0 <= cfg.split < NUM_BASELINE_SPLITS:
+        raise ValueError(f"config key split={cfg.split} must be in 0..{NUM_BASELINE_SPLITS - 1}")
+    for key in ("milestones", "milestones_fc"):
+        value = getattr(cfg, key)
+        if list(value) != sorted(value):
+            raise ValueError(f"config key {key}={value} must be sorted ascending")
+    for key in ("batch_size", "batch_size_fc", "num_epoch", "num_epoch_fc", "embedding_size", "input_size"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"config key {key}={getattr(cfg, key)} must be positive")
+
+
+def load_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Config:
+    """Build the config from the defaults and ``key=value`` overrides (or a dict).
+
+    Unknown keys raise a ``KeyError`` naming the closest valid keys.
+    """
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        for text in overrides or []:
+            if "=" not in text:
+                raise ValueError(f"override {text!r} is not of the form key=value")
+            key, value = text.split("=", 1)
+            items.append((key.strip(), _parse_value(value.strip())))
+    cfg = Config()
+    for key, value in items:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"unknown config key {key!r}{hint}")
+        default = _FIELDS[key].default
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, tuple):
+            value = list(value)
+        setattr(cfg, key, value)
+    _validate(cfg)
+    return cfg
+
+
+def parse_cli(argv: Sequence[str] | None = None, **stage_defaults: Any) -> Config:
+    """Config from ``sys.argv``-style ``key=value`` words; ``stage_defaults`` apply before the user's."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print("usage: key=value ...  (keys and defaults: config/config.py)")
+        for name, f in _FIELDS.items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"  {name}={default!r}")
+        raise SystemExit(0)
+    merged: dict[str, Any] = dict(stage_defaults)
+    for key, value in (_split(arg) for arg in argv):
+        merged[key] = value
+    return load_config(merged)
+
+
+def _split(arg: str) -> tuple[str, Any]:
+    if "=" not in arg:
+        raise SystemExit(f"argument {arg!r} is not of the form key=value (see config/config.py)")
+    key, value = arg.split("=", 1)
+    return key.strip(), _parse_value(value.strip())

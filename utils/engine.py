@@ -1,0 +1,388 @@
+"""The one training loop of the project, shared by teachers, adaptors and students.
+
+A stage describes *what* to train as a :class:`TrainingTask` (model, optional margin header, data, loss) and
+:func:`train` does the rest: DDP, SGD with the paper's lr rule and step schedule, clipping, mixed precision,
+seeding, logging, verification, checkpoints and resume.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from config.config import Config
+from utils.callbacks import TrainingMonitor, VerificationCallback, setup_logging
+from utils.dataset import random_horizontal_flip
+from utils.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object
+from utils.io import atomic_torch_save, atomic_write_json
+
+CHECKPOINT_NAME = "checkpoint_last.pt"
+HISTORY_NAME = "history.json"
+
+
+@dataclass
+class Batch:
+    """One training batch on the device. ``flipped`` marks the samples the augmentation mirrored."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    rows: torch.Tensor
+    flipped: torch.Tensor
+
+
+LossFn = Callable[[nn.Module, "nn.Module | None", Batch], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainingTask:
+    stage: str  # teacher | adaptor | student: recorded in config.json for the evaluation and the pipeline
+    run_dir: Path
+    model: nn.Module  # the backbone or adaptor: clipped, and saved as `{step}{model_name}.pth`
+    model_name: str  # "backbone" | "adaptor": the release's weights-file naming
+    dataset: Dataset  # yields (inputs, label, row)
+    loss_fn: LossFn  # returns named loss terms; "loss" is the one optimised
+    lr: float  # already scaled by batch size and world size
+    num_epochs: int
+    milestones: Sequence[int]
+    batch_size: int  # per rank
+    header: nn.Module | None = None
+    flip: bool = True  # random horizontal flip of whole image batches
+    selection: str = "last"  # how `best` is chosen: "verification" (RFW Avg), "loss" (lowest epoch loss), "last"
+    evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = None  # {ethnicity: VerificationResult}
+    collate_fn: Callable | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    best_epoch: int
+    best_weights: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = False
+
+
+def derive_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one rank's epoch: every epoch restarts its random streams, so a resumed run is exact."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    worker_seed = torch.initial_seed() % (2**32)
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def step_decay(milestones: Sequence[int], decay: float) -> Callable[[int], float]:
+    """lr factor of an epoch: ``decay`` to the number of milestones already reached."""
+    ordered = sorted(milestones)
+    return lambda epoch: decay ** bisect.bisect_right(ordered, epoch)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def _check_labels(task: TrainingTask) -> None:
+    if task.header is None:
+        return
+    labels = getattr(task.dataset, "labels", None)
+    num_classes = int(task.header.kernel.shape[1])
+    if labels is None or len(labels) == 0:
+        return
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{task.stage} data has labels in [{low}, {high}] but the header has {num_classes} "
+                         f"classes (expected labels in [0, {num_classes}))")
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, task: TrainingTask, info: DistInfo) -> None:
+        self.cfg, self.task, self.info = cfg, task, info
+        self.run_dir = Path(task.run_dir)
+        self.logger = setup_logging(self.run_dir, info.is_main)
+        self.device = info.device
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        if self.amp_dtype is not None and self.device.type != "cuda":
+            raise ValueError(f"amp={cfg.amp} needs a GPU; use amp=none on the CPU")
+        _check_labels(task)
+
+        self.model = task.model.to(self.device)
+        self.header = task.header.to(self.device) if task.header is not None else None
+        if cfg.init_weights and not cfg.resume:
+            from backbones import load_weights
+
+            load_weights(self.model, cfg.init_weights, what="init_weights")
+            self.logger.info(f"initialised {task.model_name} from {cfg.init_weights}")
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if self.header is not None:
+            groups.append({"params": list(self.header.parameters())})
+        self.optimizer = torch.optim.SGD(groups, lr=task.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, step_decay(task.milestones, cfg.lr_decay))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self._resume()
+
+        self.sampler = DistributedSampler(task.dataset, num_replicas=info.world_size, rank=info.rank,
+                                          shuffle=True, seed=cfg.seed)
+        self.loader = DataLoader(task.dataset, batch_size=task.batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=task.num_workers, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=task.num_workers > 0, worker_init_fn=_seed_worker,
+                                 collate_fn=task.collate_fn)
+        if len(self.loader) == 0:
+            raise ValueError(f"{task.stage}: {len(task.dataset)} samples give no full batch of {task.batch_size} "  # type: ignore[arg-type]
+                             f"per rank x {info.world_size} ranks; lower the batch size")
+        self.train_model: nn.Module = self.model
+        self.train_header = self.header
+        if info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+            if self.header is not None:
+                self.train_header = DistributedDataParallel(self.header, device_ids=ids)
+        self.verify = VerificationCallback(task.evaluate, self.logger) if task.evaluate is not None else None
+
+    # ---- persistence ----------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = self.run_dir / CHECKPOINT_NAME
+        if not self.cfg.resume:
+            return
+        if not path.is_file():
+            self.logger.warning(f"resume=True but {path} does not exist: starting from scratch")
+            return
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise RuntimeError(f"cannot read resume checkpoint {path}: {exc}") from exc
+        saved_world = int(state["world_size"])
+        if saved_world != self.info.world_size:
+            message = f"{path} was written with world size {saved_world}, this run has {self.info.world_size}"
+            if self.cfg.resume_same_world_size:
+                raise RuntimeError(message + " (resume_same_world_size=True)")
+            self.logger.warning(message + ": continuing; the lr follows the new world size")
+        self.model.load_state_dict(state["model"])
+        if self.header is not None:
+            self.header.load_state_dict(state["header"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.scheduler.base_lrs = [self.task.lr] * len(self.optimizer.param_groups)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = lr * step_decay(self.task.milestones, self.cfg.lr_decay)(int(state["epoch"]))
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.history = json.loads(state["history"])
+        self.best = json.loads(state["best"]) if state["best"] else None
+        self.logger.info(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
+
+    def _save_config(self) -> None:
+        data = self.cfg.to_dict()
+        data["derived"].update(stage=self.task.stage, model_name=self.task.model_name, lr=self.task.lr,
+                               num_epochs=self.task.num_epochs, milestones=list(self.task.milestones))
+        atomic_write_json(self.run_dir / "config.json", data)
+
+    def _weights_path(self, prefix: str | int, name: str) -> Path:
+        return self.run_dir / f"{prefix}{'_' if isinstance(prefix, str) else ''}{name}.pth"
+
+    def _save_epoch(self, is_best: bool, complete: bool) -> None:
+        model_state = self.model.state_dict()
+        header_state = self.header.state_dict() if self.header is not None else None
+        previous = self.history[-2]["global_step"] if len(self.history) > 1 else None
+        atomic_torch_save(model_state, self._weights_path(self.global_step, self.task.model_name))
+        if header_state is not None:
+            atomic_torch_save(header_state, self._weights_path(self.global_step, "header"))
+        if is_best:
+            atomic_torch_save(model_state, self._weights_path("best", self.task.model_name))
+            if header_state is not None:
+                atomic_torch_save(header_state, self._weights_path("best", "header"))
+        if not self.cfg.keep_epoch_weights and previous is not None:
+            for name in (self.task.model_name, "header"):
+                self._weights_path(previous, name).unlink(missing_ok=True)
+        checkpoint = {
+            "model": model_state,
+            "header": header_state,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "world_size": self.info.world_size,
+            # Each epoch reseeds from (seed, epoch, rank); the states are kept for inspection and tools.
+            "rng_torch": torch.get_rng_state(),
+            "rng_numpy": json.dumps(np.random.get_state()[1].tolist()),
+            "history": json.dumps(self.history),
+            "best": json.dumps(self.best) if self.best else "",
+        }
+        atomic_torch_save(checkpoint, self.run_dir / CHECKPOINT_NAME)
+        atomic_write_json(self.run_dir / HISTORY_NAME,
+                          {"epochs": self.history, "best": self.best, "complete": complete,
+                           "num_epochs": self.task.num_epochs})
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def _is_better(self, record: dict[str, Any]) -> bool:
+        selection = self.task.selection
+        if self.best is None or selection == "last":
+            return True
+        if selection == "loss":
+            return record["loss_sum"] < self.best["loss_sum"]
+        if selection == "verification":
+            return record["rfw"]["avg"] > self.best["rfw"]["avg"]
+        raise ValueError(f"unknown selection rule {selection!r}")
+
+    def _train_epoch(self, monitor: TrainingMonitor) -> dict[str, float]:
+        task, cfg = self.task, self.cfg
+        seed = derive_seed(cfg.seed, self.epoch, self.info.rank)
+        seed_everything(seed)
+        flip_generator = torch.Generator().manual_seed(seed + 1)
+        self.sampler.set_epoch(self.epoch)
+        self.train_model.train()
+        if self.train_header is not None:
+            self.train_header.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        totals: dict[str, torch.Tensor] = {}
+        steps = 0
+        monitor.start_epoch(self.epoch, task.num_epochs, len(self.loader))
+        for inputs, labels, rows in self.loader:
+            if task.flip:
+                inputs, flipped = random_horizontal_flip(inputs, flip_generator)
+            else:
+                flipped = torch.zeros(len(inputs), dtype=torch.bool)
+            batch = Batch(*(t.to(self.device, non_blocking=True) for t in (inputs, labels, rows, flipped)))
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                losses = task.loss_fn(self.train_model, self.train_header, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses["loss"]).backward()
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            steps += 1
+            for name, value in losses.items():
+                totals[name] = totals[name] + value.detach().float() if name in totals else value.detach().float()
+            monitor.step(self.global_step, self.epoch, losses, lr)
+        self.scheduler.step()
+        names = sorted(totals)
+        summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
+            float(steps), device=self.device)]))
+        total_steps = float(summed[-1])
+        return {name: float(value) for name, value in zip(names, summed[:-1])} | {"steps": total_steps}
+
+    def run(self) -> TrainingResult:
+        task, cfg, info = self.task, self.cfg, self.info
+        if info.is_main:
+            self._save_config()
+            self.logger.info(f"{task.stage} run in {self.run_dir}: {len(task.dataset)} samples, "  # type: ignore[arg-type]
+                             f"{len(self.loader)} steps/epoch x {task.num_epochs} epochs, world size "
+                             f"{info.world_size}, lr {task.lr:g}, milestones {list(task.milestones)}")
+            self.logger.info("config: " + json.dumps(cfg.to_dict(), sort_keys=True))
+        monitor = TrainingMonitor(self.logger, self.run_dir, is_main=info.is_main, log_every=cfg.log_every,
+                                  samples_per_step=task.batch_size * info.world_size,
+                                  total_steps=len(self.loader) * task.num_epochs, start_step=self.global_step)
+        try:
+            while self.epoch < task.num_epochs:
+                if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch:
+                    self.logger.info(f"stop_after_epoch={cfg.stop_after_epoch}: stopping; resume=True continues")
+                    break
+                start = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                sums = self._train_epoch(monitor)
+                steps = sums.pop("steps")
+                broadcast_buffers(self.model)
+                if self.header is not None:
+                    broadcast_buffers(self.header)
+                record: dict[str, Any] = {
+                    "epoch": self.epoch + 1, "global_step": self.global_step, "lr": lr,
+                    "loss_sum": sums["loss"], "losses": {k: v / steps for k, v in sums.items()},
+                    "seconds": time.perf_counter() - start,
+                }
+                if self.verify is not None:
+                    # Rank 0 evaluates while the others wait in the broadcast, then all agree on the result.
+                    summary = self.verify(self.model, self.epoch) if info.is_main else None
+                    record["rfw"] = broadcast_object(summary)
+                self.epoch += 1
+                self.history.append(record)
+                is_best = self._is_better(record)
+                if is_best:
+                    self.best = record
+                if info.is_main:
+                    monitor.end_epoch(self.epoch - 1, self.global_step, record["losses"], lr, record.get("rfw"))
+                    self._save_epoch(is_best, complete=self.epoch == task.num_epochs)
+                barrier()
+        finally:
+            monitor.close()
+        complete = self.epoch == task.num_epochs
+        best_epoch = self.best["epoch"] if self.best else 0
+        if info.is_main and complete:
+            self.logger.info(f"finished: best epoch {best_epoch} by {task.selection} -> "
+                             f"{self._weights_path('best', task.model_name)}")
+        return TrainingResult(self.run_dir, best_epoch, self._weights_path("best", task.model_name),
+                              self.history, complete)
+
+
+def train(cfg: Config, task: TrainingTask, info: DistInfo) -> TrainingResult:
+    """Train ``task`` under ``cfg`` on this rank; returns where the best weights are."""
+    return _Trainer(cfg, task, info).run()
+
+
+def is_run_complete(run_dir: Path) -> bool:
+    """True when a run finished every epoch (its history says so and its best weights exist)."""
+    path = Path(run_dir) / HISTORY_NAME
+    if not path.is_file():
+        return False
+    try:
+        history = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return bool(history.get("complete"))
+
+
+def classification_loss(model: nn.Module, header: nn.Module | None, batch: Batch) -> dict[str, torch.Tensor]:
+    """Margin-softmax cross-entropy: the loss of teachers and adaptors."""
+    if header is None:
+        raise ValueError("classification_loss needs a margin header")
+    logits = header(model(batch.inputs), batch.labels)
+    return {"loss": nn.functional.cross_entropy(logits.float(), batch.labels)}
+
+
+def make_header(cfg: Config, num_classes: int, adaptor_stage: bool = False) -> nn.Module:
+    """The configured margin head over ``num_classes`` identities found in the data."""
+    from utils.losses import build_head
+
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ValueError(f"config key num_classes={cfg.num_classes} but the training data has {num_classes} "
+                         f"identities")
+    return build_head(cfg, num_classes, adaptor_stage=adaptor_stage)
+
+
+def backbone_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module], Mapping[str, Any]] | None:
+    """Per-epoch RFW verification of a backbone (flip TTA), or None when no RFW root is configured."""
+    if cfg.rfw_root is None:
+        return None
+    from eval.verification import RFWEvaluator, backbone_embed_fn
+
+    rfw_root = Path(cfg.rfw_root)
+    if not rfw_root.is_dir():
+        raise FileNotFoundError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files)")
+    evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
+    return lambda model: evaluator(backbone_embed_fn(model), device)
+
