@@ -20,6 +20,7 @@ from sklearn.metrics import auc, roc_curve
 from torch import nn
 
 from config.config import ETHNICITIES
+from eval.rfw_data import load_rfw
 
 # The protocol's threshold grid; `np.arange` is kept (not a linspace) so the floats equal the reference ones.
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -186,7 +187,7 @@ def kfold_accuracy(
     train_acc = train_correct / (n - sizes)[:, None]
     best = np.argmax(train_acc, axis=1)
     fold_acc = fold_correct[np.arange(nfolds), best] / sizes
-    return fold_acc.astype(np.float64), thresholds[best]
+    return fold_acc, thresholds[best]
 
 
 def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> VerificationResult:
@@ -229,8 +230,6 @@ class RFWEvaluator:
         ethnicities: Sequence[str] = ETHNICITIES,
         nfolds: int = 10,
     ) -> None:
-        from eval.rfw_data import load_rfw
-
         self.rfw_root = Path(rfw_root)
         self.input_size = input_size
         self.batch_size = batch_size

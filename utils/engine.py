@@ -33,12 +33,14 @@ HISTORY_NAME = "history.json"
 
 @dataclass
 class Batch:
-    """One training batch on the device. ``flipped`` marks the samples the augmentation mirrored."""
+    """One training batch on the device. ``flipped`` marks the samples the augmentation mirrored; ``extras`` are
+    any further per-sample tensors the dataset yields after ``(inputs, label, row)`` (KD targets, for example)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
     rows: torch.Tensor
     flipped: torch.Tensor
+    extras: tuple[torch.Tensor, ...] = ()
 
 
 LossFn = Callable[[nn.Module, "nn.Module | None", Batch], dict[str, torch.Tensor]]
@@ -50,7 +52,7 @@ class TrainingTask:
     run_dir: Path
     model: nn.Module  # the backbone or adaptor: clipped, and saved as `{step}{model_name}.pth`
     model_name: str  # "backbone" | "adaptor": the release's weights-file naming
-    dataset: Dataset  # yields (inputs, label, row)
+    dataset: Dataset  # yields (inputs, label, row, *extras)
     loss_fn: LossFn  # returns named loss terms; "loss" is the one optimised
     lr: float  # already scaled by batch size and world size
     num_epochs: int
@@ -260,12 +262,14 @@ class _Trainer:
         totals: dict[str, torch.Tensor] = {}
         steps = 0
         monitor.start_epoch(self.epoch, task.num_epochs, len(self.loader))
-        for inputs, labels, rows in self.loader:
+        for inputs, labels, rows, *extras in self.loader:
             if task.flip:
                 inputs, flipped = random_horizontal_flip(inputs, flip_generator)
             else:
                 flipped = torch.zeros(len(inputs), dtype=torch.bool)
-            batch = Batch(*(t.to(self.device, non_blocking=True) for t in (inputs, labels, rows, flipped)))
+            inputs, labels, rows, flipped = (t.to(self.device, non_blocking=True)
+                                             for t in (inputs, labels, rows, flipped))
+            batch = Batch(inputs, labels, rows, flipped, tuple(t.to(self.device, non_blocking=True) for t in extras))
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 losses = task.loss_fn(self.train_model, self.train_header, batch)

@@ -1,0 +1,223 @@
+"""The paper's whole pipeline as a list of jobs: which script, which overrides, and how to tell it is done.
+
+``run_pipeline.py`` is the command-line front end. Completion checks read the outputs' own markers (history
+``complete`` flags and store manifests), so a finished job is skipped without starting Python again and an
+interrupted one is rerun with ``resume=True``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from config.config import ADAPTORS, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("split", "teachers", "extract", "adaptors", "students", "report")
+KD_SCRIPTS = {"aKD": "KD_alone.py", "EAFKD": "KD_CEL.py"}
+ADAPTOR_JOBS = {"SL": ("fc_EArc.py", []), "DuL": ("dual_layer_EAF-Fusion.py", ["has_drop_out=False"]),
+                "DLDPO": ("dual_layer_EAF-Fusion.py", ["has_drop_out=True"])}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration of the whole pipeline; ``synthetic`` sizes mean "generate the data first"."""
+
+    overrides: dict[str, Any]
+    synthetic: dict[str, int] | None = None
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "demo": Preset(
+        description="synthetic data, small networks: the whole paper pipeline on 2 CPU cores",
+        synthetic={"ids_per_ethnicity": 50, "images_per_id": 10, "pairs_per_ethnicity": 300, "image_size": 32},
+        overrides={"network": "iresnet18", "student_network": "iresnet18", "width": 16, "input_size": 32,
+                   "batch_size": 64, "batch_size_fc": 64, "num_epoch": 6, "milestones": [4],
+                   "num_epoch_fc": 6, "milestones_fc": [4], "num_workers": 0, "log_every": 10,
+                   "extract_flipped": False},
+    ),
+    "tiny": Preset(
+        description="seconds per stage: the end-to-end test of the pipeline",
+        synthetic={"ids_per_ethnicity": 6, "images_per_id": 4, "pairs_per_ethnicity": 20, "image_size": 32},
+        overrides={"network": "iresnet18", "student_network": "iresnet18", "width": 8, "input_size": 32,
+                   "batch_size": 8, "batch_size_fc": 16, "num_epoch": 1, "milestones": [1],
+                   "num_epoch_fc": 2, "milestones_fc": [1], "num_workers": 0, "log_every": 5,
+                   "embedding_size": 64},
+    ),
+    "paper": Preset(description="the paper's configuration; give data_root= and rfw_root=", overrides={}),
+}
+
+
+@dataclass
+class Job:
+    stage: str
+    script: str  # a stage script, or "" for the in-process report
+    overrides: list[str]
+    done: Callable[[], bool]
+    distributed: bool = True  # launched under torchrun when more than one process is asked for
+    label: str = field(default="")
+
+    def describe(self) -> str:
+        return self.label or f"{self.script} {' '.join(self.overrides)}".strip()
+
+
+def _cfg(base: Sequence[str], extra: Sequence[str]) -> Config:
+    return load_config(list(base) + list(extra))
+
+
+def _stores_complete(cfg: Config) -> bool:
+    from utils.dataset import load_index
+    from utils.embedding_store import teacher_store_complete
+
+    index_hash = load_index(cfg).digest()
+    return all(teacher_store_complete(cfg, member, index_hash) for member in teacher_members(cfg.teacher_set))
+
+
+def _adaptor_done(cfg: Config) -> bool:
+    from utils.dataset import load_index
+    from utils.embedding_store import targets_complete
+    from utils.engine import is_run_complete
+
+    return is_run_complete(cfg.adaptor_dir) and targets_complete(cfg.adaptor_dir, load_index(cfg).digest())
+
+
+def plan_jobs(base: Sequence[str]) -> list[Job]:
+    """Every job of the paper, in order, for the config ``base`` (a list of ``key=value`` overrides)."""
+    from utils.engine import is_run_complete
+
+    jobs: list[Job] = []
+    cfg = _cfg(base, [])
+    jobs.append(Job("split", "baseline_data_split.py", [], lambda: cfg.split_manifest.is_file(), distributed=False))
+    for ethnicity in ETHNICITIES:
+        extra = ["teacher_set=specialized", f"ethnicity={ethnicity}", "resume=True"]
+        run_dir = _cfg(base, extra).teacher_dir()
+        jobs.append(Job("teachers", "train.py", extra, lambda d=run_dir: is_run_complete(d)))
+    for split in range(4):
+        extra = ["teacher_set=baseline", f"split={split}", "resume=True"]
+        run_dir = _cfg(base, extra).teacher_dir()
+        jobs.append(Job("teachers", "train.py", extra, lambda d=run_dir: is_run_complete(d)))
+    for teacher_set in TEACHER_SETS:
+        extra = [f"teacher_set={teacher_set}", "ethnicity=all"]
+        jobs.append(Job("extract", "extract_all.py", extra, lambda c=_cfg(base, extra): _stores_complete(c)))
+    for teacher_set in TEACHER_SETS:
+        for adaptor in ADAPTORS:
+            script, flags = ADAPTOR_JOBS[adaptor]
+            extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", *flags, "resume=True"]
+            jobs.append(Job("adaptors", script, extra, lambda c=_cfg(base, extra): _adaptor_done(c)))
+    for teacher_set in TEACHER_SETS:
+        for adaptor in ADAPTORS:
+            for kd in KD_KINDS:
+                extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", "resume=True"]
+                run_dir = _cfg(base, extra + [f"kd={kd}"]).student_dir
+                jobs.append(Job("students", KD_SCRIPTS[kd], extra, lambda d=run_dir: is_run_complete(d)))
+    return jobs
+
+
+def select_jobs(jobs: list[Job], only: Sequence[str] | None, start: str | None) -> list[Job]:
+    for name in list(only or []) + ([start] if start else []):
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    if only:
+        return [job for job in jobs if job.stage in only]
+    if start:
+        first = STAGES.index(start)
+        return [job for job in jobs if STAGES.index(job.stage) >= first]
+    return jobs
+
+
+def launch_command(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[str]) -> list[str]:
+    """The command line of a job: plain python, or torchrun when several processes are asked for."""
+    script = str(REPO / job.script)
+    args = [*base, *job.overrides]
+    if nproc > 1 and job.distributed:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *torchrun_args]
+        if not any(arg.startswith(("--rdzv", "--nnodes", "--master")) for arg in torchrun_args):
+            launcher.append("--standalone")
+        return [*launcher, script, *args]
+    return [sys.executable, script, *args]
+
+
+def run_in_process(job: Job, base: Sequence[str]) -> None:
+    """Run a stage script's ``main`` in this interpreter: saves the start-up of a process per job."""
+    path = REPO / job.script
+    spec = importlib.util.spec_from_file_location(f"stage_{path.stem.replace('-', '_')}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from utils.cli import run_stage
+
+    run_stage(module.main, [*base, *job.overrides])
+
+
+def run_job(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[str]) -> None:
+    if nproc > 1 and job.distributed:
+        command = launch_command(job, base, nproc, torchrun_args)
+        print("$ " + shlex.join(command), flush=True)
+        completed = subprocess.run(command, cwd=REPO, env=os.environ.copy())
+        if completed.returncode != 0:
+            raise RuntimeError(f"{job.describe()} failed with exit code {completed.returncode}")
+    else:
+        run_in_process(job, base)
+
+
+# ---- the report -------------------------------------------------------------------------------------------
+
+def display_name(stage: str, cfg: Config) -> str:
+    """Paper-style row names: which teacher set, which member / adaptor / KD kind."""
+    teachers = "specialized" if cfg.teacher_set == "specialized" else "balanced"
+    if stage == "teacher":
+        return f"teacher {teachers} {cfg.teacher_member} ({cfg.network})"
+    if stage == "adaptor":
+        return f"{cfg.adaptor}-EAF-Fusion {teachers} (4x {cfg.network})"
+    kd = {"aKD": "a-KD", "EAFKD": "EAF-KD"}[cfg.kd]
+    return f"student {kd} {cfg.adaptor} {teachers} ({cfg.student_network})"
+
+
+def build_report(cfg: Config, out_dir: Path | None = None) -> tuple[str, Path]:
+    """Evaluate every run under ``cfg.output_root`` on RFW; write the report; return (text, report dir)."""
+    from eval.evaluate import evaluate_run, find_runs
+    from eval.report import results_table, write_report
+    from eval.verification import RFWEvaluator
+
+    if cfg.rfw_root is None:
+        raise ValueError("the report needs rfw_root=<folder with <Ethnicity>_test.bin>")
+    runs = find_runs(cfg.work_root)
+    evaluator = RFWEvaluator(cfg.rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
+    rows = []
+    for run_dir, run_cfg, stage in runs:
+        row = evaluate_run(run_dir, run_cfg, stage, evaluator, name=display_name(stage, run_cfg))
+        row.extra["run_dir"] = str(run_dir)
+        row.extra["teacher_set"] = run_cfg.teacher_set
+        rows.append(row)
+    out_dir = out_dir or cfg.work_root / "report"
+    write_report(rows, out_dir, stem="results")
+    text = results_table(rows) + "\n\n" + summary_line(rows)
+    return text, out_dir
+
+
+def summary_line(rows: Sequence[Any]) -> str:
+    """Whether students of specialized teachers beat students of balanced teachers, from these numbers only."""
+    groups: dict[str, list[dict[str, float]]] = {"specialized": [], "baseline": []}
+    for row in rows:
+        if row.extra.get("stage") == "student":
+            groups[row.extra["teacher_set"]].append(row.metrics())
+    if not groups["specialized"] or not groups["baseline"]:
+        return "Summary: students of both teacher sets are needed to compare them."
+    mean = {name: {key: sum(m[key] for m in group) / len(group) for key in ("avg", "std", "ser")}
+            for name, group in groups.items()}
+    spec, base = mean["specialized"], mean["baseline"]
+    verdicts = [
+        f"Avg {'higher' if spec['avg'] > base['avg'] else 'not higher'} ({spec['avg']:.2f} vs {base['avg']:.2f})",
+        f"STD {'lower' if spec['std'] < base['std'] else 'not lower'} ({spec['std']:.2f} vs {base['std']:.2f})",
+        f"SER {'lower' if spec['ser'] < base['ser'] else 'not lower'} ({spec['ser']:.3f} vs {base['ser']:.3f})",
+    ]
+    wins = sum(("not" not in verdict) for verdict in verdicts)
+    return (f"Summary (mean over {len(groups['specialized'])} students per teacher set, this run only): students of "
+            f"specialized teachers vs students of balanced teachers: {'; '.join(verdicts)} -> better on "
+            f"{wins} of 3.")
