@@ -15,6 +15,7 @@ from torch import nn
 from backbones.adaptors import DualLayerAdaptor, SLAdaptor
 from backbones.iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100
 from backbones.mobilefacenet import MobileFaceNet, mbf, mobilefacenet
+from utils.io import load_state_dict_file
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "iresnet18": iresnet18,
@@ -129,8 +130,6 @@ def load_weights(
     ``num_batches_tracked`` counters may be absent (older checkpoints); they do not affect the outputs.
     Any other missing, unexpected or mis-shaped entry raises a ``RuntimeError`` naming the source.
     """
-    from utils.io import load_state_dict_file
-
     if isinstance(source, (str, Path)):
         label = str(source)
         state = dict(load_state_dict_file(source, what=what))
@@ -150,7 +149,8 @@ def load_weights(
     ]
     if missing or unexpected or mismatched:
         lines = [f"{what} {label} do not match {type(model).__name__}:"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for title, keys in groups:
             if keys:
                 more = f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
                 lines.append(f"  {title} ({len(keys)}): {', '.join(keys[:_MAX_LISTED])}{more}")

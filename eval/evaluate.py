@@ -35,7 +35,8 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def result_row(name: str, results: Mapping[str, VerificationResult], extra: Mapping[str, Any] | None = None) -> ResultRow:
+def result_row(name: str, results: Mapping[str, VerificationResult],
+               extra: Mapping[str, Any] | None = None) -> ResultRow:
     """Table row from per-ethnicity results: accuracies in %, per-ethnicity details in ``extra``, ROC curves."""
     details: dict[str, Any] = dict(extra or {})
     for eth, result in results.items():
@@ -90,8 +91,9 @@ def evaluate_multi_teacher(
 ) -> ResultRow:
     """The multi-teacher space: four teachers in CONCAT_ORDER (Asian, African, Caucasian, Indian) + adaptor."""
     if len(teacher_weights) != len(CONCAT_ORDER):
+        listed = ", ".join(map(str, teacher_weights))
         raise ValueError(f"expected {len(CONCAT_ORDER)} teacher checkpoints in the order "
-                         f"{', '.join(CONCAT_ORDER)}, got {len(teacher_weights)}: {', '.join(map(str, teacher_weights))}")
+                         f"{', '.join(CONCAT_ORDER)}, got {len(teacher_weights)}: {listed}")
     device = torch.device(device) if device is not None else default_device()
     teachers = []
     for member, path in zip(CONCAT_ORDER, teacher_weights):
@@ -143,7 +145,8 @@ def _teacher_dirs(run_dir: Path, cfg: Config) -> list[Path]:
 
 def _load_teacher(teacher_dir: Path, input_size: int, adaptor_run: Path) -> nn.Module:
     if not (teacher_dir / "config.json").is_file():
-        raise FileNotFoundError(f"adaptor run {adaptor_run} needs its teacher run {teacher_dir} (config.json missing)")
+        raise FileNotFoundError(f"adaptor run {adaptor_run} needs its teacher run {teacher_dir} "
+                                f"(config.json missing)")
     cfg, _ = read_run_config(teacher_dir)
     if cfg.input_size != input_size:
         raise ValueError(f"teacher run {teacher_dir} has input_size {cfg.input_size}, adaptor run {adaptor_run} "
@@ -169,6 +172,8 @@ def find_runs(work_dir: str | Path) -> list[tuple[Path, Config, str]]:
 def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator, *, name: str,
                  device: str | torch.device | None = None) -> ResultRow:
     """One training run: its best weights (adaptors: with their four teachers' best weights)."""
+    if cfg.input_size != evaluator.input_size:
+        raise ValueError(f"run {run_dir} has input_size {cfg.input_size}, the RFW evaluator {evaluator.input_size}")
     device = torch.device(device) if device is not None else default_device()
     weights = _weights(run_dir, stage, stage)
     extra: dict[str, Any] = {"stage": stage, "weights": str(weights)}
@@ -223,7 +228,8 @@ def evaluate_work_dir(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval.evaluate",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Metrics: per-ethnicity 10-fold verification accuracy (%) with flip TTA; Avg; STD = population "
                "std of the four accuracies; SER = (100 - min acc) / (100 - max acc). Lower STD/SER = fairer. "
                "The JSON/CSV also hold TAR@FAR=1e-3/1e-4 and ROC AUC per ethnicity.",
@@ -233,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--teachers", type=Path, nargs="+", metavar="PATH",
                       help=f"exactly four teacher weights files in concatenation order: {', '.join(CONCAT_ORDER)} "
                            "(baseline teachers: split0..split3); needs --adaptor and --adaptor-type")
-    mode.add_argument("--work-dir", type=Path, metavar="DIR", help="evaluate every run under DIR, each rebuilt from its own config.json "
+    mode.add_argument("--work-dir", type=Path, metavar="DIR",
+                      help="evaluate every run under DIR, each rebuilt from its own config.json "
                            "(--network/--input-size/--embedding-size/--width are then not used)")
     parser.add_argument("--network", default="iresnet34", choices=BACKBONES, help="network of --backbone")
     parser.add_argument("--teacher-network", default="iresnet34", choices=BACKBONES, help="network of --teachers")

@@ -175,7 +175,8 @@ def test_load_weights_reports_every_kind_of_mismatch(tmp_path):
     with pytest.raises(RuntimeError) as info:
         load_weights(model, path, what="teacher weights")
     text = str(info.value)
-    for fragment in (str(path), "teacher weights", "layer2.0.conv1.weight", "layer9.extra", "fc.bias", "(17,)", "(16,)"):
+    names = ("layer2.0.conv1.weight", "layer9.extra", "fc.bias", "(17,)", "(16,)")
+    for fragment in (str(path), "teacher weights", *names):
         assert fragment in text
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(FileNotFoundError, match="missing.pth"):
@@ -225,7 +226,8 @@ def test_sl_adaptor_is_one_linear():
 
 def test_dldpo_dropout_only_in_training_and_layer_order():
     torch.manual_seed(0)
-    dldpo = get_adaptor("DLDPO", in_features=12, embedding_size=4, middle_layer_size=64, dropout=0.5, negative_slope=0.1)
+    sizes = {"in_features": 12, "embedding_size": 4, "middle_layer_size": 64}
+    dldpo = get_adaptor("DLDPO", **sizes, dropout=0.5, negative_slope=0.1)
     x = torch.randn(5, 12)
 
     def manual(drop: bool) -> torch.Tensor:
@@ -242,7 +244,7 @@ def test_dldpo_dropout_only_in_training_and_layer_order():
     assert torch.allclose(dldpo(x), manual(False))
     assert torch.equal(dldpo(x), dldpo(x))
 
-    dul = get_adaptor("DuL", in_features=12, embedding_size=4, middle_layer_size=64, dropout=0.5, negative_slope=0.1)
+    dul = get_adaptor("DuL", **sizes, dropout=0.5, negative_slope=0.1)
     dul.train()
     expected = dul.fc2(F.leaky_relu(dul.fc1(x), 0.1))
     assert torch.allclose(dul(x), expected)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from config.config import load_config
-from utils.losses import HEADS, build_head, get_head
+from utils.losses import HEADS, build_head, cos_plus_margin, get_head
 
 E, C = 8, 50
 
@@ -139,6 +139,16 @@ def test_gradients_finite_at_cos_plus_minus_one(name):
     F.cross_entropy(logits, labels).backward()
     assert torch.isfinite(logits).all()
     assert torch.isfinite(emb.grad).all() and torch.isfinite(head.kernel.grad).all()
+
+
+def test_cos_plus_margin_values_and_finite_gradient_at_the_ends():
+    cos = torch.tensor([1.0, -1.0, 0.3], requires_grad=True)
+    out = cos_plus_margin(cos, 0.5)
+    expected = [math.cos(0.5), math.cos(math.pi + 0.5), math.cos(math.acos(0.3) + 0.5)]
+    np.testing.assert_allclose(out.detach().numpy(), expected, atol=1e-3)
+    out.sum().backward()
+    assert torch.isfinite(cos.grad).all()
+    assert cos.grad[2].item() == pytest.approx(math.sin(math.acos(0.3) + 0.5) / math.sqrt(1 - 0.09), rel=1e-4)
 
 
 @pytest.mark.parametrize("name", list(HEADS))

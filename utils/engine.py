@@ -73,6 +73,7 @@ class TrainingResult:
     best_weights: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = False
+    model: nn.Module | None = None  # this rank's final model (unwrapped), for callers that go on using it
 
 
 def derive_seed(seed: int, epoch: int, rank: int) -> int:
@@ -340,7 +341,7 @@ class _Trainer:
             self.logger.info(f"finished: best epoch {best_epoch} by {task.selection} -> "
                              f"{self._weights_path('best', task.model_name)}")
         return TrainingResult(self.run_dir, best_epoch, self._weights_path("best", task.model_name),
-                              self.history, complete)
+                              self.history, complete, self.model)
 
 
 def train(cfg: Config, task: TrainingTask, info: DistInfo) -> TrainingResult:

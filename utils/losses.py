@@ -37,7 +37,7 @@ class MarginHead(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check(embeddings, labels)
-        if True:
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
             cos = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.kernel.float(), dim=0)
             cos = cos.clamp(-1.0, 1.0)
             return self.margin_logits(cos, labels.long().view(-1, 1))
@@ -103,7 +103,9 @@ class _ElasticHead(MarginHead):
 class ElasticArcFace(_ElasticHead):
     """Target logit s * cos(theta_y + m_i); gradient flows through acos and cos."""
 
-    def __init__(self, embedding_size: int, num_classes: int, *, s: float = 64.0, m: float = 0.5, std: float = 0.05) -> None:
+    def __init__(
+        self, embedding_size: int, num_classes: int, *, s: float = 64.0, m: float = 0.5, std: float = 0.05
+    ) -> None:
         super().__init__(embedding_size, num_classes, s, m, std)
 
     def target_logit(self, target_cos: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:

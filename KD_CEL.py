@@ -1,0 +1,27 @@
+"""Stage 5b: EAF-KD student, trained from scratch with ElasticArcFace over all identities plus the KD term.
+
+    loss = CE(ElasticArcFace(student(x), label)) + loss_lambda * MSE(target, normalize(student(x)))
+
+    python KD_CEL.py adaptor=SL                                  # from the specialized teachers
+    python KD_CEL.py teacher_set=baseline adaptor=DLDPO          # from the balanced baseline teachers
+    python KD_CEL.py adaptor=DuL student_network=mobilefacenet   # a deployable student
+    torchrun --nproc_per_node=8 KD_CEL.py adaptor=DuL            # all GPUs of a node
+
+Weights land in work_dirs/students/<teacher_set>_<network>/<adaptor>_EAFKD_<student_network>/
+(`{step}backbone.pth` and `{step}header.pth` per epoch, `best_*`, `checkpoint_last.pt`).
+"""
+from __future__ import annotations
+
+from config.config import Config
+from utils.cli import run_stage
+from utils.distill import run_student
+from utils.distributed import DistInfo
+from utils.engine import TrainingResult
+
+
+def main(cfg: Config, info: DistInfo) -> TrainingResult:
+    return run_student(cfg, info, kd="EAFKD")
+
+
+if __name__ == "__main__":
+    run_stage(main, kd="EAFKD")

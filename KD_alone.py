@@ -1,0 +1,26 @@
+"""Stage 5a: a-KD student, trained from scratch with the KD term alone (no header, no identity labels).
+
+    loss = loss_lambda * MSE(target, normalize(student(x)))   # targets from the chosen adaptor
+
+    python KD_alone.py adaptor=SL                                  # from the specialized teachers
+    python KD_alone.py teacher_set=baseline adaptor=DLDPO          # from the balanced baseline teachers
+    python KD_alone.py adaptor=DuL student_network=mobilefacenet   # a deployable student
+    torchrun --nproc_per_node=8 KD_alone.py adaptor=DuL            # all GPUs of a node
+
+Weights land in work_dirs/students/<teacher_set>_<network>/<adaptor>_aKD_<student_network>/.
+"""
+from __future__ import annotations
+
+from config.config import Config
+from utils.cli import run_stage
+from utils.distill import run_student
+from utils.distributed import DistInfo
+from utils.engine import TrainingResult
+
+
+def main(cfg: Config, info: DistInfo) -> TrainingResult:
+    return run_student(cfg, info, kd="aKD")
+
+
+if __name__ == "__main__":
+    run_stage(main, kd="aKD")

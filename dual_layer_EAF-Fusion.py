@@ -1,0 +1,29 @@
+"""Stage 4 (DuL / DLDPO): train a two-layer adaptor on the four teachers' stored embeddings, then write the
+KD targets (L2-normalised outputs of the lowest-loss epoch for every training image) to ``cfg.adaptor_dir``.
+
+    python dual_layer_EAF-Fusion.py has_drop_out=False                  # DuL
+    python dual_layer_EAF-Fusion.py has_drop_out=True                   # DLDPO (dropout 0.2 between layers)
+    python dual_layer_EAF-Fusion.py has_drop_out=True teacher_set=baseline
+    torchrun --nproc_per_node=8 dual_layer_EAF-Fusion.py has_drop_out=True
+
+The variant follows the release's switch ``has_drop_out`` (``adaptor=DLDPO`` selects DLDPO as well); the
+``adaptor`` key is set accordingly, so outputs land in ``.../DuL`` or ``.../DLDPO``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.config import Config
+from utils.adaptor import run_adaptor_stage
+from utils.cli import run_stage
+from utils.distributed import DistInfo
+
+
+def main(cfg: Config, info: DistInfo) -> Path | None:
+    cfg.adaptor = "DLDPO" if cfg.has_drop_out or cfg.adaptor == "DLDPO" else "DuL"
+    cfg.has_drop_out = cfg.adaptor == "DLDPO"
+    return run_adaptor_stage(cfg, info)
+
+
+if __name__ == "__main__":
+    run_stage(main)

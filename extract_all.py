@@ -1,0 +1,33 @@
+"""Stage 3: embed every training image with trained teachers into the embedding store.
+
+    python extract_all.py ethnicity=Asian                        # one specialized teacher
+    python extract_all.py ethnicity=all                          # the four specialized teachers in turn
+    python extract_all.py teacher_set=baseline split=1           # one balanced baseline teacher
+    python extract_all.py teacher_set=baseline ethnicity=all     # the four baseline teachers
+    torchrun --nproc_per_node=8 extract_all.py ethnicity=all     # every rank embeds its own rows
+
+Rows are L2-normalised eval-mode embeddings of the unflipped images (``extract_flipped=True`` adds the
+flipped ones) in the order of ``index.tsv`` in ``cfg.store_dir``. A store already complete for the same
+index and checkpoint is skipped; an interrupted one is redone.
+"""
+from __future__ import annotations
+
+from config.config import Config
+from utils.callbacks import setup_logging
+from utils.cli import run_stage
+from utils.distributed import DistInfo
+from utils.embedding_store import extract_teacher, extraction_members, prepare_index, teacher_checkpoint
+
+
+def main(cfg: Config, info: DistInfo) -> list[str]:
+    """Extract the configured teachers; returns the members whose stores were (re)written."""
+    setup_logging(None, info.is_main)
+    # Check every teacher before embedding anything, so a missing one fails in seconds, not hours.
+    checkpoints = {member: teacher_checkpoint(cfg, member) for member in extraction_members(cfg)}
+    index = prepare_index(cfg, info)
+    return [member for member, checkpoint in checkpoints.items()
+            if extract_teacher(cfg, member, checkpoint, index, info)]
+
+
+if __name__ == "__main__":
+    run_stage(main)

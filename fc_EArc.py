@@ -1,0 +1,26 @@
+"""Stage 4 (SL): train the single-Linear adaptor on the four teachers' stored embeddings, then write the KD
+targets (L2-normalised outputs of the lowest-loss epoch for every training image) to ``cfg.adaptor_dir``.
+
+    python fc_EArc.py                                  # specialized teachers
+    python fc_EArc.py teacher_set=baseline             # balanced baseline teachers
+    torchrun --nproc_per_node=8 fc_EArc.py             # DDP; every rank then writes its share of the targets
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.config import Config
+from utils.adaptor import run_adaptor_stage
+from utils.cli import run_stage
+from utils.distributed import DistInfo
+
+
+def main(cfg: Config, info: DistInfo) -> Path | None:
+    if cfg.adaptor != "SL":
+        raise ValueError(f"fc_EArc.py trains the SL adaptor, got adaptor={cfg.adaptor}; use "
+                         "dual_layer_EAF-Fusion.py has_drop_out=False (DuL) or has_drop_out=True (DLDPO)")
+    return run_adaptor_stage(cfg, info)
+
+
+if __name__ == "__main__":
+    run_stage(main, adaptor="SL")

@@ -1,0 +1,221 @@
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backbones import get_adaptor, get_backbone
+from config.config import CONCAT_ORDER, ETHNICITIES, load_config
+from eval.evaluate import evaluate_multi_teacher, evaluate_work_dir, main
+from eval.report import ResultRow, results_table, write_report
+from eval.rfw_data import write_bin
+from eval.verification import RFWEvaluator, backbone_embed_fn
+from utils.io import atomic_write_json
+
+SIZE, EMB, WIDTH, PAIRS = 32, 16, 8, 20
+SMALL = ["--input-size", str(SIZE), "--embedding-size", str(EMB), "--width", str(WIDTH), "--batch-size", "16",
+         "--device", "cpu"]
+
+
+def _jpeg(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def rfw_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rfw")
+    rng = np.random.default_rng(0)
+    for e, eth in enumerate(ETHNICITIES):
+        jpegs, issame = [], []
+        for i in range(PAIRS):
+            first = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            same = i % 2 == 0
+            second = first if same else rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            noise = rng.integers(-20 * (e + 1), 20 * (e + 1), (SIZE, SIZE, 3))
+            jpegs += [_jpeg(first), _jpeg(np.clip(second + noise, 0, 255).astype(np.uint8))]
+            issame.append(same)
+        write_bin(root / f"{eth}_test.bin", jpegs, issame)
+    return root
+
+
+def _save_backbone(path, seed, network="iresnet18"):
+    torch.manual_seed(seed)
+    model = get_backbone(network, input_size=SIZE, embedding_size=EMB, width=WIDTH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _save_adaptor(path, kind="SL", seed=0):
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(get_adaptor(kind, in_features=4 * EMB, embedding_size=EMB).state_dict(), path)
+    return path
+
+
+def _open_png(path):
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+
+
+def test_cli_backbone_writes_table_files_and_plots(rfw_root, tmp_path, capsys):
+    weights = _save_backbone(tmp_path / "model.pth", seed=1)
+    out = tmp_path / "report"
+    rows = main(["--backbone", str(weights), "--network", "iresnet18", "--rfw-root", str(rfw_root),
+                 "--out", str(out), "--name", "tiny", *SMALL])
+    printed = capsys.readouterr().out
+    header = printed.splitlines()[0].split()
+    assert header == ["Model", *ETHNICITIES, "Avg", "STD", "SER"]
+    assert any(line.startswith("tiny ") for line in printed.splitlines())
+    for suffix in (".md", ".csv", ".json"):
+        assert (out / f"results{suffix}").is_file()
+    _open_png(out / "results_accuracy.png")
+    _open_png(out / "results_roc.png")
+    saved = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["name"] for r in saved] == ["tiny"]
+    assert "| tiny |" in (out / "results.md").read_text()
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("model,African,Asian,Caucasian,Indian,avg")
+
+    # The CLI evaluated the saved weights: the API on the same weights gives the same numbers.
+    model = get_backbone("iresnet18", input_size=SIZE, embedding_size=EMB, width=WIDTH)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    expected = RFWEvaluator(rfw_root, SIZE, batch_size=7)(backbone_embed_fn(model), "cpu")
+    for eth in ETHNICITIES:
+        assert saved[0]["accuracies"][eth] == pytest.approx(100 * expected[eth].accuracy)
+        assert saved[0]["extra"][f"{eth}/auc"] == pytest.approx(expected[eth].auc)
+    assert rows[0].accuracies == saved[0]["accuracies"]
+
+
+def test_cli_multi_teacher_space(rfw_root, tmp_path, capsys):
+    teachers = [str(_save_backbone(tmp_path / f"{eth}.pth", seed=i)) for i, eth in enumerate(CONCAT_ORDER)]
+    adaptor = _save_adaptor(tmp_path / "adaptor.pth", "DuL")
+    out = tmp_path / "report"
+    rows = main(["--teachers", *teachers, "--teacher-network", "iresnet18", "--adaptor", str(adaptor),
+                 "--adaptor-type", "DuL", "--rfw-root", str(rfw_root), "--out", str(out), *SMALL])
+    assert rows[0].name == "DuL multi-teacher space"
+    assert "DuL multi-teacher space" in capsys.readouterr().out
+    _open_png(out / "results_roc.png")
+    # The order matters: the same checkpoints in another order give another space.
+    evaluator = RFWEvaluator(rfw_root, SIZE)
+    common = dict(teacher_network="iresnet18", embedding_size=EMB, width=WIDTH, device="cpu")
+    swapped = evaluate_multi_teacher(teachers[::-1], adaptor, "DuL", evaluator, **common)
+    assert any(swapped.extra[f"{eth}/auc"] != rows[0].extra[f"{eth}/auc"] for eth in ETHNICITIES)
+
+
+def test_cli_rejects_a_teacher_list_not_of_four(rfw_root, tmp_path, capsys):
+    teachers = [str(_save_backbone(tmp_path / f"t{i}.pth", seed=i)) for i in range(3)]
+    with pytest.raises(SystemExit) as exc:
+        main(["--teachers", *teachers, "--adaptor", "a.pth", "--adaptor-type", "SL", "--rfw-root", str(rfw_root)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "exactly 4" in err and "Asian, African, Caucasian, Indian" in err and teachers[0] in err
+
+
+def test_cli_rejects_a_checkpoint_of_another_network(rfw_root, tmp_path):
+    weights = _save_backbone(tmp_path / "r18.pth", seed=0, network="iresnet18")
+    with pytest.raises(SystemExit) as exc:
+        main(["--backbone", str(weights), "--network", "iresnet34", "--rfw-root", str(rfw_root),
+              "--out", str(tmp_path / "out"), *SMALL])
+    message = str(exc.value.code)
+    assert str(weights) in message and "iresnet34" in message and "missing keys" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_names_a_missing_rfw_file(rfw_root, tmp_path):
+    partial = tmp_path / "rfw"
+    partial.mkdir()
+    for eth in ("African", "Asian", "Caucasian"):
+        shutil.copy(rfw_root / f"{eth}_test.bin", partial)
+    weights = _save_backbone(tmp_path / "m.pth", seed=0)
+    with pytest.raises(SystemExit) as exc:
+        main(["--backbone", str(weights), "--network", "iresnet18", "--rfw-root", str(partial), *SMALL])
+    assert str(partial / "Indian_test.bin") in str(exc.value.code)
+
+
+def _write_run(run_dir, cfg, stage, weights_name, save):
+    data = cfg.to_dict()
+    data["derived"]["stage"] = stage
+    atomic_write_json(run_dir / "config.json", data)
+    save(run_dir / weights_name)
+
+
+def _work_dir(root):
+    base = dict(output_root=str(root), network="iresnet18", student_network="iresnet18", width=WIDTH,
+                embedding_size=EMB, input_size=SIZE)
+    teacher_paths = []
+    for i, eth in enumerate(CONCAT_ORDER):
+        cfg = load_config({**base, "ethnicity": eth})
+        _write_run(cfg.teacher_dir(), cfg, "teacher", "best_backbone.pth",
+                   lambda p, i=i: teacher_paths.append(_save_backbone(p, seed=10 + i)))
+    cfg = load_config(base)
+    _write_run(cfg.adaptor_dir, cfg, "adaptor", "best_adaptor.pth", lambda p: _save_adaptor(p, "SL", seed=3))
+    _write_run(cfg.student_dir, cfg, "student", "best_backbone.pth", lambda p: _save_backbone(p, seed=20))
+    # A config.json of something that is not a model (e.g. an embedding store) is not a run to evaluate.
+    atomic_write_json(root / "embeddings" / "store" / "config.json", {"derived": {"stage": "extract"}})
+    return cfg, teacher_paths
+
+
+def test_work_dir_evaluates_every_run_and_adaptors_with_their_teachers(rfw_root, tmp_path, capsys):
+    cfg, teacher_paths = _work_dir(tmp_path / "work")
+    moved = tmp_path / "moved"  # run folders are found relative to where the work directory is now
+    shutil.move(tmp_path / "work", moved)
+    main(["--work-dir", str(moved), "--rfw-root", str(rfw_root), "--batch-size", "16", "--device", "cpu"])
+    saved = json.loads((moved / "reports" / "results.json").read_text())["rows"]
+    names = [row["name"] for row in saved]
+    assert names == [f"teachers/specialized/iresnet18_{eth}" for eth in sorted(CONCAT_ORDER)] + [
+        "adaptors/specialized_iresnet18/SL", "students/specialized_iresnet18/SL_aKD_iresnet18"]
+    assert [row["extra"]["stage"] for row in saved] == ["teacher"] * 4 + ["adaptor", "student"]
+    _open_png(moved / "reports" / "results_accuracy.png")
+    _open_png(moved / "reports" / "results_roc.png")
+    assert "adaptors/specialized_iresnet18/SL" in capsys.readouterr().out
+
+    # The adaptor row is the multi-teacher space of its teachers in CONCAT_ORDER.
+    moved_teachers = [moved / p.relative_to(tmp_path / "work") for p in teacher_paths]
+    direct = evaluate_multi_teacher(moved_teachers, moved / cfg.adaptor_dir.relative_to(cfg.work_root) /
+                                    "best_adaptor.pth", "SL", RFWEvaluator(rfw_root, SIZE),
+                                    teacher_network="iresnet18", embedding_size=EMB, width=WIDTH, device="cpu")
+    adaptor_row = saved[4]
+    for eth in ETHNICITIES:
+        assert adaptor_row["accuracies"][eth] == pytest.approx(direct.accuracies[eth])
+        assert adaptor_row["extra"][f"{eth}/auc"] == pytest.approx(direct.extra[f"{eth}/auc"])
+
+
+def test_work_dir_with_unfinished_runs(rfw_root, tmp_path, capsys):
+    cfg, _ = _work_dir(tmp_path)
+    (cfg.student_dir / "best_backbone.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="best_backbone.pth"):
+        evaluate_work_dir(tmp_path, rfw_root, device="cpu")
+    (cfg.teacher_dir("Indian") / "best_backbone.pth").unlink()
+    rows = evaluate_work_dir(tmp_path, rfw_root, device="cpu", skip_incomplete=True)
+    # The Indian teacher and the adaptor that needs it are skipped along with the student.
+    assert [row.name for row in rows] == [f"teachers/specialized/iresnet18_{eth}" for eth in
+                                          ("African", "Asian", "Caucasian")]
+    assert capsys.readouterr().out.count("skipping") == 3
+
+
+def test_report_formats_and_guards(tmp_path):
+    rows = [
+        ResultRow("a", {"African": 90.0, "Asian": 95.0, "Caucasian": 98.0, "Indian": 97.0}, {"note": "x"}),
+        ResultRow("perfect", {eth: 100.0 for eth in ETHNICITIES}),
+    ]
+    table = results_table(rows).splitlines()
+    assert table[2].split() == ["a", "90.00", "95.00", "98.00", "97.00", "95.00", "3.08", "5.000"]
+    assert table[3].split()[-1] == "nan"
+    paths = write_report(rows, tmp_path, stem="demo")
+    assert "roc_png" not in paths and not (tmp_path / "demo_roc.png").exists()  # no curves to draw
+    _open_png(paths["accuracy_png"])
+    csv_lines = paths["csv"].read_text().splitlines()
+    assert csv_lines[0] == "model,African,Asian,Caucasian,Indian,avg,std,ser,note"
+    assert csv_lines[1].startswith("a,90.0,95.0,98.0,97.0,95.0,")
+    roc = {"a": {eth: (np.array([0.0, 0.001, 0.1, 1.0]), np.array([0.2, 0.5, 0.9, 1.0])) for eth in ETHNICITIES}}
+    paths = write_report(rows, tmp_path, stem="demo", roc=roc)
+    _open_png(paths["roc_png"])
+    with pytest.raises(ValueError, match="at least one"):
+        write_report([], tmp_path)

@@ -1,0 +1,103 @@
+"""Teacher training through the shared engine: files, loss, lr schedule, DDP, resume, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from config.config import load_config
+from helpers import run_torchrun, tiny_overrides
+from utils.cli import run_stage
+from utils.engine import is_run_complete, step_decay
+
+import train
+
+
+def _train(data: Path, out: Path, **extra):
+    return run_stage(train.main, tiny_overrides(data, out, **extra))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_step_decay_follows_milestones():
+    factor = step_decay([2, 4], 0.1)
+    assert [round(factor(e), 6) for e in range(6)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+
+
+def test_teacher_run_writes_every_file_and_learns(tiny_synthetic, tmp_path):
+    result = _train(tiny_synthetic, tmp_path, ethnicity="Asian", num_epoch=3, milestones=[2], lr=0.2,
+                    rfw_root=str(tiny_synthetic / "rfw"))
+    cfg = load_config(tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian"))
+    run_dir = cfg.teacher_dir()
+    assert result.run_dir == run_dir and result.complete and is_run_complete(run_dir)
+    history = json.loads((run_dir / "history.json").read_text())
+    epochs = history["epochs"]
+    steps = [e["global_step"] for e in epochs]
+    for step in steps:
+        assert (run_dir / f"{step}backbone.pth").is_file()
+        assert (run_dir / f"{step}header.pth").is_file()
+    for name in ("best_backbone.pth", "best_header.pth", "checkpoint_last.pt", "config.json", "train.log"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["ethnicity"] == "Asian" and saved["derived"]["stage"] == "teacher"
+    # lr per epoch: base scaled by batch/512, dropped by 10x from epoch index 2 (milestone [2]).
+    base = 0.2 / 512 * 8
+    assert [e["lr"] for e in epochs] == pytest.approx([base, base, base * 0.1])
+    assert epochs[-1]["losses"]["loss"] < epochs[0]["losses"]["loss"]
+    # With RFW configured, every epoch is verified and `best` is the epoch with the highest RFW average.
+    assert all(set(e["rfw"]) >= {"African", "Asian", "Caucasian", "Indian", "avg", "std", "ser"} for e in epochs)
+    best = max(epochs, key=lambda e: e["rfw"]["avg"])
+    assert history["best"]["epoch"] == best["epoch"]
+    best_weights = _load(run_dir / "best_backbone.pth")
+    epoch_weights = _load(run_dir / f"{best['global_step']}backbone.pth")
+    assert all(torch.equal(best_weights[k], epoch_weights[k]) for k in best_weights)
+    # The header covers exactly the Asian identities of the data.
+    assert _load(run_dir / "best_header.pth")["kernel"].shape == (64, 6)
+
+
+def test_resume_matches_uninterrupted_run(tiny_synthetic, tmp_path):
+    straight = _train(tiny_synthetic, tmp_path / "straight", ethnicity="Indian", num_epoch=2)
+    first = _train(tiny_synthetic, tmp_path / "split", ethnicity="Indian", num_epoch=2, stop_after_epoch=1)
+    assert not first.complete and not is_run_complete(first.run_dir)
+    resumed = _train(tiny_synthetic, tmp_path / "split", ethnicity="Indian", num_epoch=2, resume=True)
+    assert resumed.complete
+    a, b = _load(straight.run_dir / "best_backbone.pth"), _load(resumed.run_dir / "best_backbone.pth")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    history = json.loads((resumed.run_dir / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+
+
+def test_baseline_teacher_needs_the_split_manifest(tiny_synthetic, tmp_path):
+    with pytest.raises(FileNotFoundError, match="baseline_split.json"):
+        _train(tiny_synthetic, tmp_path, teacher_set="baseline", split=1)
+
+
+def test_missing_inputs_are_named(tiny_synthetic, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_root"):
+        run_stage(train.main, tiny_overrides(tmp_path / "no_such_root", tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing_rfw"):
+        _train(tiny_synthetic, tmp_path, rfw_root=str(tmp_path / "missing_rfw"))
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        _train(tiny_synthetic, tmp_path, init_weights=str(tmp_path / "nothing.pth"))
+    with pytest.raises(ValueError, match="num_classes"):
+        _train(tiny_synthetic, tmp_path, num_classes=3)
+
+
+def test_two_rank_training_ends_with_identical_weights(tiny_synthetic, tmp_path):
+    dump = tmp_path / "ranks"
+    args = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="African", num_epoch=1, batch_size=4)
+    run_torchrun("tests/rank_dump.py", ["train.py", str(dump), *args])
+    rank0, rank1 = _load(dump / "rank0.pt"), _load(dump / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    cfg = load_config(args)
+    saved = _load(cfg.teacher_dir() / "best_backbone.pth")
+    assert all(torch.equal(saved[k], rank0[k]) for k in saved)
+    log = (cfg.teacher_dir() / "config.json").read_text()
+    assert json.loads(log)["derived"]["world_size"] == 2

@@ -1,0 +1,334 @@
+"""The embedding store: per-teacher embeddings (stage 3) and adaptor KD targets (stage 4), one row per image.
+
+Layout of a teacher store, ``cfg.store_dir`` (``work_dirs/embeddings/<teacher_set>_<network>/``)::
+
+    index.tsv              the image index the rows follow (ImageIndex.save)
+    <member>.npy           [N, E] float32, L2-normalised teacher embeddings of the unflipped images
+    <member>_flip.npy      the same for horizontally flipped images (only with extract_flipped=True)
+    <member>.json          manifest
+
+and of a target store, ``cfg.adaptor_dir``: ``targets.npy``, ``targets_flip.npy``, ``targets.json``.
+
+A manifest holds N, dim, the index hash (``ImageIndex.digest()``), the checkpoint the rows came from
+(absolute path, size and the sha256 of the whole file: a few hundred ms for an iResNet, and unlike an mtime it
+survives copying ``work_dirs`` to another machine), ``flipped`` and ``complete``. Writers mark a manifest
+incomplete before touching the arrays and complete only after every rank flushed its rows, so a crash never
+leaves a store that reads as complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.lib.format import open_memmap
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from backbones import build_backbone, load_weights
+from config.config import Config, teacher_members
+from utils.dataset import FaceDataset, ImageIndex, load_index
+from utils.distributed import DistInfo, barrier, broadcast_object, shard_range
+from utils.callbacks import LOGGER_NAME
+from utils.engine import is_run_complete
+from utils.io import atomic_write_json
+
+INDEX_NAME = "index.tsv"
+TARGETS_NAME = "targets"
+CHECKPOINT_NAME = "best_backbone.pth"
+_HASH_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class StoreFiles:
+    """The files of one stored array: rows, flipped-image rows and manifest."""
+
+    array: Path
+    flipped: Path
+    manifest: Path
+
+    @classmethod
+    def named(cls, folder: str | Path, name: str) -> "StoreFiles":
+        folder = Path(folder)
+        return cls(folder / f"{name}.npy", folder / f"{name}_flip.npy", folder / f"{name}.json")
+
+
+def member_files(store_dir: str | Path, member: str) -> StoreFiles:
+    return StoreFiles.named(store_dir, member)
+
+
+def target_files(adaptor_dir: str | Path) -> StoreFiles:
+    return StoreFiles.named(adaptor_dir, TARGETS_NAME)
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Absolute path, size and sha256 of a checkpoint file (the identity a manifest records)."""
+    path = Path(path).resolve()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return {"path": str(path), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest at ``path``, or None when there is none; unreadable JSON is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"embedding store manifest {path} is not valid JSON ({exc}); delete it and rerun "
+                           "the stage that writes it") from exc
+    if not isinstance(data, dict):
+        raise RuntimeError(f"embedding store manifest {path} should hold a JSON object")
+    return data
+
+
+def manifest_problem(manifest: dict[str, Any] | None, files: StoreFiles, index_hash: str, *,
+                     checkpoint_sha256: str | None = None, flipped: bool = False) -> str | None:
+    """Why a store does not serve ``index_hash`` (and ``checkpoint_sha256``, ``flipped``); None if it does."""
+    if manifest is None:
+        return f"no manifest {files.manifest}"
+    if not manifest.get("complete"):
+        return f"{files.array} is incomplete (interrupted write; {files.manifest} has complete=false)"
+    if manifest.get("index_hash") != index_hash:
+        return (f"{files.array} was built from another image index (index hash {manifest.get('index_hash')}, "
+                f"expected {index_hash})")
+    recorded = manifest.get("checkpoint", {})
+    if checkpoint_sha256 is not None and recorded.get("sha256") != checkpoint_sha256:
+        return (f"{files.array} was written from checkpoint {recorded.get('path')} (sha256 {recorded.get('sha256')}), "
+                f"not the current one (sha256 {checkpoint_sha256})")
+    if flipped and not manifest.get("flipped"):
+        return f"{files.array} has no flipped-image rows ({files.flipped}; extract with extract_flipped=True)"
+    for path in (files.array, files.flipped) if flipped else (files.array,):
+        if not path.is_file():
+            return f"{path} is missing although {files.manifest} says complete"
+    return None
+
+
+def load_array(path: str | Path, manifest: dict[str, Any], *, in_memory: bool = False) -> np.ndarray:
+    """The [N, dim] rows at ``path`` (read-only memory map unless ``in_memory``), checked against the manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding array not found: {path}")
+    array = np.load(path, mmap_mode=None if in_memory else "r")
+    expected = (int(manifest["N"]), int(manifest["dim"]))
+    if array.shape != expected or array.dtype != np.float32:
+        raise RuntimeError(f"{path} holds {array.dtype} {array.shape}, its manifest says float32 {expected}")
+    return array
+
+
+RowWriter = Callable[[range, dict[str, np.ndarray]], None]
+
+
+def write_rows_sharded(files: StoreFiles, manifest: dict[str, Any], info: DistInfo, fill: RowWriter) -> None:
+    """Write a store with every rank filling its own contiguous rows of shared memory-mapped arrays.
+
+    ``manifest`` needs ``N``, ``dim`` and ``flipped``; ``fill(rows, arrays)`` writes ``arrays["array"][rows]``
+    (and ``arrays["flipped"][rows]`` when flipped). Every rank must call this together.
+    """
+    n, dim, flipped = int(manifest["N"]), int(manifest["dim"]), bool(manifest["flipped"])
+    names = ["array", "flipped"] if flipped else ["array"]
+    if info.is_main:
+        atomic_write_json(files.manifest, {**manifest, "complete": False})
+        if not flipped:
+            files.flipped.unlink(missing_ok=True)
+        for name in names:
+            open_memmap(getattr(files, name), mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+    barrier()
+    arrays = {name: open_memmap(getattr(files, name), mode="r+") for name in names}
+    fill(shard_range(n, info.rank, info.world_size), arrays)
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    barrier()
+    if info.is_main:
+        atomic_write_json(files.manifest, {**manifest, "complete": True})
+    barrier()
+
+
+# ---- teacher stores (what the adaptors read) ------------------------------------------------------------
+
+
+def train_command(teacher_set: str, member: str) -> str:
+    """The train.py overrides that produce ``member`` of ``teacher_set`` (for error messages)."""
+    if teacher_set == "baseline":
+        return f"teacher_set=baseline split={member.removeprefix('split')}"
+    return f"teacher_set=specialized ethnicity={member}"
+
+
+def teacher_checkpoint(cfg: Config, member: str) -> Path:
+    """``best_backbone.pth`` of a finished teacher run; errors name the file or run that is not ready."""
+    run_dir = cfg.teacher_dir(member)
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint not found: {path} (train it: python train.py "
+                                f"{train_command(cfg.teacher_set, member)} network={cfg.network})")
+    if not is_run_complete(run_dir):
+        raise RuntimeError(f"teacher run {run_dir} is not finished ({run_dir / 'history.json'} lacks "
+                           f"complete=true); finish it with train.py {train_command(cfg.teacher_set, member)} "
+                           "resume=True before extracting")
+    return path
+
+
+def teacher_store_complete(cfg: Config, member: str, index_hash: str) -> bool:
+    """True when ``member``'s store is complete for ``index_hash`` and the teacher's current checkpoint."""
+    run_dir = cfg.teacher_dir(member)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if not checkpoint.is_file() or not is_run_complete(run_dir):
+        return False
+    files = member_files(cfg.store_dir, member)
+    problem = manifest_problem(read_manifest(files.manifest), files, index_hash,
+                               checkpoint_sha256=file_fingerprint(checkpoint)["sha256"], flipped=cfg.extract_flipped)
+    return problem is None
+
+
+def extraction_members(cfg: Config) -> list[str]:
+    """Teachers extract_all.py embeds: all four of the set with ethnicity=all, else cfg's own teacher."""
+    return teacher_members(cfg.teacher_set) if cfg.ethnicity == "all" else [cfg.teacher_member]
+
+
+def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
+    """The run's image index, written to the store folder by rank 0 and read from there by the other ranks,
+    so every rank embeds exactly the same rows."""
+    path = cfg.store_dir / INDEX_NAME
+    if info.is_main:
+        index = load_index(cfg)
+        stored = ImageIndex.load(path).digest() if path.is_file() else None
+        if stored != index.digest():
+            if stored is not None:
+                logging.getLogger(LOGGER_NAME).warning(
+                    f"{path} described another image index: replacing it; stores built from it must be redone")
+            index.save(path)
+    barrier()
+    return index if info.is_main else ImageIndex.load(path)
+
+
+def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageIndex, info: DistInfo) -> bool:
+    """Embed every image of ``index`` with one teacher into its store; False when it was already complete.
+
+    Eval mode, unflipped (and, with cfg.extract_flipped, flipped) images, L2-normalised float32 rows.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    files = member_files(cfg.store_dir, member)
+    index_hash = index.digest()
+    if info.is_main:
+        fingerprint = file_fingerprint(checkpoint)
+        problem = manifest_problem(read_manifest(files.manifest), files, index_hash,
+                                   checkpoint_sha256=fingerprint["sha256"], flipped=cfg.extract_flipped)
+        decision = (fingerprint, problem)
+    fingerprint, problem = broadcast_object(decision if info.is_main else None)  # type: ignore[misc]
+    if problem is None:
+        logger.info(f"{member}: {files.array} is complete for this index and checkpoint; skipping")
+        return False
+    logger.info(f"{member}: extracting {len(index)} images with {checkpoint} ({problem})")
+    model = load_weights(build_backbone(cfg), checkpoint, what=f"{member} teacher weights").to(info.device).eval()
+
+    def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
+        dataset = FaceDataset(index, np.arange(rows.start, rows.stop), input_size=cfg.input_size)
+        loader = DataLoader(dataset, batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers,
+                            pin_memory=info.device.type == "cuda")
+        with torch.inference_mode():
+            for images, _, batch_rows in tqdm(loader, desc=f"extract {member}", disable=not info.is_main):
+                images = images.to(info.device, non_blocking=True)
+                rows_np = batch_rows.numpy()
+                arrays["array"][rows_np] = F.normalize(model(images).float(), dim=1).cpu().numpy()
+                if "flipped" in arrays:
+                    arrays["flipped"][rows_np] = F.normalize(model(images.flip(3)).float(), dim=1).cpu().numpy()
+
+    manifest = {"member": member, "teacher_set": cfg.teacher_set, "network": cfg.network, "N": len(index),
+                "dim": cfg.embedding_size, "index_hash": index_hash, "checkpoint": fingerprint,
+                "flipped": cfg.extract_flipped}
+    write_rows_sharded(files, manifest, info, fill)
+    logger.info(f"{member}: wrote {files.array}")
+    return True
+
+
+@dataclass
+class TeacherStores:
+    """The four teachers' stores of one teacher set, validated together, in concatenation order."""
+
+    index: ImageIndex
+    members: list[str]
+    arrays: list[np.ndarray]  # read-only memory maps [N, E]
+    flipped: list[np.ndarray] | None  # flipped-image rows, when every store has them
+    checkpoints: dict[str, str]  # member -> sha256 of the teacher checkpoint the rows came from
+
+
+def open_teacher_stores(cfg: Config) -> TeacherStores:
+    """Open the stores of ``cfg.teacher_set`` in ``cfg.store_dir`` for the adaptor stage.
+
+    Every teacher must have its checkpoint, and a complete store built from ``index.tsv`` of the store folder
+    and from that very checkpoint; otherwise one RuntimeError lists every problem.
+    """
+    store_dir = cfg.store_dir
+    index_path = store_dir / INDEX_NAME
+    if not index_path.is_file():
+        raise FileNotFoundError(f"image index of the teacher stores not found: {index_path} (run extract_all.py "
+                                f"teacher_set={cfg.teacher_set} ethnicity=all first)")
+    index = ImageIndex.load(index_path)
+    index_hash = index.digest()
+    members = teacher_members(cfg.teacher_set)
+    problems: list[str] = []
+    manifests: dict[str, dict[str, Any]] = {}
+    checkpoints: dict[str, str] = {}
+    for member in members:
+        checkpoint = cfg.teacher_dir(member) / CHECKPOINT_NAME
+        if not checkpoint.is_file():
+            problems.append(f"{member}: teacher checkpoint {checkpoint} is missing")
+            continue
+        checkpoints[member] = file_fingerprint(checkpoint)["sha256"]
+        files = member_files(store_dir, member)
+        manifest = read_manifest(files.manifest)
+        problem = manifest_problem(manifest, files, index_hash, checkpoint_sha256=checkpoints[member])
+        if problem is None and manifest is not None and int(manifest["dim"]) != cfg.embedding_size:
+            problem = f"{files.array} has {manifest['dim']}-D rows, config embedding_size={cfg.embedding_size}"
+        if problem is not None:
+            problems.append(f"{member}: {problem}")
+        else:
+            manifests[member] = manifest  # type: ignore[assignment]
+    if problems:
+        raise RuntimeError(
+            f"the adaptor needs {len(members)} complete teacher stores in {store_dir} (index {index_path}), "
+            f"{len(manifests)} are usable:\n  " + "\n  ".join(problems)
+            + f"\nrerun extract_all.py teacher_set={cfg.teacher_set} ethnicity=all network={cfg.network}")
+    arrays = [load_array(member_files(store_dir, m).array, manifests[m]) for m in members]
+    flipped = None
+    if all(manifests[m].get("flipped") for m in members):
+        flipped = [load_array(member_files(store_dir, m).flipped, manifests[m]) for m in members]
+    return TeacherStores(index, members, arrays, flipped, checkpoints)
+
+
+# ---- KD targets (what the students read) ----------------------------------------------------------------
+
+
+def open_targets(adaptor_dir: Path, index_hash: str, *, flipped: bool = False,
+                 in_memory: bool = False) -> np.ndarray:
+    """The adaptor's KD targets ``[N, E]`` in index order (``flipped``: those of the flipped images).
+
+    A read-only memory map unless ``in_memory``. Raises FileNotFoundError naming the missing file, and
+    RuntimeError naming the store when it is incomplete, built from another index, or lacks flipped rows.
+    """
+    files = target_files(adaptor_dir)
+    manifest = read_manifest(files.manifest)
+    if manifest is None:
+        raise FileNotFoundError(f"KD target manifest not found: {files.manifest} (train the adaptor with "
+                                "fc_EArc.py or dual_layer_EAF-Fusion.py first)")
+    problem = manifest_problem(manifest, files, index_hash, flipped=flipped)
+    if problem is not None:
+        raise RuntimeError(f"KD targets unusable: {problem}")
+    return load_array(files.flipped if flipped else files.array, manifest, in_memory=in_memory)
+
+
+def targets_complete(adaptor_dir: Path, index_hash: str) -> bool:
+    """True when ``adaptor_dir`` holds complete KD targets for the index ``index_hash``."""
+    files = target_files(adaptor_dir)
+    return manifest_problem(read_manifest(files.manifest), files, index_hash) is None

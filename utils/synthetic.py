@@ -1,0 +1,248 @@
+"""Synthetic face-like data in the real layouts, for the demo, the tests and the benchmarks.
+
+    python -m utils.synthetic --out DIR [--ids-per-ethnicity 50] [--images-per-id 10]
+        [--pairs-per-ethnicity 300] [--image-size 112] [--seed 0] [--jpeg-quality 95] [--overwrite]
+
+writes ``DIR/train/<Ethnicity>/<identity>/<n>.jpg`` (BUPT layout, ``data_root=DIR/train``),
+``DIR/rfw/<Ethnicity>_test.bin`` (RFW-style pairs, ``rfw_root=DIR/rfw``) and ``DIR/synthetic.json``
+(the parameters; written last, so its presence marks a complete set).
+
+How images are made, and why:
+
+* Every image shares one face template (an ellipse with eye, nose and mouth shading), so the
+  template carries no identity.
+* Each ethnicity has a base colour and its own basis patterns: Gabor-like blobs whose orientations
+  lie in that ethnicity's own band (0, 45, 90 or 135 degrees, +-12) at a few cycles per face, so they
+  are resolvable down to 32x32. Identity = identity-specific coefficients on its ethnicity's basis,
+  so identities of one ethnicity differ only along that ethnicity's directions, and a network that
+  learned one ethnicity's directions sees another's only partially.
+* Each image adds within-identity coefficient jitter (expression), a random similarity transform
+  (shift, scale, rotation), illumination (gain, bias, linear gradient, colour cast), a random
+  background level, pixel noise and JPEG compression, so verification is neither trivial nor
+  impossible.
+
+Random streams are keyed by (seed, ethnicity, purpose, item), so the same seed gives byte-identical
+files, and changing the number of pairs does not change the training images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from config.config import ETHNICITIES
+from eval.rfw_data import write_bin
+from utils.io import atomic_write_json
+
+BASES_PER_ETHNICITY = 12
+# RGB base colours: a face tone per ethnicity (it tells ethnicities apart, never identities).
+BASE_COLOURS = {
+    "African": (105, 72, 55),
+    "Asian": (196, 160, 128),
+    "Caucasian": (214, 178, 160),
+    "Indian": (160, 116, 88),
+}
+PATTERN_AMPLITUDE = 34.0  # grey levels of the identity patterns (RMS of the sum)
+WITHIN_ID_JITTER = 0.35  # std of per-image coefficient jitter relative to the identity coefficients
+NOISE_STD = 7.0  # grey levels of per-pixel Gaussian noise
+ORIENTATION_BANDS = (0.0, 30.0, 60.0, 90.0)  # degrees, per ethnicity in ETHNICITIES order
+ORIENTATION_SPREAD = 8.0  # +- degrees around the band centre
+# Cycles per unit length (the image is 2 units wide), per ethnicity: orientation neighbours get
+# different bands, so every pair of ethnicities differs in orientation by 60 degrees or in frequency.
+FREQUENCY_BANDS = ((0.9, 1.6), (1.9, 2.8), (0.9, 1.6), (1.9, 2.8))
+_STREAM_BASIS, _STREAM_TRAIN_ID, _STREAM_TEST_ID, _STREAM_PAIRS = 0, 1, 2, 3
+
+
+def _rng(seed: int, eth_code: int, stream: int, item: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, eth_code, stream, item])
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres in [-1, 1] coordinates (x right, y down)."""
+    axis = (np.arange(size, dtype=np.float64) + 0.5) / size * 2 - 1
+    return np.meshgrid(axis, axis)
+
+
+def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, sx: float, sy: float) -> np.ndarray:
+    return np.exp(-(((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2) / 2)
+
+
+def _face_template(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Soft face mask [S, S] and shading [S, S] (eyes, nose, mouth darker) shared by everyone."""
+    x, y = _grid(size)
+    mask = 1 / (1 + np.exp((np.sqrt((x / 0.68) ** 2 + (y / 0.86) ** 2) - 1) * 14))
+    shading = 1 - 0.55 * (_blob(x, y, -0.3, -0.18, 0.11, 0.06) + _blob(x, y, 0.3, -0.18, 0.11, 0.06))
+    shading -= 0.25 * _blob(x, y, 0, 0.12, 0.06, 0.16) + 0.45 * _blob(x, y, 0, 0.45, 0.22, 0.05)
+    return mask, shading * mask
+
+
+def _basis(size: int, seed: int, eth_code: int) -> np.ndarray:
+    """The ethnicity's identity patterns [K, S, S, 3], each with unit RMS.
+
+    Each pattern is a Gabor-like blob plus its mirror image, so a horizontal flip (the training
+    augmentation) keeps every identity and keeps the pattern's orientation band: the bands are
+    folded orientations (angle of the stripes from vertical) 0, 30, 60 and 90 degrees.
+    """
+    rng = _rng(seed, eth_code, _STREAM_BASIS)
+    x, y = _grid(size)
+    mask, _ = _face_template(size)
+    centre = ORIENTATION_BANDS[eth_code]
+    out = np.empty((BASES_PER_ETHNICITY, size, size, 3))
+    for k in range(BASES_PER_ETHNICITY):
+        theta = math.radians(centre + rng.uniform(-ORIENTATION_SPREAD, ORIENTATION_SPREAD))
+        freq = rng.uniform(*FREQUENCY_BANDS[eth_code])
+        phase = rng.uniform(0, 2 * math.pi)
+        cx, cy = rng.uniform(0, 0.4), rng.uniform(-0.5, 0.5)
+        sx, sy = rng.uniform(0.25, 0.5, size=2)
+        direction = (math.cos(theta), math.sin(theta))
+        half = [_blob(x, y, side * cx, cy, sx, sy)
+                * np.cos(2 * math.pi * freq * (side * x * direction[0] + y * direction[1]) + phase)
+                for side in (1, -1)]
+        colour = np.array([1.0, 1.0, 1.0]) + rng.normal(0, 0.35, size=3)
+        pattern = ((half[0] + half[1]) * mask)[..., None] * colour
+        out[k] = pattern / np.sqrt(np.mean(pattern ** 2))
+    return out
+
+
+class _Renderer:
+    """Renders images of one ethnicity at one size."""
+
+    def __init__(self, size: int, seed: int, eth: str, jpeg_quality: int):
+        self.size, self.jpeg_quality = size, jpeg_quality
+        self.eth_code = ETHNICITIES.index(eth)
+        self.basis = _basis(size, seed, self.eth_code).reshape(BASES_PER_ETHNICITY, -1)
+        self.mask, shading = _face_template(size)
+        self.face = shading[..., None] * np.array(BASE_COLOURS[eth], dtype=np.float64)
+        self.x, self.y = _grid(size)
+
+    def identity(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.normal(0, 1, BASES_PER_ETHNICITY)
+
+    def image(self, coeffs: np.ndarray, rng: np.random.Generator) -> bytes:
+        size = self.size
+        jittered = coeffs + rng.normal(0, WITHIN_ID_JITTER, coeffs.shape)
+        scale = PATTERN_AMPLITUDE / math.sqrt(BASES_PER_ETHNICITY)
+        pattern = (jittered @ self.basis).reshape(size, size, 3) * scale
+        background = rng.uniform(40, 200) * (1 - self.mask)[..., None]
+        img = self.face + pattern * self.mask[..., None] + background
+        # Similarity transform about the centre: shift up to 4% of the side, scale 0.94-1.06, +-6 degrees.
+        angle, zoom = rng.uniform(-6, 6), rng.uniform(0.94, 1.06)
+        matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, zoom)
+        matrix[:, 2] += rng.uniform(-0.04, 0.04, size=2) * size
+        img = cv2.warpAffine(img, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        gradient_dir = rng.uniform(0, 2 * math.pi)
+        gradient = rng.uniform(0, 25) * (self.x * math.cos(gradient_dir) + self.y * math.sin(gradient_dir))
+        gain = rng.uniform(0.75, 1.25) * rng.uniform(0.93, 1.07, size=3)
+        img = img * gain + rng.uniform(-20, 20) + gradient[..., None]
+        img += rng.normal(0, NOISE_STD, img.shape)
+        rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        ok, encoded = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+        if not ok:
+            raise RuntimeError("OpenCV failed to encode a synthetic image as JPEG")
+        return encoded.tobytes()
+
+
+def _params(ids_per_ethnicity: int, images_per_id: int, pairs_per_ethnicity: int, image_size: int, seed: int,
+            jpeg_quality: int) -> dict:
+    return {"generator": "mst-kd synthetic v1", "ids_per_ethnicity": ids_per_ethnicity,
+            "images_per_id": images_per_id, "pairs_per_ethnicity": pairs_per_ethnicity,
+            "image_size": image_size, "seed": seed, "jpeg_quality": jpeg_quality,
+            "test_ids_per_ethnicity": _test_ids(ids_per_ethnicity)}
+
+
+def _test_ids(ids_per_ethnicity: int) -> int:
+    return max(2, ids_per_ethnicity)
+
+
+def _write_train(out: Path, renderer: _Renderer, eth: str, seed: int, ids: int, images_per_id: int) -> int:
+    for i in range(ids):
+        rng = _rng(seed, renderer.eth_code, _STREAM_TRAIN_ID, i)
+        coeffs = renderer.identity(rng)
+        folder = out / eth / f"{eth.lower()}_{i:05d}"
+        folder.mkdir(parents=True)
+        for n in range(images_per_id):
+            (folder / f"{n:04d}.jpg").write_bytes(renderer.image(coeffs, rng))
+    return ids * images_per_id
+
+
+def _write_pairs(path: Path, renderer: _Renderer, seed: int, num_ids: int, pairs: int) -> None:
+    """Alternating genuine/impostor pairs of held-out identities (every fold of 10 is balanced)."""
+    ids = [renderer.identity(_rng(seed, renderer.eth_code, _STREAM_TEST_ID, j)) for j in range(num_ids)]
+    rng = _rng(seed, renderer.eth_code, _STREAM_PAIRS)
+    images, issame = [], []
+    for p in range(pairs):
+        genuine = p % 2 == 0
+        first, second = rng.choice(num_ids, size=2, replace=False)
+        if genuine:
+            second = first
+        images += [renderer.image(ids[first], rng), renderer.image(ids[second], rng)]
+        issame.append(genuine)
+    write_bin(path, images, issame)
+
+
+def generate_synthetic(out_dir: str | Path, *, ids_per_ethnicity: int = 50, images_per_id: int = 10,
+                       pairs_per_ethnicity: int = 300, image_size: int = 112, seed: int = 0,
+                       jpeg_quality: int = 95, overwrite: bool = False) -> dict:
+    """Write the synthetic set under ``out_dir`` (see the module doc) and return its summary.
+
+    A complete set with the same parameters is reused; a different or incomplete one is an error
+    unless ``overwrite`` (which deletes ``train/``, ``rfw/`` and ``synthetic.json`` first).
+    """
+    out = Path(out_dir)
+    for name, value in (("ids_per_ethnicity", ids_per_ethnicity), ("images_per_id", images_per_id),
+                        ("pairs_per_ethnicity", pairs_per_ethnicity), ("image_size", image_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    params = _params(ids_per_ethnicity, images_per_id, pairs_per_ethnicity, image_size, seed, jpeg_quality)
+    manifest = out / "synthetic.json"
+    train, rfw = out / "train", out / "rfw"
+    summary = {"train_root": str(train), "rfw_root": str(rfw), **params,
+               "num_images": len(ETHNICITIES) * ids_per_ethnicity * images_per_id,
+               "num_identities": len(ETHNICITIES) * ids_per_ethnicity}
+    if manifest.is_file() and json.loads(manifest.read_text()) == params:
+        return {**summary, "reused": True}
+    if train.exists() or rfw.exists() or manifest.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a different or incomplete synthetic set; "
+                                  "pass overwrite=True (--overwrite) to replace it")
+        manifest.unlink(missing_ok=True)
+        for folder in (train, rfw):
+            if folder.exists():
+                shutil.rmtree(folder)
+    start = time.perf_counter()
+    rfw.mkdir(parents=True)
+    for eth in ETHNICITIES:
+        renderer = _Renderer(image_size, seed, eth, jpeg_quality)
+        _write_train(train, renderer, eth, seed, ids_per_ethnicity, images_per_id)
+        _write_pairs(rfw / f"{eth}_test.bin", renderer, seed, _test_ids(ids_per_ethnicity), pairs_per_ethnicity)
+    atomic_write_json(manifest, params)
+    return {**summary, "reused": False, "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic BUPT-layout training set and RFW-style .bin files.")
+    parser.add_argument("--out", required=True, help="output folder (train/, rfw/, synthetic.json)")
+    parser.add_argument("--ids-per-ethnicity", type=int, default=50)
+    parser.add_argument("--images-per-id", type=int, default=10)
+    parser.add_argument("--pairs-per-ethnicity", type=int, default=300)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--overwrite", action="store_true", help="replace a different existing set")
+    args = parser.parse_args(argv)
+    summary = generate_synthetic(args.out, ids_per_ethnicity=args.ids_per_ethnicity, images_per_id=args.images_per_id,
+                                 pairs_per_ethnicity=args.pairs_per_ethnicity, image_size=args.image_size,
+                                 seed=args.seed, jpeg_quality=args.jpeg_quality, overwrite=args.overwrite)
+    state = "reused" if summary["reused"] else f"written in {summary['seconds']:.1f} s"
+    print(f"synthetic set {state}: {summary['num_images']} training images of {summary['num_identities']} "
+          f"identities in {summary['train_root']}, {args.pairs_per_ethnicity} pairs per ethnicity in {summary['rfw_root']}")
+
+
+if __name__ == "__main__":
+    main()
