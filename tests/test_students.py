@@ -24,7 +24,7 @@ from utils.embedding_store import target_files
 from utils.engine import Batch, train
 
 # Students learn faster than the teachers' default lr allows in a dozen steps.
-STUDENT = {"lr": 1.0}
+STUDENT = {"lr": 1.0, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_target_store_problems_are_named(chain, tmp_path):
 
 def test_two_rank_student_ends_with_identical_weights(chain, tmp_path):
     dump = tmp_path / "ranks"
-    args = fresh_work(chain, tmp_path / "work", num_epoch=1, batch_size=4)
+    args = fresh_work(chain, tmp_path / "work", num_epoch=1, batch_size=8)
     run_torchrun("tests/rank_dump.py", ["KD_alone.py", str(dump), *args])
     rank0, rank1 = load(dump / "rank0.pt"), load(dump / "rank1.pt")
     assert same_weights(rank0, rank1)

@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 
 from config.config import Config, parse_cli
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
+from utils.engine import seed_everything
 
 # Errors a user can fix (missing file, bad key or value); they are reported in one line, without a traceback.
 USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError)
@@ -19,6 +20,8 @@ def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | Non
     except (KeyError, ValueError) as exc:
         raise SystemExit(f"error: {exc.args[0] if exc.args else exc}") from None
     info = init_distributed()
+    # Same seed on every rank: models start identical before DDP, and reruns start from the same weights.
+    seed_everything(cfg.seed)
     try:
         return main(cfg, info)
     except USER_ERRORS as exc:

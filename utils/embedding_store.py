@@ -165,6 +165,12 @@ def train_command(teacher_set: str, member: str) -> str:
     return f"teacher_set=specialized ethnicity={member}"
 
 
+def teacher_ready(run_dir: Path) -> bool:
+    """A teacher folder is usable when its training finished, or when it holds weights put there by hand
+    (the authors' released teachers come without a training history)."""
+    return not (run_dir / "history.json").exists() or is_run_complete(run_dir)
+
+
 def teacher_checkpoint(cfg: Config, member: str) -> Path:
     """``best_backbone.pth`` of a finished teacher run; errors name the file or run that is not ready."""
     run_dir = cfg.teacher_dir(member)
@@ -172,7 +178,7 @@ def teacher_checkpoint(cfg: Config, member: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {path} (train it: python train.py "
                                 f"{train_command(cfg.teacher_set, member)} network={cfg.network})")
-    if not is_run_complete(run_dir):
+    if not teacher_ready(run_dir):
         raise RuntimeError(f"teacher run {run_dir} is not finished ({run_dir / 'history.json'} lacks "
                            f"complete=true); finish it with train.py {train_command(cfg.teacher_set, member)} "
                            "resume=True before extracting")
@@ -183,7 +189,7 @@ def teacher_store_complete(cfg: Config, member: str, index_hash: str) -> bool:
     """True when ``member``'s store is complete for ``index_hash`` and the teacher's current checkpoint."""
     run_dir = cfg.teacher_dir(member)
     checkpoint = run_dir / CHECKPOINT_NAME
-    if not checkpoint.is_file() or not is_run_complete(run_dir):
+    if not checkpoint.is_file() or not teacher_ready(run_dir):
         return False
     files = member_files(cfg.store_dir, member)
     problem = manifest_problem(read_manifest(files.manifest), files, index_hash,
