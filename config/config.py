@@ -93,6 +93,7 @@ class Config:
     seed: int = 0  # seeds python, numpy, torch, the sampler, flips and margins (per rank)
     amp: str = "none"  # none | bf16 | fp16 (GPU only; margin and loss maths stay fp32)
     log_every: int = 50  # steps between log lines and TensorBoard points
+    verify_every: int = 1  # epochs between RFW verifications when rfw_root is set (the last epoch always)
     resume: bool = False  # continue from checkpoint_last.pt of this run
     resume_same_world_size: bool = False  # refuse to resume under a different world size
     init_weights: str | None = None  # start the model from these weights (no optimiser state)
@@ -215,7 +216,7 @@ def _validate(cfg: Config) -> None:
         value = getattr(cfg, key)
         if list(value) != sorted(value):
             raise ValueError(f"config key {key}={value} must be sorted ascending")
-    for key in ("batch_size", "batch_size_fc", "num_epoch", "num_epoch_fc", "embedding_size", "input_size"):
+    for key in ("verify_every", "batch_size", "batch_size_fc", "num_epoch", "num_epoch_fc", "embedding_size", "input_size"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"config key {key}={getattr(cfg, key)} must be positive")
 

@@ -170,7 +170,7 @@ class _Trainer:
         if not self.cfg.resume:
             return
         if not path.is_file():
-            self.logger.warning(f"resume=True but {path} does not exist: starting from scratch")
+            self.logger.info(f"resume=True: no {path} yet, starting from scratch")
             return
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
@@ -247,7 +247,10 @@ class _Trainer:
         if selection == "loss":
             return record["loss_sum"] < self.best["loss_sum"]
         if selection == "verification":
-            return record["rfw"]["avg"] > self.best["rfw"]["avg"]
+            # Only verified epochs compete; the first verified one replaces unverified bests.
+            if "rfw" not in record:
+                return False
+            return "rfw" not in self.best or record["rfw"]["avg"] > self.best["rfw"]["avg"]
         raise ValueError(f"unknown selection rule {selection!r}")
 
     def _train_epoch(self, monitor: TrainingMonitor) -> dict[str, float]:
@@ -320,7 +323,8 @@ class _Trainer:
                     "loss_sum": sums["loss"], "losses": {k: v / steps for k, v in sums.items()},
                     "seconds": time.perf_counter() - start,
                 }
-                if self.verify is not None:
+                last_epoch = self.epoch + 1 == task.num_epochs
+                if self.verify is not None and ((self.epoch + 1) % cfg.verify_every == 0 or last_epoch):
                     # Rank 0 evaluates while the others wait in the broadcast, then all agree on the result.
                     summary = self.verify(self.model, self.epoch) if info.is_main else None
                     record["rfw"] = broadcast_object(summary)

@@ -40,7 +40,7 @@ PRESETS: dict[str, Preset] = {
         overrides={"network": "iresnet18", "student_network": "iresnet18", "width": 16, "input_size": 32,
                    "batch_size": 64, "batch_size_fc": 64, "num_epoch": 6, "milestones": [4],
                    "num_epoch_fc": 6, "milestones_fc": [4], "num_workers": 0, "log_every": 10,
-                   "extract_flipped": False},
+                   "verify_every": 3},
     ),
     "tiny": Preset(
         description="seconds per stage: the end-to-end test of the pipeline",
@@ -113,8 +113,8 @@ def plan_jobs(base: Sequence[str]) -> list[Job]:
     for teacher_set in TEACHER_SETS:
         for adaptor in ADAPTORS:
             for kd in KD_KINDS:
-                extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", "resume=True"]
-                run_dir = _cfg(base, extra + [f"kd={kd}"]).student_dir
+                extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", f"kd={kd}", "resume=True"]
+                run_dir = _cfg(base, extra).student_dir
                 jobs.append(Job("students", KD_SCRIPTS[kd], extra, lambda d=run_dir: is_run_complete(d)))
     return jobs
 
