@@ -37,6 +37,7 @@ def main(cfg: Config, info: DistInfo) -> Path:
         raise FileExistsError(f"{path} holds a different split; pass split_overwrite=True to replace it")
     else:
         save_split_manifest(path, splits, seed=cfg.seed, source=str(cfg.data_root))
+        cfg.save(path.with_name("config.json"))
         log.info(f"wrote {path}")
     for k, split in enumerate(splits):
         sizes = ", ".join(f"{eth} {len(split[eth])}" for eth in ETHNICITIES)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from config.config import ETHNICITIES
-from utils.dataset import decode_image, to_tensor
+from utils.dataset import decode_image
 from utils.io import atomic_path
 
 # (module, name) pairs a .bin may reference: numpy arrays and scalars (bool flags, uint8 image
@@ -39,18 +39,21 @@ _ALLOWED_GLOBALS = {
 _BIN_PROTOCOL = 4
 
 
+class RefusedPickleError(pickle.UnpicklingError):
+    """A ``.bin`` named a global other than the few it may use; it was refused before anything ran."""
+
+
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """Python 3 pickles bytes under protocol 2 as ``_codecs.encode(text, 'latin1')``; only that
     spelling is honoured, so the global cannot reach other codecs."""
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+        raise RefusedPickleError(f"_codecs.encode with encoding {encoding!r}")
     return text.encode("latin1")
 
 
 class _BinUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, path: Path):
+    def __init__(self, file: io.BufferedIOBase):
         super().__init__(file, encoding="bytes")
-        self.path = path
 
     def find_class(self, module: str, name: str) -> object:
         if module.startswith("numpy.core."):
@@ -59,18 +62,18 @@ class _BinUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if (module, name) == ("_codecs", "encode"):
             return _latin1_encode
-        raise pickle.UnpicklingError(
-            f"{self.path} references {module}.{name}; a verification .bin may only hold lists of "
-            "image bytes and booleans, so it was refused (nothing was executed)")
+        raise RefusedPickleError(f"{module}.{name}")
 
 
 def _read_bin(path: Path) -> tuple[list, list]:
     with open(path, "rb") as handle:
         try:
-            data = _BinUnpickler(handle, path).load()
-        except pickle.UnpicklingError:
-            raise
-        except Exception as exc:  # a damaged pickle raises many types
+            data = _BinUnpickler(handle).load()
+        except RefusedPickleError as exc:
+            raise RefusedPickleError(
+                f"{path} references {exc}; a verification .bin may only hold lists of image bytes and "
+                "booleans, so it was refused (nothing was executed)") from None
+        except Exception as exc:  # a damaged or truncated pickle raises many types, UnpicklingError included
             raise ValueError(f"cannot read verification file {path}: {exc}") from exc
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise ValueError(f"{path}: expected a pickle of (images, issame), got {type(data).__name__}")
@@ -95,10 +98,12 @@ def _as_bool(item: object, path: Path, i: int) -> bool:
 
 
 def _stack(buffers: Sequence[bytes | np.ndarray], names: Sequence[str], input_size: int) -> torch.Tensor:
-    out = torch.empty((len(buffers), 3, input_size, input_size), dtype=torch.uint8)
+    # Filled in numpy and converted once: a per-image torch copy goes through the intra-op thread pool,
+    # which costs milliseconds per image on a busy machine.
+    out = np.empty((len(buffers), 3, input_size, input_size), dtype=np.uint8)
     for i, (buffer, name) in enumerate(zip(buffers, names)):
-        out[i] = to_tensor(decode_image(buffer, input_size, name))
-    return out
+        out[i] = decode_image(buffer, input_size, name).transpose(2, 0, 1)
+    return torch.from_numpy(out)
 
 
 def load_bin(path: str | Path, input_size: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -6,7 +6,8 @@ numbered in the same order. The row of an image in the index is its row in the e
 
 Folder layout: ``ROOT/<Ethnicity>/<identity>/<image>`` with the four ``ETHNICITIES`` folders.
 
-RecordIO layout: ``ROOT/train.rec`` + ``ROOT/train.idx`` (insightface). Identity labels come from
+RecordIO layout: ``ROOT/train.rec`` + ``ROOT/train.idx`` (insightface; used whenever ``train.rec``
+exists, even next to ethnicity folders). Identity labels come from
 the records; their ethnicity from an optional ``ROOT/ethnicity.tsv`` with one line per record label,
 ``<label><TAB><Ethnicity>[<TAB><identity name>]``. Without that file every identity's ethnicity is
 unknown (-1) and only the ``all`` protocol works. Index paths of records read ``train.rec#<key>``.
@@ -334,7 +335,8 @@ def select_rows(
             raise ValueError(f"ethnicity {ethnicity!r} is not one of {', '.join(ETHNICITIES)}")
         mask &= index.ethnicity == ETHNICITIES.index(ethnicity)
         if not mask.any():
-            raise ValueError(f"no {ethnicity} images in the index of {index.root}")
+            hint = f" (RecordIO data needs {ETHNICITY_MAP_NAME} for ethnicities)" if index.kind == "recordio" else ""
+            raise ValueError(f"no {ethnicity} images in the index of {index.root}{hint}")
     if identities is not None:
         if isinstance(identities, Mapping):
             wanted = {(eth, name) for eth, names in identities.items() for name in names}
@@ -429,7 +431,12 @@ class FaceDataset(Dataset):
         return to_tensor(decode_image(data, self.input_size, name))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return normalize_images(self.read_uint8(i)), int(self.labels[i]), int(self.rows[i])
+        data, name = self._read(i)
+        image = decode_image(data, self.input_size, name).transpose(2, 0, 1).astype(np.float32)
+        # normalize_images in numpy (bit-identical float32 ops): per-item torch ops would go through
+        # the intra-op thread pool, which is slow in a busy main process (num_workers=0).
+        image = (image / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+        return torch.from_numpy(image), int(self.labels[i]), int(self.rows[i])
 
 
 class RecordDataset(FaceDataset):

@@ -15,9 +15,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from config.config import ETHNICITIES
+from utils.callbacks import LOGGER_NAME
 from utils.io import atomic_write_json
 
-log = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
 Split = dict[str, list[str]]
 
@@ -122,7 +122,7 @@ def materialize_split(index, splits: Sequence[Mapping[str, Sequence[str]]], out_
                         os.link(src, dst)
                     except OSError as exc:
                         if not warned:
-                            log.warning("hard links impossible under %s (%s); making symlinks", out_root, exc)
+                            logging.getLogger(LOGGER_NAME).warning("hard links impossible under %s (%s); making symlinks", out_root, exc)
                             warned = True
                         os.symlink(src.resolve(), dst)
                     made += 1
