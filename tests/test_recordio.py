@@ -2,6 +2,7 @@
 make_mxnet_fixture.py)."""
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -109,3 +110,16 @@ def test_truncated_and_foreign_files_raise_naming_the_file(tmp_path):
         list(recordio.RecordReader(foreign))
     with pytest.raises(FileNotFoundError, match="missing.idx"):
         recordio.IndexedRecordReader(tmp_path / "missing.idx", FIXTURES / "mxnet_raw.rec")
+
+
+def test_missing_key_names_the_index_file(tmp_path):
+    # Record 0 announces image records 1..4 but the index only lists 1 and 2.
+    with recordio.IndexedRecordWriter(tmp_path / "t.idx", tmp_path / "t.rec") as writer:
+        writer.write_idx(0, recordio.pack(recordio.IRHeader(0, [5.0, 6.0], 0, 0), b""))
+        for key in (1, 2):
+            writer.write_idx(key, recordio.pack(recordio.IRHeader(0, 0.0, key, 0), b"img"))
+    reader = recordio.IndexedRecordReader(tmp_path / "t.idx", tmp_path / "t.rec")
+    assert recordio.image_keys(reader) == [1, 2, 3, 4]
+    for read in (reader.read_header, reader.read_idx):
+        with pytest.raises(KeyError, match=re.escape(f"record key 3 not in {tmp_path / 't.idx'}")):
+            read(3)

@@ -8,9 +8,9 @@ import re
 import pytest
 
 import baseline_data_split
-from utils.cli import run_stage
 from config.config import ETHNICITIES, load_config
 from tests.test_dataset import make_tree
+from utils.cli import run_stage
 from utils.splits import load_split_manifest, make_baseline_split, save_split_manifest
 
 BUPT_SIZES = {"African": 7000, "Asian": 7000, "Caucasian": 7000, "Indian": 6997}

@@ -198,16 +198,18 @@ class IndexedRecordReader(RecordReader):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def read_idx(self, key: int) -> bytes:
+    def _offset(self, key: int) -> int:
         try:
-            offset = self.offsets[key]
+            return self.offsets[key]
         except KeyError:
             raise KeyError(f"record key {key} not in {self.idx_path}") from None
-        return self.read_at(offset)
+
+    def read_idx(self, key: int) -> bytes:
+        return self.read_at(self._offset(key))
 
     def read_header(self, key: int) -> IRHeader:
         """The IRHeader of an image record, reading only its first bytes when possible."""
-        offset = self.offsets[key]
+        offset = self._offset(key)
         handle = self._file()
         handle.seek(offset)
         head = handle.read(8 + _IR_SIZE)
