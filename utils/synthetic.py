@@ -14,7 +14,7 @@ How images are made, and why:
 * Each ethnicity has a base colour and its own basis patterns: mirror-symmetric Gabor-like blobs
   (faces are roughly symmetric, and a horizontal flip, the training augmentation, then keeps both
   the identity and the pattern family) whose stripe orientation lies in that ethnicity's band (0, 30,
-  60 or 90 degrees from vertical, +-8) and whose frequency lies in a low or high band, alternating,
+  60 or 90 degrees from vertical, +-6) and whose frequency lies in a low or high band, alternating,
   so any two ethnicities differ by 60 degrees or in frequency. A few cycles per face keep them
   resolvable down to 32x32. Identity = identity-specific coefficients on its ethnicity's basis, so
   identities of one ethnicity differ only along that ethnicity's directions, and a network that
@@ -55,10 +55,13 @@ PATTERN_AMPLITUDE = 34.0  # grey levels of the identity patterns (RMS of the sum
 WITHIN_ID_JITTER = 0.35  # std of per-image coefficient jitter relative to the identity coefficients
 NOISE_STD = 7.0  # grey levels (std) of per-pixel noise
 ORIENTATION_BANDS = (0.0, 30.0, 60.0, 90.0)  # degrees, per ethnicity in ETHNICITIES order
-ORIENTATION_SPREAD = 8.0  # +- degrees around the band centre
-# Cycles per unit length (the image is 2 units wide), per ethnicity: orientation neighbours get
-# different bands, so every pair of ethnicities differs in orientation by 60 degrees or in frequency.
-FREQUENCY_BANDS = ((0.9, 1.6), (1.9, 2.8), (0.9, 1.6), (1.9, 2.8))
+ORIENTATION_SPREAD = 6.0  # +- degrees around the band centre
+FREQUENCY_RANGE = (0.9, 1.8)  # cycles per unit length (the image is 2 units wide), every ethnicity
+# RGB direction each ethnicity's patterns modulate: tetrahedron vertices, pairwise |cos| = 1/3.
+COLOUR_DIRECTIONS = ((1.0, 1.0, -1.0), (1.0, -1.0, 1.0), (-1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+COLOUR_JITTER = 0.15  # per-pattern deviation from the ethnicity's colour direction
+NUISANCE_BASES = 16  # shared patterns mixed into every image with fresh coefficients
+NUISANCE_LEVEL = 0.6  # std of their coefficients (identity coefficients have std 1)
 _STREAM_BASIS, _STREAM_TRAIN_ID, _STREAM_TEST_ID, _STREAM_PAIRS = 0, 1, 2, 3
 
 
@@ -92,32 +95,40 @@ def _face_template(size: int) -> tuple[np.ndarray, np.ndarray]:
     return mask, shading * mask
 
 
-def _basis(size: int, seed: int, eth_code: int) -> np.ndarray:
-    """The ethnicity's identity patterns [K, S, S, 3], each with unit RMS.
-
-    Each pattern is a Gabor-like blob plus its mirror image, so a horizontal flip (the training
-    augmentation) keeps every identity and keeps the pattern's orientation band: the bands are
-    folded orientations (angle of the stripes from vertical) 0, 30, 60 and 90 degrees.
-    """
-    rng = _rng(seed, eth_code, _STREAM_BASIS)
+def _pattern(rng: np.random.Generator, size: int, theta_deg: float, colour: np.ndarray) -> np.ndarray:
+    """A Gabor-like blob plus its mirror image [S, S, 3] with unit RMS. Mirroring keeps a pattern
+    and its folded orientation (stripe angle from vertical) through a horizontal flip."""
     x, y = _grid(size)
     mask, _ = _face_template(size)
-    centre = ORIENTATION_BANDS[eth_code]
-    out = np.empty((BASES_PER_ETHNICITY, size, size, 3))
-    for k in range(BASES_PER_ETHNICITY):
-        theta = math.radians(centre + rng.uniform(-ORIENTATION_SPREAD, ORIENTATION_SPREAD))
-        freq = rng.uniform(*FREQUENCY_BANDS[eth_code])
-        phase = rng.uniform(0, 2 * math.pi)
-        cx, cy = rng.uniform(0, 0.4), rng.uniform(-0.5, 0.5)
-        sx, sy = rng.uniform(0.25, 0.5, size=2)
-        direction = (math.cos(theta), math.sin(theta))
-        half = [_blob(x, y, side * cx, cy, sx, sy)
-                * np.cos(2 * math.pi * freq * (side * x * direction[0] + y * direction[1]) + phase)
-                for side in (1, -1)]
-        colour = np.array([1.0, 1.0, 1.0]) + rng.normal(0, 0.35, size=3)
-        pattern = ((half[0] + half[1]) * mask)[..., None] * colour
-        out[k] = pattern / np.sqrt(np.mean(pattern ** 2))
-    return out
+    theta = math.radians(theta_deg)
+    freq = rng.uniform(*FREQUENCY_RANGE)
+    phase = rng.uniform(0, 2 * math.pi)
+    cx, cy = rng.uniform(0, 0.4), rng.uniform(-0.5, 0.5)
+    sx, sy = rng.uniform(0.25, 0.5, size=2)
+    half = [_blob(x, y, side * cx, cy, sx, sy)
+            * np.cos(2 * math.pi * freq * (side * x * math.cos(theta) + y * math.sin(theta)) + phase)
+            for side in (1, -1)]
+    pattern = ((half[0] + half[1]) * mask)[..., None] * colour
+    return pattern / np.sqrt(np.mean(pattern ** 2))
+
+
+def _basis(size: int, seed: int, eth_code: int) -> np.ndarray:
+    """The ethnicity's identity patterns [K, S, S, 3]: orientations in its band, colours along its
+    colour direction."""
+    rng = _rng(seed, eth_code, _STREAM_BASIS)
+    centre, direction = ORIENTATION_BANDS[eth_code], np.array(COLOUR_DIRECTIONS[eth_code]) / math.sqrt(3)
+    return np.stack([
+        _pattern(rng, size, centre + rng.uniform(-ORIENTATION_SPREAD, ORIENTATION_SPREAD),
+                 direction + rng.normal(0, COLOUR_JITTER, size=3))
+        for _ in range(BASES_PER_ETHNICITY)])
+
+
+def _nuisance_basis(size: int, seed: int) -> np.ndarray:
+    """Patterns shared by every ethnicity [KN, S, S, 3] (any orientation, any colour), mixed afresh
+    into each image: a network learns to ignore whatever is not its training ethnicity's directions."""
+    rng = _rng(seed, len(ETHNICITIES), _STREAM_BASIS)
+    return np.stack([_pattern(rng, size, rng.uniform(0, 90), rng.normal(0, 1, size=3))
+                     for _ in range(NUISANCE_BASES)])
 
 
 class _Renderer:
@@ -128,8 +139,8 @@ class _Renderer:
         self.eth_code = ETHNICITIES.index(eth)
         mask, shading = _face_template(size)
         scale = PATTERN_AMPLITUDE / math.sqrt(BASES_PER_ETHNICITY)
-        basis = _basis(size, seed, self.eth_code) * mask[None, ..., None] * scale
-        self.basis = basis.reshape(BASES_PER_ETHNICITY, -1).astype(np.float32)
+        basis = np.concatenate([_basis(size, seed, self.eth_code), _nuisance_basis(size, seed)])
+        self.basis = (basis * mask[None, ..., None] * scale).reshape(len(basis), -1).astype(np.float32)
         self.outside = (1 - mask)[..., None].astype(np.float32)
         self.face = (shading[..., None] * np.array(BASE_COLOURS[eth])).astype(np.float32)
         x, y = _grid(size)
@@ -137,8 +148,9 @@ class _Renderer:
 
     def image(self, coeffs: np.ndarray, rng: np.random.Generator) -> bytes:
         size = self.size
-        jittered = (coeffs + rng.normal(0, WITHIN_ID_JITTER, coeffs.shape)).astype(np.float32)
-        img = (jittered @ self.basis).reshape(size, size, 3)
+        mix = np.concatenate([coeffs + rng.normal(0, WITHIN_ID_JITTER, coeffs.shape),
+                              rng.normal(0, NUISANCE_LEVEL, NUISANCE_BASES)]).astype(np.float32)
+        img = (mix @ self.basis).reshape(size, size, 3)
         img += self.face
         img += np.float32(rng.uniform(40, 200)) * self.outside
         # Similarity transform about the centre: shift up to 4% of the side, scale 0.94-1.06, +-6 degrees.
