@@ -11,14 +11,12 @@ Every ``key=value`` goes to every stage. Torchrun options (--nnodes, --node-rank
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from config.config import load_config
 from utils.callbacks import format_duration
-from utils.io import atomic_write_json
 from utils.pipeline import PRESETS, STAGES, build_report, plan_jobs, run_job, select_jobs
 
 
@@ -36,16 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare_synthetic(sizes: dict[str, int], data_dir: Path, seed: int) -> None:
-    """Generate the preset's synthetic data once; a marker written last says it is complete."""
+    """Generate the preset's synthetic data; a complete identical set is reused, another one replaced."""
     from utils.synthetic import generate_synthetic
 
-    marker = data_dir / "synthetic.json"
-    wanted = dict(sizes, seed=seed)
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
-        return
-    print(f"generating synthetic data in {data_dir} ({sizes})", flush=True)
-    generate_synthetic(data_dir, seed=seed, **sizes)
-    atomic_write_json(marker, wanted)
+    generate_synthetic(data_dir, seed=seed, overwrite=True, **sizes)
 
 
 def main(argv: list[str] | None = None) -> int:

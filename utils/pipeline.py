@@ -38,7 +38,7 @@ PRESETS: dict[str, Preset] = {
         description="synthetic data, small networks: the whole paper pipeline on 2 CPU cores",
         synthetic={"ids_per_ethnicity": 50, "images_per_id": 10, "pairs_per_ethnicity": 300, "image_size": 32},
         overrides={"network": "iresnet18", "student_network": "iresnet18", "width": 16, "input_size": 32,
-                   "batch_size": 64, "batch_size_fc": 64, "num_epoch": 6, "milestones": [4],
+                   "batch_size": 64, "batch_size_fc": 64, "lr": 0.8, "num_epoch": 6, "milestones": [4],
                    "num_epoch_fc": 6, "milestones_fc": [4], "num_workers": 0, "log_every": 10,
                    "verify_every": 3},
     ),
