@@ -89,6 +89,16 @@ def _json_data(rows: Sequence[ResultRow]) -> dict[str, Any]:
     }
 
 
+def read_report_rows(path: str | Path) -> list[ResultRow]:
+    """The rows of a ``<stem>.json`` report (without ROC curves, which the JSON does not keep)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return [ResultRow(row["name"], row["accuracies"], row.get("extra", {})) for row in data["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read report rows from {path}: {exc}") from exc
+
+
 def _save_figure(fig: Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")

@@ -7,6 +7,7 @@ interrupted one is rerun with ``resume=True``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -15,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tqdm import tqdm
+
 from config.config import ADAPTORS, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members
+from utils.distill import KD_SCRIPTS
+from utils.io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("split", "teachers", "extract", "adaptors", "students", "report")
-KD_SCRIPTS = {"aKD": "KD_alone.py", "EAFKD": "KD_CEL.py"}
 ADAPTOR_JOBS = {"SL": ("fc_EArc.py", []), "DuL": ("dual_layer_EAF-Fusion.py", ["has_drop_out=False"]),
                 "DLDPO": ("dual_layer_EAF-Fusion.py", ["has_drop_out=True"])}
 
@@ -179,24 +183,52 @@ def display_name(stage: str, cfg: Config) -> str:
     return f"student {kd} {cfg.adaptor} {teachers} ({cfg.student_network})"
 
 
+def _row_order(stage: str, cfg: Config) -> tuple[int, ...]:
+    """Paper order: teachers, adaptor spaces, students; specialized before balanced; SL, DuL, DLDPO; a-KD first."""
+    member = 0
+    if stage == "teacher":
+        member = ETHNICITIES.index(cfg.ethnicity) if cfg.teacher_set == "specialized" else cfg.split
+    return (("teacher", "adaptor", "student").index(stage), TEACHER_SETS.index(cfg.teacher_set), member,
+            ADAPTORS.index(cfg.adaptor) if stage != "teacher" else 0, KD_KINDS.index(cfg.kd) if stage == "student" else 0)
+
+
+def _sources(runs: Sequence[tuple[Path, Config, str]]) -> list[list[Any]]:
+    """What a report was computed from: each run's evaluated weights file with its size and mtime."""
+    from eval.evaluate import WEIGHTS_FILE
+
+    sources = []
+    for run_dir, _, stage in runs:
+        weights = run_dir / WEIGHTS_FILE[stage]
+        stat = weights.stat() if weights.is_file() else None
+        sources.append([str(weights), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+    return sources
+
+
 def build_report(cfg: Config, out_dir: Path | None = None) -> tuple[str, Path]:
-    """Evaluate every run under ``cfg.output_root`` on RFW; write the report; return (text, report dir)."""
+    """Evaluate every run under ``cfg.output_root`` on RFW; write the report; return (text, report dir).
+
+    A report whose runs' weights have not changed since it was written is reused without evaluating again.
+    """
     from eval.evaluate import evaluate_run, find_runs
-    from eval.report import results_table, write_report
+    from eval.report import read_report_rows, results_table, write_report
     from eval.verification import RFWEvaluator
 
     if cfg.rfw_root is None:
         raise ValueError("the report needs rfw_root=<folder with <Ethnicity>_test.bin>")
-    runs = find_runs(cfg.work_root)
-    evaluator = RFWEvaluator(cfg.rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
-    rows = []
-    for run_dir, run_cfg, stage in runs:
-        row = evaluate_run(run_dir, run_cfg, stage, evaluator, name=display_name(stage, run_cfg))
-        row.extra["run_dir"] = str(run_dir)
-        row.extra["teacher_set"] = run_cfg.teacher_set
-        rows.append(row)
     out_dir = out_dir or cfg.work_root / "report"
-    write_report(rows, out_dir, stem="results")
+    runs = sorted(find_runs(cfg.work_root), key=lambda run: _row_order(run[2], run[1]))
+    sources, sources_path = _sources(runs), out_dir / "sources.json"
+    if sources_path.is_file() and json.loads(sources_path.read_text()) == sources:
+        rows = read_report_rows(out_dir / "results.json")
+    else:
+        evaluator = RFWEvaluator(cfg.rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
+        rows = []
+        for run_dir, run_cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
+            row = evaluate_run(run_dir, run_cfg, stage, evaluator, name=display_name(stage, run_cfg))
+            row.extra.update(run_dir=str(run_dir), teacher_set=run_cfg.teacher_set)
+            rows.append(row)
+        write_report(rows, out_dir, stem="results")
+        atomic_write_json(sources_path, sources)
     text = results_table(rows) + "\n\n" + summary_line(rows)
     return text, out_dir
 
