@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from config.config import load_config
+from config.config import format_override, load_config
 from utils.callbacks import format_duration
 from utils.pipeline import PRESETS, STAGES, build_report, plan_jobs, run_job, select_jobs
 
@@ -23,7 +23,8 @@ from utils.pipeline import PRESETS, STAGES, build_report, plan_jobs, run_job, se
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="demo (default without data_root=), tiny (CI test), paper (real data)")
+                        help="default: demo without data_root=, else paper. " + "; ".join(
+                            f"{name}: {preset.description}" for name, preset in PRESETS.items()))
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node for training stages")
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
@@ -45,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     user = load_config(args.overrides)
     preset_name = args.preset or ("paper" if user.data_root else "demo")
     preset = PRESETS[preset_name]
-    base = [f"{key}={value!r}" for key, value in preset.overrides.items()]
+    base = [format_override(key, value) for key, value in preset.overrides.items()]
     if preset.synthetic is not None:
         root = Path(load_config(base + args.overrides).output_root)
         if not any(text.startswith("output_root=") for text in args.overrides):
             root = root / preset_name
         data_dir = root / "data"
         prepare_synthetic(preset.synthetic, data_dir, user.seed)
-        base += [f"output_root={str(root)!r}", f"data_root={str(data_dir / 'train')!r}",
-                 f"rfw_root={str(data_dir / 'rfw')!r}"]
+        base += [format_override("output_root", str(root)), format_override("data_root", str(data_dir / "train")),
+                 format_override("rfw_root", str(data_dir / "rfw"))]
     elif user.data_root is None:
         raise SystemExit(f"--preset {preset_name} needs data_root=... (and rfw_root=... for verification)")
     base += args.overrides

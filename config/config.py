@@ -198,6 +198,12 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` text that parses back to ``value``: bare words where they round-trip, literals otherwise."""
+    text = str(value)
+    return f"{key}={text}" if isinstance(value, str) and _parse_value(text) == value else f"{key}={value!r}"
+
+
 def _validate(cfg: Config) -> None:
     checks = [
         ("teacher_set", cfg.teacher_set, TEACHER_SETS),

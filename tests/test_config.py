@@ -68,3 +68,11 @@ def test_import_has_no_side_effects(tmp_path):
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert importlib.reload(importlib.import_module("config.config")).Config().data_root is None
+
+
+@pytest.mark.parametrize("key, value", [("network", "iresnet18"), ("rfw_root", "None"), ("milestones", [1, 2]),
+                                        ("lr", 0.8), ("data_root", "/data/a b"), ("seed", 3)])
+def test_format_override_round_trips(key, value):
+    from config.config import format_override
+
+    assert getattr(load_config([format_override(key, value)]), key) == value
