@@ -17,3 +17,14 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     generate_synthetic(out, ids_per_ethnicity=6, images_per_id=4, pairs_per_ethnicity=20, image_size=32, seed=0)
     return out
 
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny networks: OpenMP threads only add overhead (a lot of it on a loaded 2-core CI box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,13 +29,7 @@ dual = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dual)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: OpenMP threads only add overhead (a lot of it on a loaded 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

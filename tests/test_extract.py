@@ -18,13 +18,7 @@ from utils.dataset import FaceDataset, ImageIndex
 from utils.embedding_store import INDEX_NAME, member_files, read_manifest, teacher_store_complete
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: OpenMP threads only add overhead (a lot of it on a loaded 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_fake_teacher(cfg, member: str, seed: int, complete: bool = True) -> Path:
