@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,15 +262,22 @@ def parse_cli(argv: Sequence[str] | None = None, **stage_defaults: Any) -> Confi
     """Config from ``sys.argv``-style ``key=value`` words; ``stage_defaults`` apply before the user's."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: key=value ...  (keys and defaults: config/config.py)")
+        print("usage: key=value ...  (defaults from config/config.py)")
+        comments = _field_comments()
         for name, f in _FIELDS.items():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            print(f"  {name}={default!r}")
+            print(f"  {format_override(name, default):<32} {comments.get(name, '')}")
         raise SystemExit(0)
     merged: dict[str, Any] = dict(stage_defaults)
     for key, value in (_split(arg) for arg in argv):
         merged[key] = value
     return load_config(merged)
+
+
+def _field_comments() -> dict[str, str]:
+    """The one-line comment of every field, read from this file (so --help and the source never disagree)."""
+    source = Path(__file__).read_text()
+    return dict(re.findall(r"^    (\w+): [^\n=]+= .*?  # (.*)$", source, flags=re.M))
 
 
 def _split(arg: str) -> tuple[str, Any]:

@@ -76,3 +76,13 @@ def test_format_override_round_trips(key, value):
     from config.config import format_override
 
     assert getattr(load_config([format_override(key, value)]), key) == value
+
+
+def test_help_lists_every_key_with_its_comment(capsys):
+    from config.config import Config
+
+    with pytest.raises(SystemExit):
+        parse_cli(["--help"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == len(Config.__dataclass_fields__)
+    assert all(len(line.split(None, 1)) == 2 for line in lines), "a key is missing its one-line comment"
