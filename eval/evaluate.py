@@ -143,14 +143,15 @@ def _teacher_dirs(run_dir: Path, cfg: Config) -> list[Path]:
     return [root / cfg.teacher_dir(m).relative_to(cfg.work_root) for m in teacher_members(cfg.teacher_set)]
 
 
-def _load_teacher(teacher_dir: Path, input_size: int, adaptor_run: Path) -> nn.Module:
-    if not (teacher_dir / "config.json").is_file():
-        raise FileNotFoundError(f"adaptor run {adaptor_run} needs its teacher run {teacher_dir} "
-                                f"(config.json missing)")
-    cfg, _ = read_run_config(teacher_dir)
-    if cfg.input_size != input_size:
-        raise ValueError(f"teacher run {teacher_dir} has input_size {cfg.input_size}, adaptor run {adaptor_run} "
-                         f"has {input_size}")
+def _load_teacher(teacher_dir: Path, adaptor_cfg: Config, adaptor_run: Path) -> nn.Module:
+    """A teacher of an adaptor run, built from its own config.json, or from the adaptor's config when the
+    folder only holds weights put there by hand (the authors' released teachers)."""
+    cfg = adaptor_cfg
+    if (teacher_dir / "config.json").is_file():
+        cfg, _ = read_run_config(teacher_dir)
+        if cfg.input_size != adaptor_cfg.input_size:
+            raise ValueError(f"teacher run {teacher_dir} has input_size {cfg.input_size}, adaptor run "
+                             f"{adaptor_run} has {adaptor_cfg.input_size}")
     model = build_backbone(cfg)
     return load_weights(model, _weights(teacher_dir, "teacher", "teacher"), what="teacher weights")
 
@@ -178,7 +179,7 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator
     weights = _weights(run_dir, stage, stage)
     extra: dict[str, Any] = {"stage": stage, "weights": str(weights)}
     if stage == "adaptor":
-        teachers = [_load_teacher(d, cfg.input_size, run_dir) for d in _teacher_dirs(run_dir, cfg)]
+        teachers = [_load_teacher(d, cfg, run_dir) for d in _teacher_dirs(run_dir, cfg)]
         adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights")
         extra.update(network=cfg.network, adaptor=cfg.adaptor)
         return _evaluate(name, multi_teacher_embed_fn(teachers, adaptor), [*teachers, adaptor], evaluator,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,20 @@ def test_tiny_pipeline_end_to_end_then_skips_everything(tmp_path):
     # Nothing changed, so the report is reused, not recomputed, and prints the same table.
     assert (report / "results.json").stat().st_mtime_ns == report_mtime
     assert first.stdout[first.stdout.index("Model"):first.stdout.index("Summary")] in again.stdout
+
+
+def test_pipeline_from_released_teacher_weights(tmp_path):
+    """Teacher folders holding only weights (as the authors released them) feed extraction, adaptors, students."""
+    trained = tmp_path / "trained"
+    _pipeline(trained, "--only", "split", "teachers")
+    released = tmp_path / "released"
+    for run in TEACHER_RUNS:
+        (released / run).mkdir(parents=True)
+        shutil.copy(trained / run / "best_backbone.pth", released / run / "best_backbone.pth")
+    result = _pipeline(released, "--from", "extract")
+    rows = json.loads((released / "report" / "results.json").read_text())["rows"]
+    assert len(rows) == 6 + 12  # adaptor spaces (over the released teachers) and students; no teacher runs
+    assert "Summary (mean over 6 students per teacher set" in result.stdout
 
 
 def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
