@@ -25,6 +25,13 @@ TEACHER_SETS = ("specialized", "baseline")
 ADAPTORS = ("SL", "DuL", "DLDPO")
 KD_KINDS = ("aKD", "EAFKD")
 AMP_MODES = ("none", "bf16", "fp16")
+# The stage script (and its fixed overrides) that produces each adaptor and each kind of student.
+ADAPTOR_SCRIPTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "SL": ("fc_EArc.py", ()),
+    "DuL": ("dual_layer_EAF-Fusion.py", ("has_drop_out=False",)),
+    "DLDPO": ("dual_layer_EAF-Fusion.py", ("has_drop_out=True",)),
+}
+KD_SCRIPTS = {"aKD": "KD_alone.py", "EAFKD": "KD_CEL.py"}
 
 # Default margin-head hyperparameters per loss (s, m, std); `s`, `m`, `std` keys override them.
 MARGIN_DEFAULTS: dict[str, dict[str, float]] = {

@@ -23,16 +23,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from backbones import build_backbone
-from config.config import Config
+from config.config import ADAPTOR_SCRIPTS, KD_SCRIPTS, Config
 from utils.dataset import FaceDataset, build_training_dataset
 from utils.distributed import DistInfo
 from utils.embedding_store import open_targets
 from utils.engine import (
     Batch, LossFn, TrainingResult, TrainingTask, backbone_evaluator, make_header, seed_everything, train)
 
-KD_SCRIPTS = {"aKD": "KD_alone.py", "EAFKD": "KD_CEL.py"}
-ADAPTOR_SCRIPTS = {"SL": "fc_EArc.py", "DuL": "dual_layer_EAF-Fusion.py has_drop_out=False",
-                   "DLDPO": "dual_layer_EAF-Fusion.py has_drop_out=True"}
 
 
 class KDTargetDataset(Dataset):
@@ -139,9 +136,10 @@ def build_kd_dataset(cfg: Config) -> tuple[KDTargetDataset, int]:
     try:
         dataset = KDTargetDataset(base, cfg.adaptor_dir, base.index.digest(), flip_consistent=cfg.kd_flip_consistent)
     except FileNotFoundError as exc:
+        script, flags = ADAPTOR_SCRIPTS[cfg.adaptor]
         raise FileNotFoundError(
             f"{exc}. These targets (adaptor={cfg.adaptor} over the {cfg.teacher_set} {cfg.network} teachers) "
-            f"come from: python {ADAPTOR_SCRIPTS[cfg.adaptor]} teacher_set={cfg.teacher_set} "
+            f"come from: python {' '.join((script, *flags))} teacher_set={cfg.teacher_set} "
             f"network={cfg.network}") from exc
     if dataset.target_dim != cfg.embedding_size:
         raise ValueError(

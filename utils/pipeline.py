@@ -18,14 +18,12 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from config.config import ADAPTORS, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members
-from utils.distill import KD_SCRIPTS
+from config.config import (
+    ADAPTOR_SCRIPTS, ADAPTORS, ETHNICITIES, KD_KINDS, KD_SCRIPTS, TEACHER_SETS, Config, load_config, teacher_members)
 from utils.io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("split", "teachers", "extract", "adaptors", "students", "report")
-ADAPTOR_JOBS = {"SL": ("fc_EArc.py", []), "DuL": ("dual_layer_EAF-Fusion.py", ["has_drop_out=False"]),
-                "DLDPO": ("dual_layer_EAF-Fusion.py", ["has_drop_out=True"])}
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,7 @@ def plan_jobs(base: Sequence[str]) -> list[Job]:
         jobs.append(Job("extract", "extract_all.py", extra, lambda c=_cfg(base, extra): _stores_complete(c)))
     for teacher_set in TEACHER_SETS:
         for adaptor in ADAPTORS:
-            script, flags = ADAPTOR_JOBS[adaptor]
+            script, flags = ADAPTOR_SCRIPTS[adaptor]
             extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", *flags, "resume=True"]
             jobs.append(Job("adaptors", script, extra, lambda c=_cfg(base, extra): _adaptor_done(c)))
     for teacher_set in TEACHER_SETS:
