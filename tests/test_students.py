@@ -21,7 +21,7 @@ from utils.cli import run_stage
 from utils.distill import akd_loss, build_kd_dataset, build_student_task, eafkd_loss, kd_term
 from utils.distributed import init_distributed
 from utils.embedding_store import target_files
-from utils.engine import Batch, train
+from utils.engine import Batch, seed_everything, train
 
 # Students learn faster than the teachers' default lr allows in a dozen steps.
 STUDENT = {"lr": 1.0, "batch_size": 16}
@@ -103,6 +103,7 @@ class GarbageLabels(Dataset):
 def test_akd_never_uses_identity_labels(chain, akd_run, tmp_path):
     cfg = load_config(fresh_work(chain, tmp_path / "work", stop_after_epoch=1))
     info = init_distributed()
+    seed_everything(cfg.seed)  # what utils.cli.run_stage does before every stage
     task = build_student_task(cfg, info)
     result = train(cfg, dataclasses.replace(task, dataset=GarbageLabels(task.dataset)), info)
     step = result.history[0]["global_step"]

@@ -28,7 +28,7 @@ from utils.dataset import FaceDataset, build_training_dataset
 from utils.distributed import DistInfo
 from utils.embedding_store import open_targets
 from utils.engine import (
-    Batch, LossFn, TrainingResult, TrainingTask, backbone_evaluator, make_header, seed_everything, train)
+    Batch, LossFn, TrainingResult, TrainingTask, backbone_evaluator, make_header, train)
 
 
 
@@ -152,8 +152,6 @@ def build_student_task(cfg: Config, info: DistInfo) -> TrainingTask:
     """The student run of ``cfg``: a-KD or EAF-KD (``cfg.kd``) from ``cfg.adaptor``'s targets."""
     dataset, num_classes = build_kd_dataset(cfg)
     evaluate = backbone_evaluator(cfg, info.device)
-    # The initial weights follow cfg.seed, not whatever ran earlier in this process.
-    seed_everything(cfg.seed)
     model = build_backbone(cfg, student=True)
     header = make_header(cfg, num_classes) if cfg.kd == "EAFKD" else None
     return TrainingTask(
