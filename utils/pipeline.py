@@ -6,6 +6,7 @@ interrupted one is rerun with ``resume=True``.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -73,20 +74,17 @@ def _cfg(base: Sequence[str], extra: Sequence[str]) -> Config:
     return load_config(list(base) + list(extra))
 
 
-def _stores_complete(cfg: Config) -> bool:
-    from utils.dataset import load_index
+def _stores_complete(cfg: Config, index_hash: str) -> bool:
     from utils.embedding_store import teacher_store_complete
 
-    index_hash = load_index(cfg).digest()
     return all(teacher_store_complete(cfg, member, index_hash) for member in teacher_members(cfg.teacher_set))
 
 
-def _adaptor_done(cfg: Config) -> bool:
-    from utils.dataset import load_index
+def _adaptor_done(cfg: Config, index_hash: str) -> bool:
     from utils.embedding_store import targets_complete
     from utils.engine import is_run_complete
 
-    return is_run_complete(cfg.adaptor_dir) and targets_complete(cfg.adaptor_dir, load_index(cfg).digest())
+    return is_run_complete(cfg.adaptor_dir) and targets_complete(cfg.adaptor_dir, index_hash)
 
 
 def plan_jobs(base: Sequence[str]) -> list[Job]:
@@ -95,6 +93,15 @@ def plan_jobs(base: Sequence[str]) -> list[Job]:
 
     jobs: list[Job] = []
     cfg = _cfg(base, [])
+
+    @functools.cache
+    def index_hash() -> str:
+        """Every job shares the data, so the (possibly 1.25 M-line) index is read once per pipeline run, and
+        only when a check needs it (the data set may not exist before the first job)."""
+        from utils.dataset import load_index
+
+        return load_index(cfg).digest()
+
     jobs.append(Job("split", "baseline_data_split.py", [], lambda: cfg.split_manifest.is_file(), distributed=False))
     for ethnicity in ETHNICITIES:
         extra = ["teacher_set=specialized", f"ethnicity={ethnicity}", "resume=True"]
@@ -106,12 +113,12 @@ def plan_jobs(base: Sequence[str]) -> list[Job]:
         jobs.append(Job("teachers", "train.py", extra, lambda d=run_dir: is_run_complete(d)))
     for teacher_set in TEACHER_SETS:
         extra = [f"teacher_set={teacher_set}", "ethnicity=all"]
-        jobs.append(Job("extract", "extract_all.py", extra, lambda c=_cfg(base, extra): _stores_complete(c)))
+        jobs.append(Job("extract", "extract_all.py", extra, lambda c=_cfg(base, extra): _stores_complete(c, index_hash())))
     for teacher_set in TEACHER_SETS:
         for adaptor in ADAPTORS:
             script, flags = ADAPTOR_SCRIPTS[adaptor]
             extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", *flags, "resume=True"]
-            jobs.append(Job("adaptors", script, extra, lambda c=_cfg(base, extra): _adaptor_done(c)))
+            jobs.append(Job("adaptors", script, extra, lambda c=_cfg(base, extra): _adaptor_done(c, index_hash())))
     for teacher_set in TEACHER_SETS:
         for adaptor in ADAPTORS:
             for kd in KD_KINDS:
