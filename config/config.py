@@ -49,10 +49,13 @@ MARGIN_DEFAULTS: dict[str, dict[str, float]] = {
 class Config:
     # ---- data -------------------------------------------------------------------------------------------
     data_root: str | None = None  # BUPT-BalancedFace root (ROOT/<Ethnicity>/<identity>/<img>) or a folder with train.rec/train.idx
-    rfw_root: str | None = None  # folder with <Ethnicity>_test.bin (or RFW pair lists); None = no verification
+    rfw_root: str | None = None  # RFW: folder of <Ethnicity>_test.bin, or the distributed archive root or its test/ (aligned from <Race>_lmk.txt); None = no verification
+    val_targets: list[str] = field(default_factory=list)  # extra insightface .bin benchmarks (lfw, cfp_fp, agedb_30, ...) verified with RFW
+    val_root: str | None = None  # folder holding <name>.bin of every val_targets name
     output_root: str = "work_dirs"  # every run, store and report lives under this folder
     ids_per_ethnicity: int | None = None  # use a seeded random subset of k identities per ethnicity (None = all)
-    input_size: int = 112  # square input side in pixels; images of another size are resized
+    input_size: int = 112  # square input side in pixels of the aligned crops
+    allow_resize: bool = False  # resize images that are not input_size squares (default: refuse them as unaligned)
     num_workers: int = 4  # data-loader worker processes per rank
     # ---- what to train ----------------------------------------------------------------------------------
     ethnicity: str = "African"  # specialized teacher / extraction target: African|Asian|Caucasian|Indian|all
@@ -224,6 +227,9 @@ def _validate(cfg: Config) -> None:
     for key, value, allowed in checks:
         if value not in allowed:
             raise ValueError(f"config key {key}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.val_targets and (cfg.val_root is None or cfg.rfw_root is None):
+        raise ValueError(f"config key val_targets={cfg.val_targets} needs val_root=<folder with <name>.bin> and "
+                         "rfw_root (benchmarks are verified next to RFW, which picks the best epoch)")
     if not 0 <= cfg.split < NUM_BASELINE_SPLITS:
         raise ValueError(f"config key split={cfg.split} must be in 0..{NUM_BASELINE_SPLITS - 1}")
     for key in ("milestones", "milestones_fc"):

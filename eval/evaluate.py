@@ -3,13 +3,18 @@
 Three modes (exactly one):
 
   one backbone       --backbone W.pth --network iresnet34
-  multi-teacher      --teachers ASIAN.pth AFRICAN.pth CAUCASIAN.pth INDIAN.pth --teacher-network iresnet34
-                     --adaptor A.pth --adaptor-type SL|DuL|DLDPO
+  multi-teacher      --teacher Asian=A.pth --teacher African=B.pth --teacher Caucasian=C.pth
+                     --teacher Indian=D.pth --teacher-network iresnet34 --adaptor A.pth --adaptor-type SL|DuL|DLDPO
+                     (balanced baseline teachers: --teacher split0=... split1=... split2=... split3=...;
+                     teachers are named, in any order: the code applies the concatenation order)
   a work directory   --work-dir work_dirs   (every run with a config.json: teachers and students are
                      evaluated from best_backbone.pth; adaptors from best_adaptor.pth over their four
                      teachers' best_backbone.pth)
 
 Released checkpoints (plain state_dicts with the authors' parameter names) load as they are.
+--rfw-root: a folder of <Ethnicity>_test.bin, or the RFW archive root (or its test/ folder), whose images are
+aligned from the <Race>_lmk.txt landmarks. --val-targets lfw cfp_fp agedb_30 ... with --val-root DIR adds
+insightface .bin benchmarks as extra columns.
 Example: python -m eval.evaluate --backbone student.pth --network iresnet34 --rfw-root data/rfw
 """
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
-from config.config import CONCAT_ORDER, Config, load_config, teacher_members
+from config.config import CONCAT_ORDER, ETHNICITIES, TEACHER_SETS, Config, load_config, teacher_members
 from eval.report import ResultRow, results_table, write_report
 from eval.verification import EmbedFn, RFWEvaluator, VerificationResult, backbone_embed_fn, multi_teacher_embed_fn
 
@@ -43,9 +48,10 @@ def result_row(name: str, results: Mapping[str, VerificationResult],
         details.update({f"{eth}/{key}": value for key, value in result.summary().items() if key != "accuracy"})
     return ResultRow(
         name=name,
-        accuracies={eth: 100.0 * result.accuracy for eth, result in results.items()},
+        accuracies={eth: 100.0 * result.accuracy for eth, result in results.items() if eth in ETHNICITIES},
         extra=details,
-        curves={eth: (result.fpr, result.tpr) for eth, result in results.items()},
+        curves={eth: (result.fpr, result.tpr) for eth, result in results.items() if eth in ETHNICITIES},
+        benchmarks={key: 100.0 * result.accuracy for key, result in results.items() if key not in ETHNICITIES},
     )
 
 
@@ -76,8 +82,30 @@ def evaluate_backbone(
     return _evaluate(name or str(weights), backbone_embed_fn(model), [model], evaluator, device, extra)
 
 
+def ordered_teachers(named: Mapping[str, str | Path]) -> tuple[str, list[tuple[str, Path]]]:
+    """The teacher set named by ``{member: weights}`` and its members in concatenation order.
+
+    Specialized teachers are named by ethnicity, balanced baseline teachers ``split0``..``split3``; all four
+    of one set must be given, nothing else. The order comes from ``config.teacher_members``, never from
+    the order the names were given in.
+    """
+    for teacher_set in TEACHER_SETS:
+        members = teacher_members(teacher_set)
+        if set(named) & set(members):
+            unknown = sorted(set(named) - set(members))
+            missing = [m for m in members if m not in named]
+            if unknown or missing:
+                problems = ([f"unknown {', '.join(unknown)}"] if unknown else []) + \
+                           ([f"missing {', '.join(missing)}"] if missing else [])
+                raise ValueError(f"{teacher_set} teachers must be named {', '.join(members)}: {'; '.join(problems)}")
+            return teacher_set, [(m, Path(named[m])) for m in members]
+    sets = "; ".join(f"{s}: {', '.join(teacher_members(s))}" for s in TEACHER_SETS)
+    raise ValueError(f"unknown teacher names {', '.join(sorted(named)) or '(none)'}: expected the four of one set "
+                     f"({sets})")
+
+
 def evaluate_multi_teacher(
-    teacher_weights: Sequence[str | Path],
+    teacher_weights: Mapping[str, str | Path],
     adaptor_weights: str | Path,
     adaptor_type: str,
     evaluator: RFWEvaluator,
@@ -89,21 +117,19 @@ def evaluate_multi_teacher(
     device: str | torch.device | None = None,
     name: str | None = None,
 ) -> ResultRow:
-    """The multi-teacher space: four teachers in CONCAT_ORDER (Asian, African, Caucasian, Indian) + adaptor."""
-    if len(teacher_weights) != len(CONCAT_ORDER):
-        listed = ", ".join(map(str, teacher_weights))
-        raise ValueError(f"expected {len(CONCAT_ORDER)} teacher checkpoints in the order "
-                         f"{', '.join(CONCAT_ORDER)}, got {len(teacher_weights)}: {listed}")
+    """The multi-teacher space: four named teachers (``{member: weights}``, see :func:`ordered_teachers`),
+    concatenated in the set's order, and the adaptor."""
+    teacher_set, ordered = ordered_teachers(teacher_weights)
     device = torch.device(device) if device is not None else default_device()
     teachers = []
-    for member, path in zip(CONCAT_ORDER, teacher_weights):
+    for member, path in ordered:
         model = get_backbone(teacher_network, input_size=evaluator.input_size, embedding_size=embedding_size,
                              use_se=use_se, width=width)
         teachers.append(load_weights(model, path, what=f"{member} teacher ({teacher_network}) weights"))
     adaptor = get_adaptor(adaptor_type, in_features=len(teachers) * embedding_size, embedding_size=embedding_size)
     load_weights(adaptor, adaptor_weights, what=f"{adaptor_type} adaptor weights")
     extra = {"network": teacher_network, "adaptor": adaptor_type, "weights": str(adaptor_weights),
-             "teachers": " ".join(map(str, teacher_weights))}
+             "teacher_set": teacher_set, "teachers": " ".join(f"{m}={p}" for m, p in ordered)}
     return _evaluate(name or f"{adaptor_type} multi-teacher space", multi_teacher_embed_fn(teachers, adaptor),
                      [*teachers, adaptor], evaluator, device, extra)
 
@@ -197,11 +223,13 @@ def evaluate_work_dir(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     skip_incomplete: bool = False,
+    evaluator_options: Mapping[str, Any] | None = None,
 ) -> list[ResultRow]:
     """Evaluate every run under ``work_dir`` (found by config.json); rows named by their relative path.
 
     Each run is rebuilt from its own config (network, width, input size, embedding size). With
     ``skip_incomplete`` a run without its best weights is reported and skipped instead of failing.
+    ``evaluator_options`` go to every :class:`RFWEvaluator` (allow_resize, val_root, val_targets).
     """
     work_dir = Path(work_dir)
     runs = find_runs(work_dir)
@@ -211,7 +239,8 @@ def evaluate_work_dir(
     rows = []
     for run_dir, cfg, stage in runs:
         if cfg.input_size not in evaluators:
-            evaluators[cfg.input_size] = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size)
+            evaluators[cfg.input_size] = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size,
+                                                      **(evaluator_options or {}))
         name = run_dir.relative_to(work_dir).as_posix()
         try:
             rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device))
@@ -237,18 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--backbone", type=Path, metavar="PATH", help="one backbone weights file")
-    mode.add_argument("--teachers", type=Path, nargs="+", metavar="PATH",
-                      help=f"exactly four teacher weights files in concatenation order: {', '.join(CONCAT_ORDER)} "
-                           "(baseline teachers: split0..split3); needs --adaptor and --adaptor-type")
+    mode.add_argument("--teacher", action="append", metavar="NAME=PATH",
+                      help=f"a named teacher weights file, given four times: {', '.join(CONCAT_ORDER)} (or the "
+                           "baseline split0..split3), in any order; needs --adaptor and --adaptor-type")
     mode.add_argument("--work-dir", type=Path, metavar="DIR",
                       help="evaluate every run under DIR, each rebuilt from its own config.json "
                            "(--network/--input-size/--embedding-size/--width are then not used)")
     parser.add_argument("--network", default="iresnet34", choices=BACKBONES, help="network of --backbone")
-    parser.add_argument("--teacher-network", default="iresnet34", choices=BACKBONES, help="network of --teachers")
-    parser.add_argument("--adaptor", type=Path, metavar="PATH", help="adaptor weights file (with --teachers)")
-    parser.add_argument("--adaptor-type", choices=ADAPTORS, help="adaptor architecture (with --teachers)")
+    parser.add_argument("--teacher-network", default="iresnet34", choices=BACKBONES, help="network of --teacher")
+    parser.add_argument("--adaptor", type=Path, metavar="PATH", help="adaptor weights file (with --teacher)")
+    parser.add_argument("--adaptor-type", choices=ADAPTORS, help="adaptor architecture (with --teacher)")
     parser.add_argument("--rfw-root", type=Path, required=True, metavar="DIR",
-                        help="folder with African_test.bin, Asian_test.bin, Caucasian_test.bin, Indian_test.bin")
+                        help="folder with <Ethnicity>_test.bin files, or the RFW archive root (or its test/)")
+    parser.add_argument("--val-targets", nargs="+", default=[], metavar="NAME",
+                        help="insightface .bin benchmarks to add as columns (lfw cfp_fp agedb_30 calfw cplfw ...)")
+    parser.add_argument("--val-root", type=Path, metavar="DIR", help="folder holding <NAME>.bin of --val-targets")
+    parser.add_argument("--allow-resize", action="store_true",
+                        help="resize images that are not --input-size squares instead of refusing them as unaligned")
     parser.add_argument("--input-size", type=int, default=112, help="image side fed to the network")
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--width", type=int, default=64, help="backbone base width (64 = paper networks)")
@@ -257,41 +291,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="report folder (default: <work-dir>/reports, else ./eval_results)")
-    parser.add_argument("--name", help="row name of the evaluated model (--backbone / --teachers)")
+    parser.add_argument("--name", help="row name of the evaluated model (--backbone / --teacher)")
     parser.add_argument("--skip-incomplete", action="store_true",
                         help="--work-dir: skip runs without best weights instead of failing")
     return parser
 
 
+def parse_named_teachers(values: Sequence[str]) -> dict[str, Path]:
+    """``NAME=PATH`` words -> ``{name: path}``; a malformed or repeated name is an error."""
+    named: dict[str, Path] = {}
+    for value in values:
+        member, sep, path = value.partition("=")
+        if not sep or not member or not path:
+            raise ValueError(f"--teacher {value!r} is not of the form NAME=PATH (e.g. Asian=teachers/asian.pth)")
+        if member in named:
+            raise ValueError(f"--teacher {member} is given twice ({named[member]} and {path})")
+        named[member] = Path(path)
+    return named
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.teachers is not None:
-        if len(args.teachers) != len(CONCAT_ORDER):
-            parser.error(f"--teachers needs exactly {len(CONCAT_ORDER)} weights files in the order "
-                         f"{', '.join(CONCAT_ORDER)}; got {len(args.teachers)}: {' '.join(map(str, args.teachers))}")
+    if args.teacher is not None:
+        try:
+            args.teacher = parse_named_teachers(args.teacher)
+            ordered_teachers(args.teacher)
+        except ValueError as exc:
+            parser.error(str(exc))
         if args.adaptor is None or args.adaptor_type is None:
-            parser.error("--teachers needs --adaptor PATH and --adaptor-type SL|DuL|DLDPO")
+            parser.error("--teacher needs --adaptor PATH and --adaptor-type SL|DuL|DLDPO")
     elif args.adaptor is not None or args.adaptor_type is not None:
-        parser.error("--adaptor/--adaptor-type only apply with --teachers")
+        parser.error("--adaptor/--adaptor-type only apply with --teacher")
     if args.work_dir is not None and args.name is not None:
-        parser.error("--name applies to --backbone/--teachers; --work-dir names rows by run folder")
+        parser.error("--name applies to --backbone/--teacher; --work-dir names rows by run folder")
+    if args.val_targets and args.val_root is None:
+        parser.error("--val-targets needs --val-root DIR (the folder holding <NAME>.bin)")
 
 
 def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    options = dict(allow_resize=args.allow_resize, val_root=args.val_root, val_targets=args.val_targets)
     try:
         if args.work_dir is not None:
             rows = evaluate_work_dir(args.work_dir, args.rfw_root, batch_size=args.batch_size, device=args.device,
-                                     skip_incomplete=args.skip_incomplete)
+                                     skip_incomplete=args.skip_incomplete, evaluator_options=options)
         else:
-            evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size)
+            evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size, **options)
             common = dict(embedding_size=args.embedding_size, width=args.width, use_se=args.use_se,
                           device=args.device, name=args.name)
             if args.backbone is not None:
                 rows = [evaluate_backbone(args.backbone, args.network, evaluator, **common)]
             else:
-                rows = [evaluate_multi_teacher(args.teachers, args.adaptor, args.adaptor_type, evaluator,
+                rows = [evaluate_multi_teacher(args.teacher, args.adaptor, args.adaptor_type, evaluator,
                                                teacher_network=args.teacher_network, **common)]
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -29,6 +29,7 @@ class ResultRow:
     accuracies: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    benchmarks: dict[str, float] = field(default_factory=dict)  # accuracy in % of each val_targets .bin
 
     def metrics(self) -> dict[str, float]:
         return fairness_metrics(self.accuracies)
@@ -44,10 +45,21 @@ def _format_ser(value: float) -> str:
     return "nan" if math.isnan(value) else "inf" if math.isinf(value) else f"{value:.3f}"
 
 
+def benchmark_names(rows: Sequence[ResultRow]) -> list[str]:
+    """The val_targets benchmarks of any row, in first-seen order: the extra columns after SER."""
+    return list(dict.fromkeys(name for row in rows for name in row.benchmarks))
+
+
+def _benchmark_cells(row: ResultRow, names: Sequence[str]) -> list[str]:
+    return [f"{row.benchmarks[name]:.2f}" if name in row.benchmarks else "-" for name in names]
+
+
 def results_table(rows: Sequence[ResultRow]) -> str:
-    """Aligned plain-text table: one row per model; accuracies, Avg and STD in %, SER as a ratio."""
-    header = ["Model", *COLUMNS]
-    body = [[row.name, *row.cells()] for row in rows]
+    """Aligned plain-text table: one row per model; accuracies, Avg and STD in %, SER as a ratio, then the
+    accuracy (%) of every val_targets benchmark."""
+    names = benchmark_names(rows)
+    header = ["Model", *COLUMNS, *names]
+    body = [[row.name, *row.cells(), *_benchmark_cells(row, names)] for row in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(line: list[str]) -> str:
@@ -58,32 +70,66 @@ def results_table(rows: Sequence[ResultRow]) -> str:
 
 
 def _markdown_table(rows: Sequence[ResultRow]) -> str:
-    lines = ["| Model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
-    lines += [f"| {row.name} | " + " | ".join(row.cells()) + " |" for row in rows]
+    names = benchmark_names(rows)
+    columns = [*COLUMNS, *names]
+    lines = ["| Model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {row.name} | " + " | ".join(row.cells() + _benchmark_cells(row, names)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+NOT_MEASURABLE = "n/m"
+
+
+def _tar_keys(rows: Sequence[ResultRow]) -> list[str]:
+    """``tar@far=...`` keys of the RFW ethnicities present in the rows' extras."""
+    return sorted({key.split("/", 1)[1] for row in rows for key in row.extra
+                   if "/tar@far=" in key and key.split("/", 1)[0] in ETHNICITIES},
+                  key=lambda key: -float(key.split("=", 1)[1]))
+
+
+def _tar_table(rows: Sequence[ResultRow]) -> str:
+    """TAR (%) at each FAR per ethnicity; a FAR below 1 / (number of impostor pairs) is not measurable."""
+    keys = _tar_keys(rows)
+    if not keys:
+        return ""
+    columns = [f"{eth} {key.upper()}" for key in keys for eth in ETHNICITIES]
+    lines = ["| Model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key in keys:
+            for eth in ETHNICITIES:
+                value = row.extra.get(f"{eth}/{key}", "")
+                cells.append(NOT_MEASURABLE if value is None else "-" if value == "" else f"{100 * value:.2f}")
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return ("\n\nTAR (%) at fixed FAR. n/m: not measurable, the FAR is below 1 / (number of impostor pairs), "
+            "so it could only count zero false accepts.\n\n" + "\n".join(lines))
 
 
 def _csv_text(rows: Sequence[ResultRow]) -> str:
     extra_keys = sorted({key for row in rows for key in row.extra})
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["model", *ETHNICITIES, "avg", "std", "ser", *extra_keys])
+    names = benchmark_names(rows)
+    writer.writerow(["model", *ETHNICITIES, "avg", "std", "ser", *names, *extra_keys])
     for row in rows:
         summary = row.metrics()
         writer.writerow([
             row.name,
             *(row.accuracies.get(eth, "") for eth in ETHNICITIES),
             summary["avg"], summary["std"], summary["ser"],
-            *(row.extra.get(key, "") for key in extra_keys),
+            *(row.benchmarks.get(name, "") for name in names),
+            *("not measurable" if row.extra.get(key, "") is None else row.extra.get(key, "") for key in extra_keys),
         ])
     return buffer.getvalue()
 
 
 def _json_data(rows: Sequence[ResultRow]) -> dict[str, Any]:
     return {
-        "units": "accuracies, avg and std in %; ser = (100 - min acc) / (100 - max acc)",
+        "units": "accuracies, avg, std and benchmarks in %; ser = (100 - min acc) / (100 - max acc); "
+                 "tar@far = null where the FAR is below 1 / (number of impostor pairs) (not measurable)",
         "rows": [
-            {"name": row.name, "accuracies": row.accuracies, **row.metrics(), "extra": row.extra}
+            {"name": row.name, "accuracies": row.accuracies, **row.metrics(), "benchmarks": row.benchmarks,
+             "extra": row.extra}
             for row in rows
         ],
     }
@@ -94,7 +140,8 @@ def read_report_rows(path: str | Path) -> list[ResultRow]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        return [ResultRow(row["name"], row["accuracies"], row.get("extra", {})) for row in data["rows"]]
+        return [ResultRow(row["name"], row["accuracies"], row.get("extra", {}), benchmarks=row.get("benchmarks", {}))
+                for row in data["rows"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read report rows from {path}: {exc}") from exc
 
@@ -133,11 +180,18 @@ def plot_roc(roc: Mapping[str, Curves], path: Path) -> None:
     fig = Figure(figsize=(4.0 * len(ethnicities), 4.0))
     axes = fig.subplots(1, len(ethnicities), squeeze=False)[0]
     for ax, eth in zip(axes, ethnicities):
+        floor = 0.0
         for name, curves in roc.items():
             if eth in curves:
                 fpr, tpr = curves[eth]
                 positive = np.asarray(fpr) > 0  # FAR = 0 has no place on a log axis
+                # FARs are multiples of 1 / (number of impostor pairs): the smallest positive one is that floor.
+                floor = max(floor, float(np.asarray(fpr)[positive].min())) if positive.any() else floor
                 ax.plot(np.asarray(fpr)[positive], np.asarray(tpr)[positive], label=name)
+        if floor > 1e-4:
+            ax.axvspan(1e-4, floor, color="0.85", zorder=0)
+            ax.text(np.sqrt(1e-4 * floor), 0.5, "not measurable\n(FAR < 1/#impostors)", rotation=90,
+                    ha="center", va="center", fontsize="x-small", color="0.35")
         ax.set_xscale("log")
         ax.set_xlim(1e-4, 1.0)
         ax.set_ylim(0.0, 1.0)
@@ -172,7 +226,9 @@ def write_report(
         "accuracy_png": out_dir / f"{stem}_accuracy.png",
     }
     caption = "RFW verification accuracy (%), 10-fold, flip TTA. STD: population std; SER: max error / min error.\n\n"
-    atomic_write_text(paths["md"], caption + _markdown_table(rows) + "\n")
+    if benchmark_names(rows):
+        caption += "Columns after SER: accuracy (%) on the val_targets benchmarks (10-fold, flip TTA).\n\n"
+    atomic_write_text(paths["md"], caption + _markdown_table(rows) + _tar_table(rows) + "\n")
     atomic_write_text(paths["csv"], _csv_text(rows))
     atomic_write_text(paths["json"], json.dumps(_json_data(rows), indent=2) + "\n")
     plot_accuracy(rows, paths["accuracy_png"])

@@ -20,7 +20,7 @@ from sklearn.metrics import auc, roc_curve
 from torch import nn
 
 from config.config import ETHNICITIES
-from eval.rfw_data import load_rfw
+from eval.rfw_data import load_benchmarks, load_rfw
 
 # The protocol's threshold grid; `np.arange` is kept (not a linspace) so the floats equal the reference ones.
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -38,23 +38,33 @@ class VerificationResult:
     threshold: float  # mean of the per-fold best thresholds (squared distance)
     fold_accuracies: np.ndarray
     fold_thresholds: np.ndarray
-    # TAR at the operating point with the highest TAR whose FAR does not exceed the key. With 3000 impostor
-    # pairs (RFW) the smallest non-zero FAR is 3.3e-4, so FAR=1e-4 means "no false accept at all".
+    # TAR at the operating point with the highest TAR whose FAR does not exceed the key; NaN where the key is
+    # below 1 / (number of impostor pairs): with 3000 impostors (RFW) FAR=1e-4 could only mean "no false
+    # accept at all", which is not a measurement of FAR 1e-4.
     tar_at_far: dict[float, float]
     auc: float
     fpr: np.ndarray = field(repr=False)
     tpr: np.ndarray = field(repr=False)
+    min_far: float = 0.0  # 1 / (number of impostor pairs): the smallest FAR these pairs can measure
 
-    def summary(self) -> dict[str, float]:
-        """JSON-friendly scalars (ROC arrays left out)."""
-        out = {
+    def summary(self) -> dict[str, float | None]:
+        """JSON-friendly scalars (ROC arrays left out); a TAR that cannot be measured is None."""
+        out: dict[str, float | None] = {
             "accuracy": self.accuracy,
             "accuracy_std": self.accuracy_std,
             "threshold": self.threshold,
             "auc": self.auc,
+            "min_measurable_far": self.min_far,
         }
-        out.update({f"tar@far={far:g}": tar for far, tar in self.tar_at_far.items()})
+        out.update({f"tar@far={far:g}": None if np.isnan(tar) else tar for far, tar in self.tar_at_far.items()})
         return out
+
+
+def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, far: float, num_impostors: int) -> float:
+    """Highest TAR with FAR <= ``far``, or NaN when ``far`` < 1 / ``num_impostors`` (not measurable)."""
+    if far * num_impostors < 1:
+        return float("nan")
+    return float(tpr[fpr <= far].max())
 
 
 def _normalise_images(batch: torch.Tensor) -> torch.Tensor:
@@ -198,16 +208,18 @@ def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10
         raise ValueError("verification needs both genuine and impostor pairs")
     fold_acc, fold_thr = kfold_accuracy(distances, issame, nfolds)
     fpr, tpr, _ = roc_curve(issame, -distances, drop_intermediate=False)
+    num_impostors = int((~issame).sum())
     return VerificationResult(
         accuracy=float(fold_acc.mean()),
         accuracy_std=float(fold_acc.std()),
         threshold=float(fold_thr.mean()),
         fold_accuracies=fold_acc,
         fold_thresholds=fold_thr,
-        tar_at_far={far: float(tpr[fpr <= far].max()) for far in FARS},
+        tar_at_far={far: tar_at_far(fpr, tpr, far, num_impostors) for far in FARS},
         auc=float(auc(fpr, tpr)),
         fpr=fpr,
         tpr=tpr,
+        min_far=1.0 / num_impostors,
     )
 
 
@@ -220,7 +232,11 @@ def verify(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> Veri
 
 
 class RFWEvaluator:
-    """Loads the RFW ``<Ethnicity>_test.bin`` files once and evaluates any embedding function on them."""
+    """Loads the RFW pairs (``.bin`` files or the distributed layout) and any ``val_targets`` benchmarks
+    once, and evaluates embedding functions on them.
+
+    Calling it returns ``{name: VerificationResult}``: the ethnicities first, then the benchmarks by name.
+    """
 
     def __init__(
         self,
@@ -229,16 +245,24 @@ class RFWEvaluator:
         batch_size: int = 256,
         ethnicities: Sequence[str] = ETHNICITIES,
         nfolds: int = 10,
+        *,
+        allow_resize: bool = False,
+        val_root: str | Path | None = None,
+        val_targets: Sequence[str] = (),
     ) -> None:
+        clash = set(val_targets) & set(ethnicities)
+        if clash:
+            raise ValueError(f"val_targets {sorted(clash)} clash with RFW ethnicity names")
         self.rfw_root = Path(rfw_root)
         self.input_size = input_size
         self.batch_size = batch_size
         self.nfolds = nfolds
-        self.data = load_rfw(self.rfw_root, input_size, ethnicities=tuple(ethnicities))
+        self.data = load_rfw(self.rfw_root, input_size, ethnicities=tuple(ethnicities), allow_resize=allow_resize)
+        self.data.update(load_benchmarks(val_root, list(val_targets), input_size, allow_resize))
 
     def __call__(self, embed_fn: EmbedFn, device: str | torch.device = "cpu") -> dict[str, VerificationResult]:
         results = {}
-        for eth, (images, issame) in self.data.items():
+        for name, (images, issame) in self.data.items():
             embeddings = embed_images(embed_fn, images, batch_size=self.batch_size, device=device, flip=True)
-            results[eth] = verify(embeddings, issame, self.nfolds)
+            results[name] = verify(embeddings, issame, self.nfolds)
         return results

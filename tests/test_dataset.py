@@ -195,9 +195,11 @@ def test_subset_items_point_at_their_files(tree, tmp_path):
     assert classes == 4 and rows == sorted(rows) and len(set(rows)) == 8 and rows[0] > 0
 
 
-def test_images_are_resized_to_input_size(tmp_path):
+def test_images_of_another_size_are_refused_unless_resizing_is_allowed(tmp_path):
     root = make_tree(tmp_path / "data", size=16)
-    dataset = ds.FaceDataset(ds.scan_image_folder(root), input_size=8)
+    with pytest.raises(ValueError, match=r"is 16x16, not the 8x8 aligned crop.*align.*allow_resize=True"):
+        ds.FaceDataset(ds.scan_image_folder(root), input_size=8)[0]
+    dataset = ds.FaceDataset(ds.scan_image_folder(root), input_size=8, allow_resize=True)
     assert dataset[0][0].shape == (3, 8, 8)
 
 

@@ -93,29 +93,47 @@ def test_cli_backbone_writes_table_files_and_plots(rfw_root, tmp_path, capsys):
     assert rows[0].accuracies == saved[0]["accuracies"]
 
 
-def test_cli_multi_teacher_space(rfw_root, tmp_path, capsys):
-    teachers = [str(_save_backbone(tmp_path / f"{eth}.pth", seed=i)) for i, eth in enumerate(CONCAT_ORDER)]
+def test_cli_multi_teacher_space_takes_teachers_by_name(rfw_root, tmp_path, capsys):
+    teachers = {eth: str(_save_backbone(tmp_path / f"{eth}.pth", seed=i)) for i, eth in enumerate(CONCAT_ORDER)}
     adaptor = _save_adaptor(tmp_path / "adaptor.pth", "DuL")
     out = tmp_path / "report"
-    rows = main(["--teachers", *teachers, "--teacher-network", "iresnet18", "--adaptor", str(adaptor),
+    named = [f"--teacher={eth}={path}" for eth, path in sorted(teachers.items())]  # alphabetical, not CONCAT_ORDER
+    rows = main([*named, "--teacher-network", "iresnet18", "--adaptor", str(adaptor),
                  "--adaptor-type", "DuL", "--rfw-root", str(rfw_root), "--out", str(out), *SMALL])
     assert rows[0].name == "DuL multi-teacher space"
     assert "DuL multi-teacher space" in capsys.readouterr().out
     _open_png(out / "results_roc.png")
-    # The order matters: the same checkpoints in another order give another space.
     evaluator = RFWEvaluator(rfw_root, SIZE)
     common = dict(teacher_network="iresnet18", embedding_size=EMB, width=WIDTH, device="cpu")
-    swapped = evaluate_multi_teacher(teachers[::-1], adaptor, "DuL", evaluator, **common)
+    # Any order of the names gives the same space: the code applies CONCAT_ORDER.
+    reordered = evaluate_multi_teacher(dict(reversed(list(teachers.items()))), adaptor, "DuL", evaluator, **common)
+    assert reordered.accuracies == pytest.approx(rows[0].accuracies)
+    assert all(reordered.extra[f"{eth}/auc"] == rows[0].extra[f"{eth}/auc"] for eth in ETHNICITIES)
+    # Swapping which file carries which name changes the space (the order is real, not ignored).
+    files = list(teachers.values())
+    swapped = evaluate_multi_teacher(dict(zip(teachers, files[::-1])), adaptor, "DuL", evaluator, **common)
     assert any(swapped.extra[f"{eth}/auc"] != rows[0].extra[f"{eth}/auc"] for eth in ETHNICITIES)
 
 
-def test_cli_rejects_a_teacher_list_not_of_four(rfw_root, tmp_path, capsys):
-    teachers = [str(_save_backbone(tmp_path / f"t{i}.pth", seed=i)) for i in range(3)]
+@pytest.mark.parametrize("names, message", [
+    (["Asian", "African", "Caucasian"], "missing Indian"),
+    (["Asian", "African", "Caucasian", "Indian", "split0"], "unknown split0"),
+    (["Asain", "African", "Caucasian", "Indian"], "unknown Asain; missing Asian"),
+    (["teacher1", "teacher2", "teacher3", "teacher4"], "unknown teacher names"),
+])
+def test_cli_rejects_missing_or_unknown_teacher_names(rfw_root, tmp_path, capsys, names, message):
+    args = [f"--teacher={name}={tmp_path / name}.pth" for name in names]
     with pytest.raises(SystemExit) as exc:
-        main(["--teachers", *teachers, "--adaptor", "a.pth", "--adaptor-type", "SL", "--rfw-root", str(rfw_root)])
+        main([*args, "--adaptor", "a.pth", "--adaptor-type", "SL", "--rfw-root", str(rfw_root)])
     assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "exactly 4" in err and "Asian, African, Caucasian, Indian" in err and teachers[0] in err
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_unnamed_teachers(rfw_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--teacher", str(tmp_path / "a.pth"), "--adaptor", "a.pth", "--adaptor-type", "SL",
+              "--rfw-root", str(rfw_root)])
+    assert exc.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_checkpoint_of_another_network(rfw_root, tmp_path):
@@ -177,7 +195,7 @@ def test_work_dir_evaluates_every_run_and_adaptors_with_their_teachers(rfw_root,
     assert "adaptors/specialized_iresnet18/SL" in capsys.readouterr().out
 
     # The adaptor row is the multi-teacher space of its teachers in CONCAT_ORDER.
-    moved_teachers = [moved / p.relative_to(tmp_path / "work") for p in teacher_paths]
+    moved_teachers = {eth: moved / p.relative_to(tmp_path / "work") for eth, p in zip(CONCAT_ORDER, teacher_paths)}
     direct = evaluate_multi_teacher(moved_teachers, moved / cfg.adaptor_dir.relative_to(cfg.work_root) /
                                     "best_adaptor.pth", "SL", RFWEvaluator(rfw_root, SIZE),
                                     teacher_network="iresnet18", embedding_size=EMB, width=WIDTH, device="cpu")

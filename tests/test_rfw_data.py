@@ -34,7 +34,9 @@ def test_write_load_round_trip(tmp_path):
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
     assert issame.dtype == bool and issame.tolist() == [True, False, True]
     np.testing.assert_allclose(mean_colours(images), np.array(colours), atol=2)
-    assert load_bin(tmp_path / "x.bin", 8)[0].shape == (6, 3, 8, 8)  # resized on load
+    with pytest.raises(ValueError, match=r"x.bin\[0\] is 16x16, not the 8x8 aligned crop.*allow_resize=True"):
+        load_bin(tmp_path / "x.bin", 8)
+    assert load_bin(tmp_path / "x.bin", 8, allow_resize=True)[0].shape == (6, 3, 8, 8)  # resized on purpose
 
 
 @pytest.mark.parametrize("name", ["bin_py2.bin", "bin_numpy1.bin"])

@@ -106,8 +106,9 @@ def test_tar_at_far_and_auc_hand_computed():
     dist = np.array([0.1, 0.5, 0.2, 1.0, 0.9, 1.2, 1.5, 2.0])
     issame = np.array([True, False, True, False, True, False, True, False])
     result = verify_distances(dist, issame, nfolds=2)
-    # No impostor may be accepted at FAR <= 1e-3 with 4 impostors: genuine below 0.5 are 0.1, 0.2 -> 2/4.
-    assert result.tar_at_far == {1e-3: 0.5, 1e-4: 0.5}
+    # 4 impostors can measure no FAR below 1/4: both operating points are not measurable.
+    assert all(np.isnan(tar) for tar in result.tar_at_far.values()) and result.min_far == 0.25
+    assert result.summary()["tar@far=0.001"] is None
     # AUC = P(d_gen < d_imp) over the 16 genuine/impostor combinations = (4 + 4 + 3 + 1) / 16.
     assert result.auc == pytest.approx(0.75)
     assert result.fpr[0] == 0.0 and result.tpr[-1] == 1.0
@@ -125,7 +126,21 @@ def test_perfect_separation():
     result = verify(emb, issame)
     assert result.accuracy == 1.0 and result.accuracy_std == 0.0
     assert np.allclose(result.fold_thresholds, 0.01)  # first threshold that accepts distance 0
-    assert result.auc == 1.0 and result.tar_at_far[1e-4] == 1.0
+    assert result.auc == 1.0 and np.isnan(result.tar_at_far[1e-4])  # 10 impostors cannot measure 1e-4
+
+
+def test_tar_is_reported_only_where_the_impostors_can_measure_it():
+    # 2000 impostors: FAR 1e-3 is 2 false accepts (measurable), 1e-4 is below 1/2000 (not measurable).
+    rng = np.random.default_rng(0)
+    issame = np.r_[np.ones(2000, bool), np.zeros(2000, bool)]
+    dist = np.where(issame, rng.uniform(0, 2, 4000), rng.uniform(1, 4, 4000))
+    result = verify_distances(dist, issame)
+    imp = np.sort(dist[~issame])
+    # Highest TAR with at most 2 impostors accepted: genuine below the third-smallest impostor distance.
+    assert result.tar_at_far[1e-3] == pytest.approx(np.mean(dist[issame] < imp[2]))
+    assert np.isnan(result.tar_at_far[1e-4]) and result.min_far == pytest.approx(1 / 2000)
+    summary = result.summary()
+    assert summary["tar@far=0.0001"] is None and summary["tar@far=0.001"] == result.tar_at_far[1e-3]
 
 
 def test_input_errors():

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from config.config import ETHNICITIES, Config
 from utils import recordio
+from utils.align import check_input_size
 from utils.io import atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -357,16 +358,19 @@ def select_rows(
 # ---- decoding and tensors ----------------------------------------------------------------------------
 
 
-def decode_image(data: bytes | np.ndarray, input_size: int, name: str) -> np.ndarray:
-    """Encoded image -> RGB uint8 [S, S, 3]; ``name`` (file or record) appears in decoding errors."""
+def decode_bgr(data: bytes | np.ndarray, name: str) -> np.ndarray:
+    """Encoded image -> BGR uint8 [H, W, 3] at its own size; ``name`` (file or record) appears in errors."""
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     if image is None:
         raise ValueError(f"cannot decode image {name}: corrupt, truncated or not an image")
-    if image.shape[0] != input_size or image.shape[1] != input_size:
-        shrink = image.shape[0] > input_size or image.shape[1] > input_size
-        image = cv2.resize(image, (input_size, input_size),
-                           interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return image
+
+
+def decode_image(data: bytes | np.ndarray, input_size: int, name: str, allow_resize: bool = False) -> np.ndarray:
+    """Encoded aligned crop -> RGB uint8 [S, S, 3]. An image of another size is refused unless
+    ``allow_resize`` (see :func:`utils.align.check_input_size`)."""
+    image = check_input_size(decode_bgr(data, name), input_size, name, allow_resize)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -396,13 +400,14 @@ class FaceDataset(Dataset):
     """
 
     def __init__(self, index: ImageIndex, rows: np.ndarray | None = None, labels: np.ndarray | None = None,
-                 input_size: int = 112):
+                 input_size: int = 112, allow_resize: bool = False):
         self.index = index
         self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.labels = index.labels[self.rows] if labels is None else np.asarray(labels, dtype=np.int64)
         if len(self.labels) != len(self.rows):
             raise ValueError(f"{len(self.rows)} rows but {len(self.labels)} labels")
         self.input_size = input_size
+        self.allow_resize = allow_resize
         self.root = str(index.root)
         self._paths = np.array([index.paths[r].encode("utf-8") for r in self.rows.tolist()], dtype=bytes)
         self._reader: recordio.IndexedRecordReader | None = None
@@ -428,11 +433,11 @@ class FaceDataset(Dataset):
     def read_uint8(self, i: int) -> torch.Tensor:
         """The ``i``-th image as uint8 RGB [3, S, S] (what ``__getitem__`` normalises)."""
         data, name = self._read(i)
-        return to_tensor(decode_image(data, self.input_size, name))
+        return to_tensor(decode_image(data, self.input_size, name, self.allow_resize))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         data, name = self._read(i)
-        image = decode_image(data, self.input_size, name).transpose(2, 0, 1).astype(np.float32)
+        image = decode_image(data, self.input_size, name, self.allow_resize).transpose(2, 0, 1).astype(np.float32)
         # normalize_images in numpy (bit-identical float32 ops): per-item torch ops would go through
         # the intra-op thread pool, which is slow in a busy main process (num_workers=0).
         image = (image / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
@@ -443,10 +448,10 @@ class RecordDataset(FaceDataset):
     """A FaceDataset over a RecordIO index (``train.rec#<key>`` rows); same item format."""
 
     def __init__(self, index: ImageIndex, rows: np.ndarray | None = None, labels: np.ndarray | None = None,
-                 input_size: int = 112):
+                 input_size: int = 112, allow_resize: bool = False):
         if index.kind != "recordio":
             raise ValueError(f"RecordDataset needs a RecordIO index, got a {index.kind} index of {index.root}")
-        super().__init__(index, rows, labels, input_size)
+        super().__init__(index, rows, labels, input_size, allow_resize)
 
 
 PROTOCOLS = ("ethnicity", "all", "split")
@@ -477,4 +482,4 @@ def build_training_dataset(cfg: Config, protocol: str) -> tuple[FaceDataset, int
         raise ValueError(f"config key num_classes={cfg.num_classes} but the {protocol} data of {cfg.data_root} "
                          f"has {num_classes} identities")
     dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
-    return dataset_cls(index, rows, labels, cfg.input_size), num_classes
+    return dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize), num_classes

@@ -239,7 +239,8 @@ def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageInde
     model = load_weights(build_backbone(cfg), checkpoint, what=f"{member} teacher weights").to(info.device).eval()
 
     def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
-        dataset = FaceDataset(index, np.arange(rows.start, rows.stop), input_size=cfg.input_size)
+        dataset = FaceDataset(index, np.arange(rows.start, rows.stop), input_size=cfg.input_size,
+                              allow_resize=cfg.allow_resize)
         loader = DataLoader(dataset, batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers,
                             pin_memory=info.device.type == "cuda")
         with torch.inference_mode():

@@ -390,7 +390,9 @@ def backbone_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module
 
     rfw_root = Path(cfg.rfw_root)
     if not rfw_root.is_dir():
-        raise FileNotFoundError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files)")
-    evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
+        raise FileNotFoundError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files or the "
+                                "RFW archive)")
+    evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size,
+                             allow_resize=cfg.allow_resize, val_root=cfg.val_root, val_targets=cfg.val_targets)
     return lambda model: evaluator(backbone_embed_fn(model), device)
 

@@ -226,7 +226,8 @@ def build_report(cfg: Config, out_dir: Path | None = None) -> tuple[str, Path]:
     if sources_path.is_file() and json.loads(sources_path.read_text()) == sources:
         rows = read_report_rows(out_dir / "results.json")
     else:
-        evaluator = RFWEvaluator(cfg.rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
+        evaluator = RFWEvaluator(cfg.rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size,
+                                 allow_resize=cfg.allow_resize, val_root=cfg.val_root, val_targets=cfg.val_targets)
         rows = []
         for run_dir, run_cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
             row = evaluate_run(run_dir, run_cfg, stage, evaluator, name=display_name(stage, run_cfg))
