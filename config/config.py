@@ -70,7 +70,7 @@ class Config:
     momentum: float = 0.9  # SGD momentum (every stage)
     weight_decay: float = 5e-4  # SGD weight decay (every stage)
     num_epoch: int = 52  # epochs for teachers and students
-    milestones: list[int] = field(default_factory=lambda: [16, 28, 40, 50])  # lr x lr_decay at these epochs
+    milestones: list[int] = field(default_factory=lambda: [16, 28, 40, 50])  # lr x lr_decay from the m-th epoch on, counting from 1 (release)
     lr_decay: float = 0.1  # step-decay factor
     grad_clip: float = 5.0  # max grad-norm on the backbone/adaptor (never the header)
     # ---- margin head ------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class Config:
     has_drop_out: bool = False  # dual_layer_EAF-Fusion.py: False trains DuL, True trains DLDPO (release name)
     lr_fc: float = 1.0  # base lr for adaptors, scaled like lr
     num_epoch_fc: int = 26  # adaptor epochs
-    milestones_fc: list[int] = field(default_factory=lambda: [16])  # as released: the teachers' schedule cut at 26 epochs
+    milestones_fc: list[int] = field(default_factory=lambda: [16])  # as milestones: 15 epochs at lr_fc, 11 at a tenth (the release's lr_func)
     adaptor_std: float = 0.0125  # ElasticArcFace margin std of the adaptor stage (release value)
     batch_size_fc: int = 128  # adaptor samples per rank and step
     middle_layer_size: int = 512  # hidden width of the dual-layer adaptors
