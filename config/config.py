@@ -21,6 +21,9 @@ ETHNICITIES = ("African", "Asian", "Caucasian", "Indian")
 # The released adaptors were trained on this concatenation order; it must never change.
 CONCAT_ORDER = ("Asian", "African", "Caucasian", "Indian")
 NUM_BASELINE_SPLITS = 4
+# The release names balanced split k after ETHNICITIES[k] and feeds the baseline teachers through the same
+# CONCAT_ORDER, so the adaptor's blocks are splits 1, 0, 2, 3; the released baseline adaptors need that order.
+BASELINE_CONCAT_ORDER = tuple(f"split{ETHNICITIES.index(name)}" for name in CONCAT_ORDER)
 TEACHER_SETS = ("specialized", "baseline")
 ADAPTORS = ("SL", "DuL", "DLDPO")
 KD_KINDS = ("aKD", "EAFKD")
@@ -181,11 +184,11 @@ class Config:
 
 
 def teacher_members(teacher_set: str) -> list[str]:
-    """The four teachers of a set, in adaptor concatenation order."""
+    """The four teachers of a set, in adaptor concatenation order (every concatenation uses this)."""
     if teacher_set == "specialized":
         return list(CONCAT_ORDER)
     if teacher_set == "baseline":
-        return [f"split{k}" for k in range(NUM_BASELINE_SPLITS)]
+        return list(BASELINE_CONCAT_ORDER)
     raise ValueError(f"teacher_set must be one of {TEACHER_SETS}, got {teacher_set!r}")
 
 
