@@ -36,12 +36,13 @@ ADAPTOR_SCRIPTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 KD_SCRIPTS = {"aKD": "KD_alone.py", "EAFKD": "KD_CEL.py"}
 
-# Default margin-head hyperparameters per loss (s, m, std); `s`, `m`, `std` keys override them.
+# Default margin-head hyperparameters per loss (s, m, std); `s`, `m`, `std` keys override them for `loss`.
+# As in the release's config, except CosFace: the release has no CosFace branch (it would get m = 0.5).
 MARGIN_DEFAULTS: dict[str, dict[str, float]] = {
     "ElasticArcFace": {"s": 64.0, "m": 0.5, "std": 0.05},
     "ElasticArcFacePlus": {"s": 64.0, "m": 0.5, "std": 0.0175},
     "ElasticCosFace": {"s": 64.0, "m": 0.35, "std": 0.05},
-    "ElasticCosFacePlus": {"s": 64.0, "m": 0.35, "std": 0.025},
+    "ElasticCosFacePlus": {"s": 64.0, "m": 0.35, "std": 0.02},
     "ArcFace": {"s": 64.0, "m": 0.5, "std": 0.0},
     "CosFace": {"s": 64.0, "m": 0.35, "std": 0.0},
     "CurricularFace": {"s": 64.0, "m": 0.5, "std": 0.0},
@@ -87,7 +88,8 @@ class Config:
     lr_fc: float = 1.0  # base lr for adaptors, scaled like lr
     num_epoch_fc: int = 26  # adaptor epochs
     milestones_fc: list[int] = field(default_factory=lambda: [16])  # as milestones: 15 epochs at lr_fc, 11 at a tenth (the release's lr_func)
-    adaptor_std: float = 0.0125  # ElasticArcFace margin std of the adaptor stage (release value)
+    adaptor_loss: str = "ElasticArcFace"  # margin head of the adaptor stage, with its MARGIN_DEFAULTS s and m (release)
+    adaptor_std: float = 0.0125  # margin std of an elastic adaptor_loss (release value)
     batch_size_fc: int = 128  # adaptor samples per rank and step
     middle_layer_size: int = 512  # hidden width of the dual-layer adaptors
     adaptor_dropout: float = 0.2  # dropout of DLDPO between its two layers
@@ -128,14 +130,20 @@ class Config:
     def scaled_lr_fc(self) -> float:
         return self.lr_fc / 512 * self.batch_size_fc * self.world_size
 
+    def margin_loss(self, adaptor_stage: bool = False) -> str:
+        """The margin head of a stage: ``adaptor_loss`` for adaptors, whatever ``loss`` the others use."""
+        return self.adaptor_loss if adaptor_stage else self.loss
+
     def margin_params(self, adaptor_stage: bool = False) -> dict[str, float]:
-        params = dict(MARGIN_DEFAULTS[self.loss])
+        """s, m, std of the stage's head; the ``s``/``m``/``std`` keys apply to ``loss``, ``adaptor_std`` to adaptors."""
+        params = dict(MARGIN_DEFAULTS[self.margin_loss(adaptor_stage)])
+        if adaptor_stage:
+            params["std"] = float(self.adaptor_std)
+            return params
         for key in ("s", "m", "std"):
             value = getattr(self, key)
             if value is not None:
                 params[key] = float(value)
-        if adaptor_stage:
-            params["std"] = float(self.adaptor_std)
         return params
 
     @property
@@ -222,6 +230,7 @@ def _validate(cfg: Config) -> None:
         ("kd", cfg.kd, KD_KINDS),
         ("amp", cfg.amp, AMP_MODES),
         ("loss", cfg.loss, tuple(MARGIN_DEFAULTS)),
+        ("adaptor_loss", cfg.adaptor_loss, tuple(MARGIN_DEFAULTS)),
         ("ethnicity", cfg.ethnicity, ETHNICITIES + ("all",)),
     ]
     for key, value, allowed in checks:
