@@ -116,9 +116,12 @@ def evaluate_multi_teacher(
     use_se: bool = False,
     device: str | torch.device | None = None,
     name: str | None = None,
+    raw_teachers: bool = False,
 ) -> ResultRow:
     """The multi-teacher space: four named teachers (``{member: weights}``, see :func:`ordered_teachers`),
-    concatenated in the set's order, and the adaptor."""
+    concatenated in the set's order, and the adaptor.
+
+    ``raw_teachers``: concatenate unnormalised teacher outputs, as the release's adaptor evaluation did."""
     teacher_set, ordered = ordered_teachers(teacher_weights)
     device = torch.device(device) if device is not None else default_device()
     teachers = []
@@ -129,8 +132,10 @@ def evaluate_multi_teacher(
     adaptor = get_adaptor(adaptor_type, in_features=len(teachers) * embedding_size, embedding_size=embedding_size)
     load_weights(adaptor, adaptor_weights, what=f"{adaptor_type} adaptor weights")
     extra = {"network": teacher_network, "adaptor": adaptor_type, "weights": str(adaptor_weights),
-             "teacher_set": teacher_set, "teachers": " ".join(f"{m}={p}" for m, p in ordered)}
-    return _evaluate(name or f"{adaptor_type} multi-teacher space", multi_teacher_embed_fn(teachers, adaptor),
+             "teacher_set": teacher_set, "teachers": " ".join(f"{m}={p}" for m, p in ordered),
+             "raw_teachers": raw_teachers}
+    return _evaluate(name or f"{adaptor_type} multi-teacher space",
+                     multi_teacher_embed_fn(teachers, adaptor, raw_teachers=raw_teachers),
                      [*teachers, adaptor], evaluator, device, extra)
 
 
@@ -197,8 +202,9 @@ def find_runs(work_dir: str | Path) -> list[tuple[Path, Config, str]]:
 
 
 def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator, *, name: str,
-                 device: str | torch.device | None = None) -> ResultRow:
-    """One training run: its best weights (adaptors: with their four teachers' best weights)."""
+                 device: str | torch.device | None = None, raw_teachers: bool = False) -> ResultRow:
+    """One training run: its best weights (adaptors: with their four teachers' best weights, in
+    ``teacher_members`` order; ``raw_teachers`` as in :func:`multi_teacher_embed_fn`)."""
     if cfg.input_size != evaluator.input_size:
         raise ValueError(f"run {run_dir} has input_size {cfg.input_size}, the RFW evaluator {evaluator.input_size}")
     device = torch.device(device) if device is not None else default_device()
@@ -207,9 +213,9 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator
     if stage == "adaptor":
         teachers = [_load_teacher(d, cfg, run_dir) for d in _teacher_dirs(run_dir, cfg)]
         adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights")
-        extra.update(network=cfg.network, adaptor=cfg.adaptor)
-        return _evaluate(name, multi_teacher_embed_fn(teachers, adaptor), [*teachers, adaptor], evaluator,
-                         device, extra)
+        extra.update(network=cfg.network, adaptor=cfg.adaptor, raw_teachers=raw_teachers)
+        return _evaluate(name, multi_teacher_embed_fn(teachers, adaptor, raw_teachers=raw_teachers),
+                         [*teachers, adaptor], evaluator, device, extra)
     model = build_backbone(cfg, student=stage == "student")
     load_weights(model, weights, what=f"{stage} weights")
     extra["network"] = cfg.student_network if stage == "student" else cfg.network
@@ -224,6 +230,7 @@ def evaluate_work_dir(
     device: str | torch.device | None = None,
     skip_incomplete: bool = False,
     evaluator_options: Mapping[str, Any] | None = None,
+    raw_teachers: bool = False,
 ) -> list[ResultRow]:
     """Evaluate every run under ``work_dir`` (found by config.json); rows named by their relative path.
 
@@ -243,7 +250,8 @@ def evaluate_work_dir(
                                                       **(evaluator_options or {}))
         name = run_dir.relative_to(work_dir).as_posix()
         try:
-            rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device))
+            rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device,
+                                     raw_teachers=raw_teachers))
         except FileNotFoundError as exc:
             if not skip_incomplete:
                 raise
@@ -292,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="report folder (default: <work-dir>/reports, else ./eval_results)")
     parser.add_argument("--name", help="row name of the evaluated model (--backbone / --teacher)")
+    parser.add_argument("--release-raw-teachers", action="store_true",
+                        help="adaptor rows: concatenate the teachers' unnormalised outputs, as the release's "
+                             "adaptor evaluation did (default: L2-normalised, as the adaptors were trained)")
     parser.add_argument("--skip-incomplete", action="store_true",
                         help="--work-dir: skip runs without best weights instead of failing")
     return parser
@@ -321,6 +332,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--teacher needs --adaptor PATH and --adaptor-type SL|DuL|DLDPO")
     elif args.adaptor is not None or args.adaptor_type is not None:
         parser.error("--adaptor/--adaptor-type only apply with --teacher")
+    if args.release_raw_teachers and args.backbone is not None:
+        parser.error("--release-raw-teachers applies to adaptors (--teacher or --work-dir), not --backbone")
     if args.work_dir is not None and args.name is not None:
         parser.error("--name applies to --backbone/--teacher; --work-dir names rows by run folder")
     if args.val_targets and args.val_root is None:
@@ -335,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     try:
         if args.work_dir is not None:
             rows = evaluate_work_dir(args.work_dir, args.rfw_root, batch_size=args.batch_size, device=args.device,
-                                     skip_incomplete=args.skip_incomplete, evaluator_options=options)
+                                     skip_incomplete=args.skip_incomplete, raw_teachers=args.release_raw_teachers,
+                                     evaluator_options=options)
         else:
             evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size, **options)
             common = dict(embedding_size=args.embedding_size, width=args.width, use_se=args.use_se,
@@ -344,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
                 rows = [evaluate_backbone(args.backbone, args.network, evaluator, **common)]
             else:
                 rows = [evaluate_multi_teacher(args.teacher, args.adaptor, args.adaptor_type, evaluator,
-                                               teacher_network=args.teacher_network, **common)]
+                                               teacher_network=args.teacher_network,
+                                               raw_teachers=args.release_raw_teachers, **common)]
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     out = args.out or (args.work_dir / "reports" if args.work_dir is not None else Path("eval_results"))
