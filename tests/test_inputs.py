@@ -16,14 +16,15 @@ from torch import nn
 
 from backbones import get_backbone
 from config.config import ETHNICITIES
+from eval.embed import main as embed_main
 from eval.evaluate import evaluate_work_dir
 from eval.report import results_table, write_report
 from eval.rfw_data import _read_bin, load_bin
-from eval.verification import RFWEvaluator, backbone_embed_fn
+from eval.verification import RFWEvaluator, backbone_embed_fn, embed_images
 from helpers import tiny_overrides
 from utils.align import ARCFACE_TEMPLATE, align_face, template
 from utils.cli import run_stage
-from utils.dataset import FaceDataset, random_horizontal_flip, scan_image_folder
+from utils.dataset import FaceDataset, decode_image, random_horizontal_flip, scan_image_folder
 from utils.synthetic import generate_synthetic
 
 import train
@@ -224,3 +225,34 @@ def test_bin_images_of_another_size_need_allow_resize(unaligned):
     with pytest.raises(ValueError, match="allow_resize=True"):
         load_bin(inputs["val_root"] / "lfw.bin", 24)
     assert load_bin(inputs["val_root"] / "lfw.bin", 24, allow_resize=True)[0].shape[-1] == 24
+
+
+def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path, one_torch_thread):
+    torch.manual_seed(0)
+    model = get_backbone("iresnet18", input_size=SIZE, embedding_size=16, width=8)
+    weights = tmp_path / "model.pth"
+    torch.save(model.state_dict(), weights)
+    folder = unaligned["root"] / "train" / "Asian"
+    common = ["--backbone", str(weights), "--network", "iresnet18", "--input-size", str(SIZE), "--embedding-size",
+              "16", "--width", "8", "--device", "cpu", "--batch-size", "5"]
+    embeddings, index = embed_main([*common, "--images", str(folder), "--out", str(tmp_path / "plain")])
+    array = np.load(embeddings, mmap_mode="r")
+    rows = [line.split("\t") for line in index.read_text().splitlines()]
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    assert isinstance(array, np.memmap) and array.shape == (len(files), 16) and array.dtype == np.float32
+    assert [name for _, name in rows] == files and [int(i) for i, _ in rows] == list(range(len(files)))
+    # Row i is the embedding of the file named on line i, the same as the verification embedding of it.
+    image = torch.from_numpy(decode_image((folder / files[3]).read_bytes(), SIZE, files[3]).transpose(2, 0, 1))
+    expected = embed_images(backbone_embed_fn(model), image[None], flip=False)[0]
+    np.testing.assert_allclose(array[3], expected, atol=1e-5)
+    flipped = np.load(embed_main([*common, "--images", str(folder), "--out", str(tmp_path / "flip"), "--flip"])[0])
+    expected_flip = embed_images(backbone_embed_fn(model), image[None], flip=True)[0]
+    np.testing.assert_allclose(flipped[3], expected_flip, atol=1e-5)
+    assert not np.allclose(flipped[3], array[3])
+    # A .bin: one row per image, named after the file.
+    _, bin_index = embed_main([*common, "--images", str(unaligned["val_root"] / "lfw.bin"), "--out", str(tmp_path / "b")])
+    assert bin_index.read_text().splitlines()[1] == "1\tlfw.bin[1]"
+    # Unaligned images are refused, and nothing claims to be complete.
+    with pytest.raises(SystemExit, match="is 40x40, not the 32x32 aligned crop"):
+        embed_main([*common, "--images", str(unaligned["train"] / "Asian"), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad" / "index.tsv").exists() and not (tmp_path / "bad" / "embeddings.npy").exists()
