@@ -53,7 +53,9 @@ def test_tiny_pipeline_end_to_end_then_skips_everything(tmp_path):
         assert name in text, name
     markdown = (report / "results.md").read_text()
     assert all(column in markdown for column in ("African", "Asian", "Caucasian", "Indian", "Avg", "STD", "SER"))
-    assert markdown.count("student ") == 12
+    results, tar = markdown.split("\n\nTAR (%) at fixed FAR")
+    assert results.count("student ") == 12 and tar.count("student ") == 12
+    assert "| n/m |" in tar  # 10 impostor pairs per ethnicity measure no FAR below 0.1
     for png in ("results_accuracy.png", "results_roc.png"):
         with Image.open(report / png) as image:
             assert image.size[0] > 100
