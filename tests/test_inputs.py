@@ -17,10 +17,10 @@ from torch import nn
 from backbones import get_backbone
 from config.config import ETHNICITIES
 from eval.embed import main as embed_main
-from eval.evaluate import evaluate_work_dir
+from eval.evaluate import evaluate_work_dir, result_row
 from eval.report import results_table, write_report
 from eval.rfw_data import _read_bin, load_bin
-from eval.verification import RFWEvaluator, backbone_embed_fn, embed_images
+from eval.verification import RFWEvaluator, backbone_embed_fn, embed_images, verify_distances
 from helpers import tiny_overrides
 from utils.align import ARCFACE_TEMPLATE, align_face, template
 from utils.cli import run_stage
@@ -256,3 +256,15 @@ def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path, on
     with pytest.raises(SystemExit, match="is 40x40, not the 32x32 aligned crop"):
         embed_main([*common, "--images", str(unaligned["train"] / "Asian"), "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad" / "index.tsv").exists() and not (tmp_path / "bad" / "embeddings.npy").exists()
+
+
+def test_unmeasurable_tar_reads_not_measurable_in_every_report_file(tmp_path):
+    rng = np.random.default_rng(0)
+    issame = np.r_[np.ones(300, bool), np.zeros(300, bool)]  # 300 impostors: FAR 1e-3 and 1e-4 unmeasurable
+    distances = np.where(issame, rng.normal(1.0, 0.3, 600), rng.normal(2.0, 0.3, 600))
+    row = result_row("model", {eth: verify_distances(distances, issame) for eth in ETHNICITIES})
+    paths = write_report([row], tmp_path)
+    assert "| model | n/m | n/m |" in paths["md"].read_text()
+    assert "not measurable" in paths["csv"].read_text()
+    saved = json.loads(paths["json"].read_text())["rows"][0]["extra"]
+    assert saved["Asian/tar@far=0.001"] is None and saved["Asian/min_measurable_far"] == pytest.approx(1 / 300)
