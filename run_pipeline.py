@@ -17,7 +17,7 @@ from pathlib import Path
 
 from config.config import format_override, load_config
 from utils.callbacks import format_duration
-from utils.pipeline import PRESETS, STAGES, build_report, plan_jobs, run_job, select_jobs
+from utils.pipeline import PRESETS, STAGES, TEACHER_SET_CHOICES, build_report, plan_jobs, run_job, select_jobs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node for training stages")
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
+    parser.add_argument("--teacher-sets", choices=TEACHER_SET_CHOICES, default="both",
+                        help="which teacher sets to run: specialized, baseline (balanced) or both (default)")
     parser.add_argument("--torchrun", nargs=argparse.REMAINDER, default=[],
                         help="the rest of the line goes to torchrun (multi-node rendezvous options)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--preset {preset_name} needs data_root=... (and rfw_root=... for verification)")
     base += args.overrides
     cfg = load_config(base)
-    jobs = select_jobs(plan_jobs(base), args.only, args.start)
+    jobs = select_jobs(plan_jobs(base, TEACHER_SET_CHOICES[args.teacher_sets]), args.only, args.start)
     run_report = args.only is None or "report" in args.only
     print(f"MST-KD pipeline, preset {preset_name}: {len(jobs)} jobs + report, outputs in {cfg.output_root}",
           flush=True)

@@ -32,6 +32,7 @@ from utils.embedding_store import (
     write_rows_sharded)
 from utils.engine import HISTORY_NAME, TrainingTask, classification_loss, is_run_complete, make_header, train
 from utils.io import atomic_write_json
+from utils.release_import import is_imported
 
 INPUTS_NAME = "teacher_stores.json"
 # Share of the available RAM the in-memory copies of the stores (one per local rank) may take.
@@ -209,7 +210,8 @@ def _decide(cfg: Config, inputs: dict[str, Any], flipped: bool) -> tuple[str | N
     if recorded is not None and recorded != inputs and cfg.resume:
         return (f"{run_dir} was trained on other teacher stores ({inputs_path}); delete the folder to train on "
                 "the current ones, or run without resume=True to start over", False, False)
-    trained = recorded == inputs and is_run_complete(run_dir)
+    # Imported weights (utils/release_import.py) are a finished run for whatever teacher stores are given.
+    trained = (recorded == inputs or is_imported(run_dir)) and is_run_complete(run_dir)
     done = trained and targets_current(cfg, inputs, run_dir / "best_adaptor.pth", flipped)
     if not trained:
         atomic_write_json(inputs_path, inputs)

@@ -25,6 +25,8 @@ from utils.io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("split", "teachers", "extract", "adaptors", "students", "report")
+# --teacher-sets of run_pipeline.py: which teacher sets (and everything built on them) to run.
+TEACHER_SET_CHOICES = {"specialized": ("specialized",), "baseline": ("baseline",), "both": TEACHER_SETS}
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,9 @@ def _adaptor_done(cfg: Config, index_hash: str) -> bool:
     return is_run_complete(cfg.adaptor_dir) and targets_complete(cfg.adaptor_dir, index_hash)
 
 
-def plan_jobs(base: Sequence[str]) -> list[Job]:
-    """Every job of the paper, in order, for the config ``base`` (a list of ``key=value`` overrides)."""
+def plan_jobs(base: Sequence[str], teacher_sets: Sequence[str] = TEACHER_SETS) -> list[Job]:
+    """Every job of the paper, in order, for the config ``base`` (a list of ``key=value`` overrides), for the
+    given teacher sets (the split only serves the baseline teachers)."""
     from utils.engine import is_run_complete
 
     jobs: list[Job] = []
@@ -102,24 +105,30 @@ def plan_jobs(base: Sequence[str]) -> list[Job]:
 
         return load_index(cfg).digest()
 
-    jobs.append(Job("split", "baseline_data_split.py", [], lambda: cfg.split_manifest.is_file(), distributed=False))
-    for ethnicity in ETHNICITIES:
+    unknown = sorted(set(teacher_sets) - set(TEACHER_SETS))
+    if unknown:
+        raise ValueError(f"unknown teacher sets {unknown}; they are {', '.join(TEACHER_SETS)}")
+    teacher_sets = [name for name in TEACHER_SETS if name in teacher_sets]
+    if "baseline" in teacher_sets:
+        jobs.append(Job("split", "baseline_data_split.py", [], lambda: cfg.split_manifest.is_file(),
+                        distributed=False))
+    for ethnicity in ETHNICITIES if "specialized" in teacher_sets else ():
         extra = ["teacher_set=specialized", f"ethnicity={ethnicity}", "resume=True"]
         run_dir = _cfg(base, extra).teacher_dir()
         jobs.append(Job("teachers", "train.py", extra, lambda d=run_dir: is_run_complete(d)))
-    for split in range(4):
+    for split in range(4) if "baseline" in teacher_sets else ():
         extra = ["teacher_set=baseline", f"split={split}", "resume=True"]
         run_dir = _cfg(base, extra).teacher_dir()
         jobs.append(Job("teachers", "train.py", extra, lambda d=run_dir: is_run_complete(d)))
-    for teacher_set in TEACHER_SETS:
+    for teacher_set in teacher_sets:
         extra = [f"teacher_set={teacher_set}", "ethnicity=all"]
         jobs.append(Job("extract", "extract_all.py", extra, lambda c=_cfg(base, extra): _stores_complete(c, index_hash())))
-    for teacher_set in TEACHER_SETS:
+    for teacher_set in teacher_sets:
         for adaptor in ADAPTORS:
             script, flags = ADAPTOR_SCRIPTS[adaptor]
             extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", *flags, "resume=True"]
             jobs.append(Job("adaptors", script, extra, lambda c=_cfg(base, extra): _adaptor_done(c, index_hash())))
-    for teacher_set in TEACHER_SETS:
+    for teacher_set in teacher_sets:
         for adaptor in ADAPTORS:
             for kd in KD_KINDS:
                 extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", f"kd={kd}", "resume=True"]
