@@ -85,7 +85,7 @@ def test_generator_renders_pairs_from_held_out_identities_only(tmp_path, monkeyp
     assert len(rendered["rfw"]) == 4 * 2 * 6 and len(test) > 4
     assert not train & test
     # Genuine pairs render one identity twice; impostor pairs two different identities.
-    issame = np.concatenate([load_bin(tmp_path / "rfw" / f"{eth}_test.bin", 8)[1] for eth in ETHNICITIES])
+    issame = np.concatenate([load_bin(tmp_path / "rfw" / f"{eth}_test.bin", 16)[1] for eth in ETHNICITIES])
     same_identity = [rendered["rfw"][2 * p] == rendered["rfw"][2 * p + 1] for p in range(len(issame))]
     assert same_identity == issame.tolist() and issame.mean() == 0.5
 
