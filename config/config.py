@@ -239,6 +239,9 @@ def _validate(cfg: Config) -> None:
     for key, value, allowed in checks:
         if value not in allowed:
             raise ValueError(f"config key {key}={value!r} is not one of {', '.join(allowed)}")
+    if not isinstance(cfg.val_targets, list) or not all(isinstance(name, str) for name in cfg.val_targets):
+        raise ValueError(f"config key val_targets={cfg.val_targets!r} must be a list of names, e.g. "
+                         "val_targets=['lfw','cfp_fp','agedb_30']")
     if cfg.val_targets and (cfg.val_root is None or cfg.rfw_root is None):
         raise ValueError(f"config key val_targets={cfg.val_targets} needs val_root=<folder with <name>.bin> and "
                          "rfw_root (benchmarks are verified next to RFW, which picks the best epoch)")

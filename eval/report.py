@@ -118,9 +118,14 @@ def _csv_text(rows: Sequence[ResultRow]) -> str:
             *(row.accuracies.get(eth, "") for eth in ETHNICITIES),
             summary["avg"], summary["std"], summary["ser"],
             *(row.benchmarks.get(name, "") for name in names),
-            *("not measurable" if row.extra.get(key, "") is None else row.extra.get(key, "") for key in extra_keys),
+            *(_csv_extra(row, key) for key in extra_keys),
         ])
     return buffer.getvalue()
+
+
+def _csv_extra(row: ResultRow, key: str) -> Any:
+    value = row.extra.get(key, "")
+    return "not measurable" if value is None and "/tar@far=" in key else value
 
 
 def _json_data(rows: Sequence[ResultRow]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import get_backbone
-from config.config import ETHNICITIES
+from config.config import ETHNICITIES, load_config
 from eval.embed import main as embed_main
 from eval.evaluate import evaluate_work_dir, result_row
 from eval.report import results_table, write_report
@@ -268,3 +268,12 @@ def test_unmeasurable_tar_reads_not_measurable_in_every_report_file(tmp_path):
     assert "not measurable" in paths["csv"].read_text()
     saved = json.loads(paths["json"].read_text())["rows"][0]["extra"]
     assert saved["Asian/tar@far=0.001"] is None and saved["Asian/min_measurable_far"] == pytest.approx(1 / 300)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["val_targets=lfw", "val_root=v", "rfw_root=r"], "must be a list of names"),
+    (["val_targets=['lfw']", "rfw_root=r"], "needs val_root"),
+])
+def test_val_targets_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides)
