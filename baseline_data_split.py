@@ -18,7 +18,7 @@ from utils.dataset import load_index
 from utils.distributed import DistInfo
 from utils.io import atomic_write_json
 from utils.logs import setup_logging
-from utils.provenance import data_fingerprint, split_record
+from utils.provenance import identities_fingerprint, split_record
 from utils.errors import ExistingOutputError
 from utils.splits import load_split_manifest, make_baseline_split, materialize_split, save_split_manifest
 
@@ -43,7 +43,7 @@ def main(cfg: Config, info: DistInfo) -> Path:
         save_split_manifest(path, splits, seed=cfg.seed, source=str(cfg.data_root))
         atomic_write_json(artifacts.split_config_file(cfg), cfg.to_dict())
         log.info(f"wrote {path}")
-    atomic_write_json(artifacts.split_provenance_file(cfg), split_record(cfg, data_fingerprint(index)))
+    atomic_write_json(artifacts.split_provenance_file(cfg), split_record(cfg, identities_fingerprint(index)))
     for k, split in enumerate(splits):
         sizes = ", ".join(f"{eth} {len(split[eth])}" for eth in ETHNICITIES)
         log.info(f"split{k}: {sum(len(v) for v in split.values())} identities ({sizes})")

@@ -265,7 +265,7 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
         raise MissingInputError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files)")
     runs = find_runs(work_dir, run_name)
     if not runs:
-        raise MissingInputError(f"no training runs (config.json with a stage) under {work_dir}")
+        raise MissingInputError(f"no training runs ({artifacts.CONFIG_FILE} with a stage) under {work_dir}")
     out = Path(out_dir) if out_dir is not None else artifacts.report_folder(work_dir, run_name or "")
     sources, sources_path = _sources(runs, work_dir, rfw_root), artifacts.report_sources_file(out)
     stem = artifacts.REPORT_STEM
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"exactly four teacher weights files in concatenation order: {', '.join(CONCAT_ORDER)} "
                            "(baseline teachers: split0..split3); needs --adaptor and --adaptor-type")
     mode.add_argument("--work-dir", type=Path, metavar="DIR",
-                      help="evaluate every run under DIR, each rebuilt from its own config.json "
+                      help=f"evaluate every run under DIR, each rebuilt from its own {artifacts.CONFIG_FILE} "
                            "(--network/--input-size/--embedding-size/--width are then not used)")
     parser.add_argument("--network", default="iresnet34", choices=BACKBONES, help="network of --backbone")
     parser.add_argument("--teacher-network", default="iresnet34", choices=BACKBONES, help="network of --teachers")

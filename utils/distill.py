@@ -65,7 +65,8 @@ class KDTargetDataset(Dataset):
             raise ProvenanceError(
                 f"kd_flip_consistent=True needs the targets of flipped images in {self.adaptor_dir}: {exc}. "
                 "Run extract_all.py with extract_flipped=True for the four teachers, then retrain the adaptor "
-                "so it writes targets_flip.npy (or set kd_flip_consistent=False, as released)") from exc
+                f"so it writes {artifacts.target_files(self.adaptor_dir).flipped.name} (or set "
+                "kd_flip_consistent=False, as released)") from exc
         return targets, flipped
 
     def _stores(self) -> tuple[np.ndarray, ...]:

@@ -25,8 +25,8 @@ from utils import artifacts
 from utils.dataset import ImageIndex, load_index, training_rows
 from utils.errors import InvalidInputError
 from utils.provenance import (
-    Record, adaptor_record, data_fingerprint, describe_changes, file_sha256, read_record, record_digest, split_record,
-    store_record, student_record, targets_record, teacher_record)
+    Record, adaptor_record, data_fingerprint, describe_changes, file_sha256, identities_fingerprint, read_record,
+    record_digest, split_record, store_record, student_record, targets_record, teacher_record)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("split", "teachers", "extract", "adaptors", "students", "report")
@@ -218,7 +218,7 @@ def _student_check(cfg: Config, inputs: _Inputs) -> Verdict:
 def _split_check(cfg: Config, inputs: _Inputs) -> Verdict:
     if not artifacts.split_manifest(cfg).is_file():
         return Verdict(False, "no split yet")
-    wanted = split_record(cfg, data_fingerprint(inputs.index))
+    wanted = split_record(cfg, identities_fingerprint(inputs.index))
     recorded = artifacts.read_json(artifacts.split_provenance_file(cfg), "split provenance record")
     if recorded != wanted:
         return _changed("split", recorded or {}, wanted)

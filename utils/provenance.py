@@ -67,6 +67,11 @@ def data_fingerprint(index: ImageIndex, rows: np.ndarray | None = None) -> str:
     return digest.hexdigest()
 
 
+def identities_fingerprint(index: ImageIndex) -> str:
+    """The identities of the data (ethnicity and name), what the balanced split is drawn from."""
+    return hashlib.sha256("".join(f"{eth}\t{name}\n" for eth, name in index.identities).encode()).hexdigest()
+
+
 def tree_fingerprint(root: str | Path) -> str:
     """Every file under ``root``: relative path, size and sha256 (the RFW files, a few hundred MB)."""
     root = Path(root)
@@ -101,9 +106,9 @@ def _rfw_selection(cfg: Config, keys: dict[str, Any], inputs: dict[str, str]) ->
         keys["verify_every"] = cfg.verify_every
 
 
-def split_record(cfg: Config, data: str) -> Record:
-    """The balanced baseline split: the identities of the data and the seed."""
-    return {"stage": "split", "keys": _keys(cfg, ("seed", *_DATA_KEYS)), "inputs": {"data": data}}
+def split_record(cfg: Config, identities: str) -> Record:
+    """The balanced baseline split: the identities of the data (:func:`identities_fingerprint`) and the seed."""
+    return {"stage": "split", "keys": _keys(cfg, ("seed", *_DATA_KEYS)), "inputs": {"identities": identities}}
 
 
 def teacher_record(cfg: Config, data: str) -> Record:
