@@ -122,10 +122,6 @@ def step_decay(milestones: Sequence[int], decay: float) -> Callable[[int], float
     return lambda epoch: decay ** bisect.bisect_right(ordered, epoch)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 def _check_labels(task: TrainingTask) -> None:
     if task.header is None:
         return
