@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
 from config.config import (
-    ADAPTORS as ADAPTOR_NAMES, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
+    ADAPTORS as ADAPTOR_NAMES, BASELINE_CONCAT_ORDER, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
 from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
 from eval.verification import EmbedFn, RFWEvaluator, VerificationResult, backbone_embed_fn, multi_teacher_embed_fn
 from utils import artifacts
@@ -95,8 +95,11 @@ def evaluate_multi_teacher(
     use_se: bool = False,
     device: str | torch.device | None = None,
     name: str | None = None,
+    raw_teachers: bool = False,
 ) -> ResultRow:
-    """The multi-teacher space: four teachers in CONCAT_ORDER (Asian, African, Caucasian, Indian) + adaptor."""
+    """The multi-teacher space: four teachers in CONCAT_ORDER (Asian, African, Caucasian, Indian) + adaptor.
+
+    ``raw_teachers``: concatenate unnormalised teacher outputs, as the release's adaptor evaluation did."""
     if len(teacher_weights) != len(CONCAT_ORDER):
         listed = ", ".join(map(str, teacher_weights))
         raise ValueError(f"expected {len(CONCAT_ORDER)} teacher checkpoints in the order "
@@ -110,8 +113,9 @@ def evaluate_multi_teacher(
     adaptor = get_adaptor(adaptor_type, in_features=len(teachers) * embedding_size, embedding_size=embedding_size)
     load_weights(adaptor, adaptor_weights, what=f"{adaptor_type} adaptor weights")
     extra = {"network": teacher_network, "adaptor": adaptor_type, "weights": str(adaptor_weights),
-             "teachers": " ".join(map(str, teacher_weights))}
-    return _evaluate(name or f"{adaptor_type} multi-teacher space", multi_teacher_embed_fn(teachers, adaptor),
+             "teachers": " ".join(map(str, teacher_weights)), "raw_teachers": raw_teachers}
+    return _evaluate(name or f"{adaptor_type} multi-teacher space",
+                     multi_teacher_embed_fn(teachers, adaptor, raw_teachers=raw_teachers),
                      [*teachers, adaptor], evaluator, device, extra)
 
 
@@ -205,8 +209,9 @@ def find_runs(work_dir: str | Path, run_name: str | None = None) -> list[tuple[P
 
 
 def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator, *, name: str,
-                 device: str | torch.device | None = None) -> ResultRow:
-    """One training run: its best weights (adaptors: with their four teachers' best weights)."""
+                 device: str | torch.device | None = None, raw_teachers: bool = False) -> ResultRow:
+    """One training run: its best weights (adaptors: with their four teachers' best weights, in
+    ``teacher_members`` order; ``raw_teachers`` as in :func:`multi_teacher_embed_fn`)."""
     if cfg.input_size != evaluator.input_size:
         raise InvalidInputError(f"run {run_dir} has input_size {cfg.input_size}, the RFW evaluator "
                                 f"{evaluator.input_size}")
@@ -217,17 +222,19 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator
     if stage == "adaptor":
         teachers = [_load_teacher(d, cfg, run_dir) for d in _teacher_dirs(run_dir, cfg)]
         adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights")
-        extra.update(network=cfg.network, adaptor=cfg.adaptor)
-        return _evaluate(name, multi_teacher_embed_fn(teachers, adaptor), [*teachers, adaptor], evaluator,
-                         device, extra)
+        extra.update(network=cfg.network, adaptor=cfg.adaptor, raw_teachers=raw_teachers)
+        return _evaluate(name, multi_teacher_embed_fn(teachers, adaptor, raw_teachers=raw_teachers),
+                         [*teachers, adaptor], evaluator, device, extra)
     model = build_backbone(cfg, student=stage == "student")
     load_weights(model, weights, what=f"{stage} weights")
     extra["network"] = cfg.student_network if stage == "student" else cfg.network
     return _evaluate(name, backbone_embed_fn(model), [model], evaluator, device, extra)
 
 
-def _sources(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw_root: Path) -> dict[str, Any]:
-    """What a report is computed from: the RFW files, and each run's config and evaluated weights (content)."""
+def _sources(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw_root: Path,
+             raw_teachers: bool) -> dict[str, Any]:
+    """What a report is computed from: the RFW files, each run's config and evaluated weights (content), and
+    how adaptor spaces were evaluated."""
     def weights_sha(path: Path) -> str | None:
         return file_sha256(path) if path.is_file() else None
 
@@ -239,7 +246,7 @@ def _sources(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw_root:
         entries.append({"run": run_dir.relative_to(work_dir).as_posix(), "stage": stage,
                         "config": file_sha256(artifacts.config_file(run_dir)),
                         "weights": [weights_sha(path) for path in files]})
-    return {"rfw": tree_fingerprint(rfw_root), "runs": entries}
+    return {"rfw": tree_fingerprint(rfw_root), "runs": entries, "raw_teachers": raw_teachers}
 
 
 @dataclass
@@ -252,13 +259,15 @@ class WorkDirReport:
 
 def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str | None = None,
                     out_dir: str | Path | None = None, batch_size: int = 256,
-                    device: str | torch.device | None = None, skip_incomplete: bool = False) -> WorkDirReport:
+                    device: str | torch.device | None = None, skip_incomplete: bool = False,
+                    raw_teachers: bool = False) -> WorkDirReport:
     """Evaluate every run under ``work_dir`` (of ``run_name``, if given) on RFW and write one report folder.
 
     Each run is rebuilt from its own config.json. The report folder (default ``report[-run_name]`` in the
     work dir) holds the tables, plots and ``sources.json``: when the RFW files and every evaluated weights
     file are unchanged, the report there is reused without evaluating again. With ``skip_incomplete`` a run
-    without its best weights is reported and skipped instead of failing.
+    without its best weights is reported and skipped instead of failing; ``raw_teachers`` evaluates adaptor
+    spaces as in :func:`multi_teacher_embed_fn`.
     """
     work_dir, rfw_root = Path(work_dir), Path(rfw_root)
     if not rfw_root.is_dir():
@@ -267,7 +276,7 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
     if not runs:
         raise MissingInputError(f"no training runs ({artifacts.CONFIG_FILE} with a stage) under {work_dir}")
     out = Path(out_dir) if out_dir is not None else artifacts.report_folder(work_dir, run_name or "")
-    sources, sources_path = _sources(runs, work_dir, rfw_root), artifacts.report_sources_file(out)
+    sources, sources_path = _sources(runs, work_dir, rfw_root, raw_teachers), artifacts.report_sources_file(out)
     stem = artifacts.REPORT_STEM
     reused = sources_path.is_file() and json.loads(sources_path.read_text()) == sources
     if reused:
@@ -280,7 +289,8 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
                 evaluators[cfg.input_size] = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size)
             name = display_name(stage, cfg)
             try:
-                rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device))
+                rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device,
+                                         raw_teachers=raw_teachers))
             except FileNotFoundError as exc:
                 if not skip_incomplete:
                     raise
@@ -307,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--backbone", type=Path, metavar="PATH", help="one backbone weights file")
     mode.add_argument("--teachers", type=Path, nargs="+", metavar="PATH",
                       help=f"exactly four teacher weights files in concatenation order: {', '.join(CONCAT_ORDER)} "
-                           "(baseline teachers: split0..split3); needs --adaptor and --adaptor-type")
+                           f"(baseline teachers: {' '.join(BASELINE_CONCAT_ORDER)}); needs --adaptor and --adaptor-type")
     mode.add_argument("--work-dir", type=Path, metavar="DIR",
                       help=f"evaluate every run under DIR, each rebuilt from its own {artifacts.CONFIG_FILE} "
                            "(--network/--input-size/--embedding-size/--width are then not used)")
@@ -328,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-name", default=None,
                         help="--work-dir: only the runs of this run_name (default: every run)")
     parser.add_argument("--name", help="row name of the evaluated model (--backbone / --teachers)")
+    parser.add_argument("--release-raw-teachers", action="store_true",
+                        help="adaptor rows: concatenate the teachers' unnormalised outputs, as the release's "
+                             "adaptor evaluation did (default: L2-normalised, as the adaptors were trained)")
     parser.add_argument("--skip-incomplete", action="store_true",
                         help="--work-dir: skip runs without best weights instead of failing")
     return parser
@@ -342,6 +355,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--teachers needs --adaptor PATH and --adaptor-type SL|DuL|DLDPO")
     elif args.adaptor is not None or args.adaptor_type is not None:
         parser.error("--adaptor/--adaptor-type only apply with --teachers")
+    if args.release_raw_teachers and args.backbone is not None:
+        parser.error("--release-raw-teachers applies to adaptors (--teachers or --work-dir), not --backbone")
     if args.work_dir is not None and args.name is not None:
         parser.error("--name applies to --backbone/--teachers; --work-dir names rows after their runs")
 
@@ -354,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
         if args.work_dir is not None:
             report = report_work_dir(args.work_dir, args.rfw_root, run_name=args.run_name, out_dir=args.out,
                                      batch_size=args.batch_size, device=args.device,
-                                     skip_incomplete=args.skip_incomplete)
+                                     skip_incomplete=args.skip_incomplete, raw_teachers=args.release_raw_teachers)
             print(report.text)
             print(f"report {'reused' if report.reused else 'written'}: {report.out_dir}")
             return report.rows
@@ -366,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
                 rows = [evaluate_backbone(args.backbone, args.network, evaluator, **common)]
             else:
                 rows = [evaluate_multi_teacher(args.teachers, args.adaptor, args.adaptor_type, evaluator,
-                                               teacher_network=args.teacher_network, **common)]
+                                               teacher_network=args.teacher_network,
+                                               raw_teachers=args.release_raw_teachers, **common)]
     except (UserError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     out = args.out or Path("eval_results")

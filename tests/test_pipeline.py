@@ -191,7 +191,7 @@ def test_released_teachers_flow_through_and_a_swapped_checkpoint_rebuilds_what_r
 def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     out = tmp_path / "work"
     command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}",
-               "num_epoch=3", "milestones=[2]"]
+               "num_epoch=3", "milestones=[3]"]
     process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     first_teacher = out / TEACHER_RUNS[0]
@@ -209,7 +209,7 @@ def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     finished_mtime = (first_teacher / "best_backbone.pth").stat().st_mtime_ns
     history = json.loads((second_teacher / "history.json").read_text())
     assert not history["complete"]
-    result = _pipeline(out, "num_epoch=3", "milestones=[2]", "--only", "split", "teachers")
+    result = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers")
     african = [line for line in result.stdout.splitlines() if "ethnicity=African" in line]
     assert len(african) == 1 and " -- skip: complete" in african[0]
     assert any("ethnicity=Asian -- run: interrupted" in line for line in result.stdout.splitlines())

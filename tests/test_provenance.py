@@ -47,7 +47,7 @@ def test_resume_under_changed_keys_is_refused_but_not_under_keys_that_do_not_mat
     first = _train(tiny_synthetic, tmp_path, num_epoch=2, stop_after_epoch=1)
     assert not first.complete
     for key, value, change in (("lr", 0.05, "key lr: 0.1 -> 0.05"), ("seed", 1, "key seed: 0 -> 1"),
-                               ("milestones", [2], "key milestones: [1] -> [2]"), ("m", 0.4, "key m: null -> 0.4")):
+                               ("milestones", [1], "key milestones: [2] -> [1]"), ("m", 0.4, "key m: null -> 0.4")):
         with pytest.raises(ProvenanceError, match=change.replace("[", r"\[").replace("]", r"\]")):
             _train(tiny_synthetic, tmp_path, num_epoch=2, resume=True, **{key: value})
     resumed = _train(tiny_synthetic, tmp_path, num_epoch=2, resume=True, log_every=1, num_workers=1)

@@ -133,7 +133,7 @@ def store_record(cfg: Config, member: str, data: str, teacher_sha256: str) -> Re
 
 def adaptor_record(cfg: Config, stores: Mapping[str, str]) -> Record:
     """An adaptor run: its architecture and optimisation, and the four teacher stores (their record digests)."""
-    names = ["teacher_set", "network", "adaptor", "embedding_size", *_OPTIMISER_KEYS, "loss", "s", "m",
+    names = ["teacher_set", "network", "adaptor", "embedding_size", *_OPTIMISER_KEYS, "adaptor_loss",
              "adaptor_std", "lr_fc", "num_epoch_fc", "milestones_fc", "batch_size_fc"]
     if cfg.adaptor != "SL":
         names += ["middle_layer_size", "adaptor_negative_slope"]
