@@ -15,7 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -71,10 +71,9 @@ class Job:
     upstream: list[str]  # keys of the jobs whose outputs this job reads
     check: Callable[[], "Verdict"]  # is it done, given the current outputs of its upstream jobs?
     distributed: bool = True  # launched under torchrun when more than one process is asked for
-    label: str = field(default="")
 
     def describe(self) -> str:
-        return self.label or f"{self.script} {' '.join(self.overrides)}".strip()
+        return f"{self.script} {' '.join(self.overrides)}".strip()
 
 
 @dataclass(frozen=True)
