@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from helpers import ROOT
@@ -157,6 +158,16 @@ def test_changed_training_data_or_rfw_files_rerun_what_read_them(finished_copy):
     rfw.write_bytes(rfw.read_bytes() + b"\0")
     plan = _plan(finished_copy)
     assert len(plan["run"]) == JOBS - 1 and "input rfw" in plan["run"][0]  # the split does not read RFW
+
+
+@pytest.mark.slow
+def test_swapped_adaptor_weights_rewrite_its_targets_and_rerun_its_students(finished_copy):
+    weights = finished_copy / "adaptors/specialized_iresnet18/SL/best_adaptor.pth"
+    state = torch.load(weights, weights_only=True)
+    torch.save({name: value * 1.5 for name, value in state.items()}, weights)
+    plan = _plan(finished_copy)
+    assert _stages(plan["run"]) == ["adaptors", "students", "students"]
+    assert "KD targets made with other settings or inputs (input adaptor_weights:" in plan["run"][0]
 
 
 @pytest.mark.slow
