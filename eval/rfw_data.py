@@ -1,11 +1,7 @@
 """Loaders for verification pairs: insightface ``.bin`` files and RFW as its authors distribute it.
 
-``.bin`` files are a pickle of ``(images, issame)``: a list of 2N encoded images (JPEG bytes, or
-1-D uint8 numpy arrays where the file was made from ``cv2.imencode`` output) and a list of N
-booleans (Python or numpy), pair i being images 2i and 2i+1. Files written under Python 2 hold the
-images as ``str``, hence ``encoding='bytes'``. Pickles can run code, so a restricted unpickler
-admits only the few classes such a file needs and refuses everything else. The images of a ``.bin``
-(RFW's ``<Race>_test.bin``, and insightface's lfw, cfp_fp, agedb_30, ... benchmarks) are aligned crops.
+``.bin`` files (format in ``utils/binfile.py``) hold aligned crops: RFW's ``<Race>_test.bin`` and
+insightface's lfw, cfp_fp, agedb_30, ... benchmarks.
 
 RFW as distributed (``rfw_root`` = the archive root, or its ``test/`` folder)::
 
@@ -21,9 +17,7 @@ integers (folds, pairs per fold) in a pair list is skipped.
 """
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,68 +28,13 @@ import torch
 
 from config.config import ETHNICITIES
 from utils.align import align_face, as_landmarks, check_input_size
-from utils.dataset import decode_bgr
-from utils.io import atomic_path
+from utils.binfile import read_bin
+from utils.errors import InvalidInputError, MissingInputError
+from utils.image import decode_bgr
+from utils.logs import LOGGER_NAME
 
 # A child of the project logger, so the format found reaches the run's train.log.
-logger = logging.getLogger("mstkd.rfw")
-
-# (module, name) pairs a .bin may reference: numpy arrays and scalars (bool flags, uint8 image
-# buffers from cv2.imencode). These only build arrays from data; everything else a pickle can name,
-# builtins included, is refused. numpy 1.x pickles name numpy.core, which numpy 2 calls numpy._core.
-_ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy", "bool_"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"),
-}
-_BIN_PROTOCOL = 4
-
-
-class RefusedPickleError(pickle.UnpicklingError):
-    """A ``.bin`` named a global other than the few it may use; it was refused before anything ran."""
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    """Python 3 pickles bytes under protocol 2 as ``_codecs.encode(text, 'latin1')``; only that
-    spelling is honoured, so the global cannot reach other codecs."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise RefusedPickleError(f"_codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-class _BinUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase):
-        super().__init__(file, encoding="bytes")
-
-    def find_class(self, module: str, name: str) -> object:
-        if module.startswith("numpy.core."):
-            module = "numpy._core." + module[len("numpy.core."):]
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if (module, name) == ("_codecs", "encode"):
-            return _latin1_encode
-        raise RefusedPickleError(f"{module}.{name}")
-
-
-def _read_bin(path: Path) -> tuple[list, list]:
-    with open(path, "rb") as handle:
-        try:
-            data = _BinUnpickler(handle).load()
-        except RefusedPickleError as exc:
-            raise RefusedPickleError(
-                f"{path} references {exc}; a verification .bin may only hold lists of image bytes and "
-                "booleans, so it was refused (nothing was executed)") from None
-        except Exception as exc:  # a damaged or truncated pickle raises many types, UnpicklingError included
-            raise ValueError(f"cannot read verification file {path}: {exc}") from exc
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{path}: expected a pickle of (images, issame), got {type(data).__name__}")
-    images, issame = data
-    if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
-        raise ValueError(f"{path}: expected (list of images, list of bools)")
-    return list(images), list(issame)
+logger = logging.getLogger(f"{LOGGER_NAME}.rfw")
 
 
 def _as_buffer(item: object, path: Path, i: int) -> bytes | np.ndarray:
@@ -138,24 +77,14 @@ def load_bin(path: str | Path, input_size: int, allow_resize: bool = False) -> t
     """Images uint8 RGB [2N, 3, S, S] and issame bool [N] from an insightface ``.bin`` file of aligned crops."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"verification file not found: {path}")
-    images, issame = _read_bin(path)
+        raise MissingInputError(f"verification file not found: {path}")
+    images, issame = read_bin(path)
     if len(images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected two per pair)")
     buffers = [_as_buffer(item, path, i) for i, item in enumerate(images)]
     flags = np.array([_as_bool(item, path, i) for i, item in enumerate(issame)], dtype=bool)
     names = [f"{path}[{i}]" for i in range(len(buffers))]
     return _stack(buffers, names, input_size, allow_resize=allow_resize), flags
-
-
-def write_bin(path: str | Path, jpeg_list: Sequence[bytes], issame: Sequence[bool]) -> None:
-    """Write an insightface-style ``.bin`` (pickle of (list of bytes, list of bool)) atomically."""
-    if len(jpeg_list) != 2 * len(issame):
-        raise ValueError(f"{len(jpeg_list)} images for {len(issame)} pairs (expected two per pair)")
-    payload = ([bytes(item) for item in jpeg_list], [bool(flag) for flag in issame])
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            pickle.dump(payload, handle, protocol=_BIN_PROTOCOL)
 
 
 def _parse_pairs(pairs_file: Path) -> list[tuple[str, int, str, int, bool]]:
@@ -192,15 +121,15 @@ def read_landmarks(lmk_file: str | Path) -> dict[str, np.ndarray]:
         if not fields:
             continue
         if len(fields) != 12:
-            raise ValueError(f"{lmk_file}:{line_no}: expected '<image path> <label> x1 y1 ... x5 y5' (12 fields), "
+            raise InvalidInputError(f"{lmk_file}:{line_no}: expected '<image path> <label> x1 y1 ... x5 y5' (12 fields), "
                              f"got {len(fields)}")
         try:
             points = as_landmarks([float(value) for value in fields[2:]], f"{lmk_file}:{line_no}")
         except ValueError as exc:
-            raise ValueError(f"{lmk_file}:{line_no}: landmarks are not 10 numbers: {exc}") from None
+            raise InvalidInputError(f"{lmk_file}:{line_no}: landmarks are not 10 numbers: {exc}") from None
         out["/".join(Path(fields[0]).parts[-2:])] = points
     if not out:
-        raise ValueError(f"{lmk_file} lists no landmarks")
+        raise InvalidInputError(f"{lmk_file} lists no landmarks")
     return out
 
 
@@ -214,7 +143,7 @@ def load_pair_list(image_root: str | Path, pairs_file: str | Path, input_size: i
     """
     image_root, pairs_file = Path(image_root), Path(pairs_file)
     if not pairs_file.is_file():
-        raise FileNotFoundError(f"pair list not found: {pairs_file}")
+        raise MissingInputError(f"pair list not found: {pairs_file}")
     landmarks = read_landmarks(landmarks_file) if landmarks_file is not None else None
     buffers, names, points, issame = [], [], [], []
     for name1, idx1, name2, idx2, same in _parse_pairs(pairs_file):
@@ -222,9 +151,9 @@ def load_pair_list(image_root: str | Path, pairs_file: str | Path, input_size: i
             key = f"{name}/{name}_{idx:04d}{ext}"
             image_path = image_root / key
             if not image_path.is_file():
-                raise FileNotFoundError(f"image {image_path} listed in {pairs_file} not found")
+                raise MissingInputError(f"image {image_path} listed in {pairs_file} not found")
             if landmarks is not None and key not in landmarks:
-                raise ValueError(f"{landmarks_file} has no landmarks for {image_path} (listed in {pairs_file})")
+                raise InvalidInputError(f"{landmarks_file} has no landmarks for {image_path} (listed in {pairs_file})")
             buffers.append(image_path.read_bytes())
             names.append(str(image_path))
             points.append(landmarks[key] if landmarks is not None else None)
@@ -265,7 +194,7 @@ def find_rfw_source(rfw_root: str | Path, ethnicity: str) -> RFWSource:
             landmarks = txts / f"{ethnicity}_lmk.txt"
             return RFWSource(ethnicity, "distributed", pairs, base / "data" / ethnicity,
                              landmarks if landmarks.is_file() else None)
-    raise FileNotFoundError(f"no {ethnicity} verification data under {rfw_root}: expected one of "
+    raise MissingInputError(f"no {ethnicity} verification data under {rfw_root}: expected one of "
                             f"{', '.join(map(str, tried))} (rfw_root may be a folder of <Ethnicity>_test.bin files, "
                             "the RFW archive root or its test/ folder)")
 
@@ -294,7 +223,7 @@ def find_benchmark(val_root: str | Path, name: str) -> Path:
     path = Path(val_root) / f"{name}.bin"
     if not path.is_file():
         found = sorted(p.stem for p in Path(val_root).glob("*.bin")) if Path(val_root).is_dir() else []
-        raise FileNotFoundError(f"val_targets name {name!r}: {path} not found (val_root={val_root} holds "
+        raise MissingInputError(f"val_targets name {name!r}: {path} not found (val_root={val_root} holds "
                                 f"{', '.join(found) or 'no .bin files'})")
     return path
 
@@ -303,7 +232,7 @@ def load_benchmarks(val_root: str | Path | None, names: Sequence[str], input_siz
                     allow_resize: bool = False) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """The pairs of every ``val_targets`` benchmark, by name (empty when ``names`` is)."""
     if names and val_root is None:
-        raise ValueError(f"val_targets {list(names)} need val_root=<folder with {names[0]}.bin ...>")
+        raise InvalidInputError(f"val_targets {list(names)} need val_root=<folder with {names[0]}.bin ...>")
     out = {}
     for name in names:
         path = find_benchmark(val_root, name)  # type: ignore[arg-type]

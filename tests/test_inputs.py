@@ -17,14 +17,16 @@ from torch import nn
 from backbones import get_backbone
 from config.config import ETHNICITIES, load_config
 from eval.embed import main as embed_main
-from eval.evaluate import evaluate_work_dir, result_row
-from eval.report import results_table, write_report
-from eval.rfw_data import _read_bin, load_bin
+from eval.evaluate import report_work_dir, result_row
+from eval.report import write_report
+from eval.rfw_data import load_bin
 from eval.verification import RFWEvaluator, backbone_embed_fn, embed_images, verify_distances
 from helpers import tiny_overrides
 from utils.align import ARCFACE_TEMPLATE, align_face, template
+from utils.binfile import read_bin
 from utils.cli import run_stage
-from utils.dataset import FaceDataset, decode_image, random_horizontal_flip, scan_image_folder
+from utils.dataset import FaceDataset, scan_image_folder
+from utils.image import decode_image, random_horizontal_flip
 from utils.synthetic import generate_synthetic
 
 import train
@@ -93,7 +95,7 @@ def _write_distributed_rfw(bin_root: Path, out: Path, seed: int = 0) -> Path:
     files, each pasted unaligned into a bigger canvas with known landmarks."""
     rng = np.random.default_rng(seed)
     for eth in ETHNICITIES:
-        images, issame = _read_bin(bin_root / f"{eth}_test.bin")
+        images, issame = read_bin(bin_root / f"{eth}_test.bin")
         txts = out / "test" / "txts" / eth
         txts.mkdir(parents=True)
         pair_lines, lmk_lines = [], []
@@ -116,7 +118,7 @@ def _write_distributed_rfw(bin_root: Path, out: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, one_torch_thread):
+def inputs(tmp_path_factory):
     """Synthetic faces (their RFW-style .bin files) and the distributed RFW twin made from the same faces."""
     root = tmp_path_factory.mktemp("inputs")
     # Enough identities for a network that verifies well above chance: near chance, most pairs sit at the
@@ -173,13 +175,16 @@ def test_unaligned_training_folder_is_refused_and_allow_resize_trains(unaligned,
     assert all(set(e["rfw"]) >= {"lfw", "avg", *ETHNICITIES} for e in epochs) and len(epochs) == 2
     assert "lfw" in (result.run_dir / "train.log").read_text()
     # ... and in the work-directory report, as a column after SER.
-    rows = evaluate_work_dir(work, inputs["rfw"], device="cpu",
-                             evaluator_options=dict(val_root=inputs["val_root"], val_targets=["lfw"]))
-    header = results_table(rows).splitlines()[0].split()
+    report = report_work_dir(work, inputs["rfw"], device="cpu", val_root=inputs["val_root"], val_targets=["lfw"])
+    rows = report.rows
+    header = report.text.splitlines()[0].split()
     assert header[-4:] == ["Avg", "STD", "SER", "lfw"] and 0 <= rows[0].benchmarks["lfw"] <= 100
-    paths = write_report(rows, tmp_path / "report")
-    assert "| lfw |" in paths["md"].read_text()
-    assert json.loads(paths["json"].read_text())["rows"][0]["benchmarks"]["lfw"] == rows[0].benchmarks["lfw"]
+    assert "| lfw |" in (report.out_dir / "results.md").read_text()
+    saved = json.loads((report.out_dir / "results.json").read_text())["rows"][0]
+    assert saved["benchmarks"]["lfw"] == rows[0].benchmarks["lfw"]
+    # Read back from the JSON when nothing changed, the benchmark column is still there.
+    again = report_work_dir(work, inputs["rfw"], device="cpu", val_root=inputs["val_root"], val_targets=["lfw"])
+    assert again.reused and again.rows[0].benchmarks == rows[0].benchmarks
 
 
 def _trained_network(train_root: Path, epochs: int = 8) -> nn.Module:
@@ -227,7 +232,7 @@ def test_bin_images_of_another_size_need_allow_resize(unaligned):
     assert load_bin(inputs["val_root"] / "lfw.bin", 24, allow_resize=True)[0].shape[-1] == 24
 
 
-def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path, one_torch_thread):
+def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path):
     torch.manual_seed(0)
     model = get_backbone("iresnet18", input_size=SIZE, embedding_size=16, width=8)
     weights = tmp_path / "model.pth"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from backbones import get_adaptor, get_backbone
-from config.config import CONCAT_ORDER, load_config
+from config.config import ADAPTORS, CONCAT_ORDER, KD_KINDS, load_config
+from utils import artifacts
 from utils.release_import import main as import_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_import_checks_roles_records_provenance_and_refuses_overwrites(tmp_path,
     assert not out.exists()  # nothing written by a refused import
     records = import_main([*_overrides(out), "--teacher", f"Asian={files['Asian']}", "--adaptor", f"DuL={files['DuL']}"])
     cfg = load_config(_overrides(out))
-    run = cfg.teacher_dir("Asian")
+    run = artifacts.teacher_dir(cfg, "Asian")
     record = json.loads((run / "imported.json").read_text())
     assert record == records[0] and record["sha256"] == _sha(files["Asian"]) and record["role"] == "teacher"
     assert record["file"] == str(files["Asian"].resolve())
@@ -74,28 +75,42 @@ def test_import_checks_roles_records_provenance_and_refuses_overwrites(tmp_path,
     assert _sha(run / "best_backbone.pth") == _sha(files["African"])
 
 
+@pytest.mark.slow
 def test_released_weights_flow_through_extraction_adaptors_students_and_report(tmp_path):
     files = _release(tmp_path / "release")
     out = tmp_path / "work"
     named = [f"--teacher={member}={files[member]}" for member in sorted(CONCAT_ORDER)]  # any order
-    import_main([*_overrides(out), *named, "--adaptor", f"DuL={files['DuL']}", "--student", f"SL_aKD={files['student']}"])
+    # Every adaptor and every student but one are imported (fewer stage processes); DuL a-KD is trained here
+    # from the KD targets of the imported DuL adaptor.
+    adaptors = [f"--adaptor={name}={files['DuL'] if name == 'DuL' else _adaptor_file(tmp_path, name)}"
+                for name in ADAPTORS]
+    students = [f"--student={adaptor}_{kd}={files['student']}" for adaptor in ADAPTORS for kd in KD_KINDS
+                if (adaptor, kd) != ("DuL", "aKD")]
+    import_main([*_overrides(out), *named, *adaptors, *students])
     command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}",
                "--teacher-sets", "specialized", "--from", "extract"]
     completed = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                               text=True, timeout=600)
+                               text=True, timeout=900)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     cfg = load_config(_overrides(out))
-    adaptors = out / "adaptors" / "specialized_iresnet18"
+    adaptor_runs = out / "adaptors" / "specialized_iresnet18"
     # The imported adaptor was not retrained: its weights are the release's, and its KD targets were written.
-    assert _sha(adaptors / "DuL" / "best_adaptor.pth") == _sha(files["DuL"])
-    targets = json.loads((adaptors / "DuL" / "targets.json").read_text())
+    assert _sha(adaptor_runs / "DuL" / "best_adaptor.pth") == _sha(files["DuL"])
+    targets = json.loads((adaptor_runs / "DuL" / "targets.json").read_text())
     assert targets["complete"] and targets["checkpoint"]["sha256"] == _sha(files["DuL"])
-    assert json.loads((adaptors / "SL" / "history.json").read_text())["epochs"]  # trained here
-    student = cfg.student_dir.parent / "SL_aKD_iresnet18"
-    assert _sha(student / "best_backbone.pth") == _sha(files["student"])
-    assert "complete, skipped" in completed.stdout
+    students_dir = artifacts.student_dir(cfg).parent
+    assert json.loads((students_dir / "DuL_aKD_iresnet18" / "history.json").read_text())["epochs"]  # trained
+    assert _sha(students_dir / "SL_aKD_iresnet18" / "best_backbone.pth") == _sha(files["student"])  # kept
+    assert "skip: imported weights" in completed.stdout
     assert not (out / "teachers" / "baseline").exists() and not (out / "splits").exists()
     rows = json.loads((out / "report" / "results.json").read_text())["rows"]
     names = [row["name"] for row in rows]
     assert len(rows) == 4 + 3 + 6 and "DuL-EAF-Fusion specialized (4x iresnet18)" in names
-    assert "teacher specialized Asian (iresnet18)" in names and "student a-KD SL specialized (iresnet18)" in names
+    assert "teacher specialized Asian (iresnet18)" in names and "student a-KD DuL specialized (iresnet18)" in names
+
+
+def _adaptor_file(folder: Path, name: str) -> Path:
+    path = folder / "release" / f"{name}_adaptor.pth"
+    torch.manual_seed(3)
+    torch.save(get_adaptor(name, in_features=4 * 64, embedding_size=64).state_dict(), path)
+    return path

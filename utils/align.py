@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from skimage.transform import SimilarityTransform
 
+from utils.errors import InvalidInputError
+
 # The ArcFace template for a 112x112 crop: (x, y) of left eye, right eye, nose, left/right mouth corner.
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -23,7 +25,7 @@ ARCFACE_TEMPLATE = np.array(
 )
 
 
-class UnalignedImageError(ValueError):
+class UnalignedImageError(InvalidInputError):
     """An image is not an ``input_size`` square and nothing says how to align it."""
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,10 @@ from typing import Any, Mapping, Sequence
 
 from backbones import build_adaptor, build_backbone, load_weights
 from config.config import ADAPTORS, KD_KINDS, Config, load_config, teacher_members
+from utils import artifacts
+from utils.errors import ExistingOutputError, InvalidInputError, MissingInputError, UserError
 from utils.io import atomic_path, atomic_write_json
-
-IMPORT_RECORD = "imported.json"
-BEST_WEIGHTS = {"teacher": "best_backbone.pth", "adaptor": "best_adaptor.pth", "student": "best_backbone.pth"}
-_HISTORY, _CONFIG = "history.json", "config.json"
-
-
-def is_imported(run_dir: Path) -> bool:
-    """True for a run folder made by this importer (its weights come from elsewhere, not from training)."""
-    return (Path(run_dir) / IMPORT_RECORD).is_file()
+from utils.provenance import file_sha256
 
 
 @dataclass(frozen=True)
@@ -50,8 +43,8 @@ class Import:
     @property
     def run_dir(self) -> Path:
         if self.role == "teacher":
-            return self.cfg.teacher_dir()
-        return self.cfg.adaptor_dir if self.role == "adaptor" else self.cfg.student_dir
+            return artifacts.teacher_dir(self.cfg)
+        return artifacts.adaptor_dir(self.cfg) if self.role == "adaptor" else artifacts.student_dir(self.cfg)
 
     @property
     def label(self) -> str:
@@ -67,9 +60,9 @@ def _named(values: Sequence[str], option: str) -> dict[str, Path]:
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"{option} {value!r} is not of the form NAME=PATH")
+            raise InvalidInputError(f"{option} {value!r} is not of the form NAME=PATH")
         if name in named:
-            raise ValueError(f"{option} {name} is given twice ({named[name]} and {path})")
+            raise InvalidInputError(f"{option} {name} is given twice ({named[name]} and {path})")
         named[name] = Path(path)
     return named
 
@@ -81,7 +74,7 @@ def plan_imports(cfg: Config, teachers: Mapping[str, Path], adaptors: Mapping[st
     items = []
     for member, path in teachers.items():
         if member not in members:
-            raise ValueError(f"--teacher {member}: {cfg.teacher_set} teachers are named {', '.join(members)} "
+            raise InvalidInputError(f"--teacher {member}: {cfg.teacher_set} teachers are named {', '.join(members)} "
                              "(set teacher_set=baseline for split0..split3)")
         if member.startswith("split"):
             run_cfg = dataclasses.replace(cfg, split=int(member[len("split"):]))
@@ -90,32 +83,24 @@ def plan_imports(cfg: Config, teachers: Mapping[str, Path], adaptors: Mapping[st
         items.append(Import("teacher", run_cfg, path))
     for adaptor, path in adaptors.items():
         if adaptor not in ADAPTORS:
-            raise ValueError(f"--adaptor {adaptor}: adaptors are {', '.join(ADAPTORS)}")
+            raise InvalidInputError(f"--adaptor {adaptor}: adaptors are {', '.join(ADAPTORS)}")
         items.append(Import("adaptor", dataclasses.replace(cfg, adaptor=adaptor, has_drop_out=adaptor == "DLDPO"),
                             path))
     for name, path in students.items():
         adaptor, _, kd = name.partition("_")
         if adaptor not in ADAPTORS or kd not in KD_KINDS:
-            raise ValueError(f"--student {name}: expected <adaptor>_<kd> with adaptor in {', '.join(ADAPTORS)} and "
+            raise InvalidInputError(f"--student {name}: expected <adaptor>_<kd> with adaptor in {', '.join(ADAPTORS)} and "
                              f"kd in {', '.join(KD_KINDS)} (e.g. DLDPO_EAFKD)")
         items.append(Import("student", dataclasses.replace(cfg, adaptor=adaptor, kd=kd), path))
     if not items:
-        raise ValueError("nothing to import: give --teacher, --adaptor or --student NAME=PATH")
+        raise InvalidInputError("nothing to import: give --teacher, --adaptor or --student NAME=PATH")
     return items
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_loads(item: Import) -> None:
     """The file must load strictly into the model of its role (release extras tolerated)."""
     if not item.source.is_file():
-        raise FileNotFoundError(f"{item.label}: weights file {item.source} not found")
+        raise MissingInputError(f"{item.label}: weights file {item.source} not found")
     model = build_adaptor(item.cfg) if item.role == "adaptor" else build_backbone(item.cfg, student=item.role == "student")
     load_weights(model, item.source, what=f"{item.label} weights")
 
@@ -130,16 +115,16 @@ def import_all(items: Sequence[Import], *, replace: bool = False) -> list[dict[s
 def _import_one(item: Import, *, replace: bool) -> dict[str, Any]:
     """Make ``item.run_dir`` a finished run holding ``item.source`` as its best weights; returns the record."""
     run_dir = item.run_dir
-    weights = run_dir / BEST_WEIGHTS[item.role]
+    weights = artifacts.best_weights(run_dir, item.role)
     record = {"role": item.role, "run": item.label, "file": str(item.source.resolve()),
-              "size": item.source.stat().st_size, "sha256": _sha256(item.source)}
-    previous = run_dir / IMPORT_RECORD
-    if previous.is_file() and weights.is_file() and _sha256(weights) == record["sha256"]:
+              "size": item.source.stat().st_size, "sha256": file_sha256(item.source)}
+    previous = artifacts.imported_file(run_dir)
+    if previous.is_file() and weights.is_file() and file_sha256(weights) == record["sha256"]:
         return record  # the same weights are already there
     if run_dir.exists() and any(run_dir.iterdir()):
         if not replace:
             what = "an earlier import" if previous.is_file() else "a run or other files"
-            raise FileExistsError(f"{run_dir} already holds {what}; pass --replace to overwrite it with "
+            raise ExistingOutputError(f"{run_dir} already holds {what}; pass --replace to overwrite it with "
                                   f"{item.source}")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,8 +132,8 @@ def _import_one(item: Import, *, replace: bool) -> dict[str, Any]:
         shutil.copyfile(item.source, tmp)
     config = item.cfg.to_dict()
     config["derived"]["stage"] = item.role
-    atomic_write_json(run_dir / _CONFIG, config)
-    atomic_write_json(run_dir / _HISTORY, {"epochs": [], "best": {"epoch": None, "global_step": None,
+    atomic_write_json(artifacts.config_file(run_dir), config)
+    atomic_write_json(artifacts.history_file(run_dir), {"epochs": [], "best": {"epoch": None, "global_step": None,
                                                                   "imported": True},
                                            "complete": True})
     atomic_write_json(previous, record)  # last: its presence marks a complete import
@@ -177,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         records = import_all(items, replace=args.replace)
         for item, record in zip(items, records):
             print(f"imported {item.label}: {item.source} -> {item.run_dir} (sha256 {record['sha256'][:12]})")
-    except (FileNotFoundError, FileExistsError, KeyError, RuntimeError, ValueError) as exc:
+    except (UserError, KeyError, RuntimeError, ValueError) as exc:  # RuntimeError: weights that do not fit
         raise SystemExit(f"error: {exc.args[0] if exc.args else exc}") from None
     return records
 
