@@ -3,11 +3,11 @@
     python -m eval.embed --backbone student.pth --network iresnet34 --images DIR_OR_FILE.bin --out OUT [--flip]
 
 writes ``OUT/embeddings.npy``, a float32 ``[N, E]`` array of L2-normalised embeddings (open it with
-``np.load(path, mmap_mode="r")``), and ``OUT/index.tsv``, one line per row: the row number and the image (its
+``np.load(path, mmap_mode="r")``), and ``OUT/rows.tsv``, one line per row: the row number and the image (its
 path relative to the folder, or ``<file>.bin[i]``). Folders are walked recursively in sorted order; images must be
 aligned ``--input-size`` squares (``utils/align.py``) unless ``--allow-resize``. ``--flip`` adds the embedding
 of the mirrored image before normalising (the test-time augmentation of the verification protocol).
-Both files are written under temporary names and renamed when complete; the index is written last.
+Both files are written under temporary names and renamed when complete; the row list is written last.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from eval.verification import backbone_embed_fn, embed_images
 from utils.dataset import IMAGE_EXTENSIONS, decode_image
 from utils.io import atomic_write_text
 
-EMBEDDINGS_NAME, INDEX_NAME = "embeddings.npy", "index.tsv"
+EMBEDDINGS_NAME, ROWS_NAME = "embeddings.npy", "rows.tsv"
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -52,7 +52,7 @@ def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path
                  allow_resize: bool = False) -> tuple[Path, Path]:
     """Embeddings of every image of ``source`` (a folder of aligned crops or a ``.bin``) into ``out_dir``.
 
-    Returns the paths of ``embeddings.npy`` and ``index.tsv``.
+    Returns the paths of ``embeddings.npy`` and ``rows.tsv``.
     """
     source, out_dir = Path(source), Path(out_dir)
     if source.is_dir():
@@ -68,8 +68,8 @@ def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path
     model = model.to(device)
     embed_fn = backbone_embed_fn(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    embeddings_path, index_path = out_dir / EMBEDDINGS_NAME, out_dir / INDEX_NAME
-    index_path.unlink(missing_ok=True)  # an index next to a half-written array would claim it complete
+    embeddings_path, rows_path = out_dir / EMBEDDINGS_NAME, out_dir / ROWS_NAME
+    rows_path.unlink(missing_ok=True)  # a row list next to a half-written array would claim it complete
     partial = out_dir / f".{EMBEDDINGS_NAME}.partial"
     array = None
     row = 0
@@ -88,8 +88,8 @@ def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path
         os.replace(partial, embeddings_path)
     finally:
         partial.unlink(missing_ok=True)
-    atomic_write_text(index_path, "".join(f"{i}\t{name}\n" for i, name in enumerate(names)))
-    return embeddings_path, index_path
+    atomic_write_text(rows_path, "".join(f"{i}\t{name}\n" for i, name in enumerate(names)))
+    return embeddings_path, rows_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network", default="iresnet34", choices=BACKBONES)
     parser.add_argument("--images", type=Path, required=True, metavar="DIR|FILE.bin",
                         help="a folder of aligned face crops, or an insightface verification .bin")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where embeddings.npy and index.tsv go")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (embeddings.npy and the row list)")
     parser.add_argument("--flip", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--input-size", type=int, default=112)
     parser.add_argument("--embedding-size", type=int, default=512)

@@ -395,7 +395,7 @@ def parse_named_teachers(values: Sequence[str]) -> dict[str, Path]:
     for value in values:
         member, sep, path = value.partition("=")
         if not sep or not member or not path:
-            raise ValueError(f"--teacher {value!r} is not of the form NAME=PATH (e.g. Asian=teachers/asian.pth)")
+            raise ValueError(f"--teacher {value!r} is not of the form NAME=PATH (e.g. Asian=/path/to/asian_weights)")
         if member in named:
             raise ValueError(f"--teacher {member} is given twice ({named[member]} and {path})")
         named[member] = Path(path)

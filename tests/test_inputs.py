@@ -260,7 +260,7 @@ def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path):
     # Unaligned images are refused, and nothing claims to be complete.
     with pytest.raises(SystemExit, match="is 40x40, not the 32x32 aligned crop"):
         embed_main([*common, "--images", str(unaligned["train"] / "Asian"), "--out", str(tmp_path / "bad")])
-    assert not (tmp_path / "bad" / "index.tsv").exists() and not (tmp_path / "bad" / "embeddings.npy").exists()
+    assert not (tmp_path / "bad" / "rows.tsv").exists() and not (tmp_path / "bad" / "embeddings.npy").exists()
 
 
 def test_unmeasurable_tar_reads_not_measurable_in_every_report_file(tmp_path):
