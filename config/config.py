@@ -52,8 +52,8 @@ MARGIN_DEFAULTS: dict[str, dict[str, float]] = {
 class Config:
     # ---- data -------------------------------------------------------------------------------------------
     data_root: str | None = None  # BUPT-BalancedFace root (ROOT/<Ethnicity>/<identity>/<img>) or a folder with train.rec/train.idx
-    rfw_root: str | None = None  # RFW: folder of <Ethnicity>_test.bin, or the distributed archive root or its test/ (aligned from <Race>_lmk.txt); None = no verification
-    val_targets: list[str] = field(default_factory=list)  # extra insightface .bin benchmarks (lfw, cfp_fp, agedb_30, ...) verified with RFW
+    rfw_root: str | None = None  # RFW: folder of <Ethnicity>_test.bin, or the archive root / its test/; None = no verification
+    val_targets: list[str] = field(default_factory=list)  # insightface .bin benchmarks verified with RFW (lfw, cfp_fp, ...)
     val_root: str | None = None  # folder holding <name>.bin of every val_targets name
     output_root: str = "work_dirs"  # every run, store and report lives under this folder
     run_name: str = ""  # appended to run, store and report folder names so ablations live side by side

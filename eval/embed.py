@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network", default="iresnet34", choices=BACKBONES)
     parser.add_argument("--images", type=Path, required=True, metavar="DIR|FILE.bin",
                         help="a folder of aligned face crops, or an insightface verification .bin")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (embeddings.npy and the row list)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="output folder (embeddings.npy and the row list)")
     parser.add_argument("--flip", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--input-size", type=int, default=112)
     parser.add_argument("--embedding-size", type=int, default=512)

@@ -121,8 +121,8 @@ def read_landmarks(lmk_file: str | Path) -> dict[str, np.ndarray]:
         if not fields:
             continue
         if len(fields) != 12:
-            raise InvalidInputError(f"{lmk_file}:{line_no}: expected '<image path> <label> x1 y1 ... x5 y5' (12 fields), "
-                             f"got {len(fields)}")
+            raise InvalidInputError(f"{lmk_file}:{line_no}: expected '<image path> <label> x1 y1 ... x5 y5' "
+                                    f"(12 fields), got {len(fields)}")
         try:
             points = as_landmarks([float(value) for value in fields[2:]], f"{lmk_file}:{line_no}")
         except ValueError as exc:

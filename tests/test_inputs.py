@@ -255,7 +255,8 @@ def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path):
     np.testing.assert_allclose(flipped[3], expected_flip, atol=1e-5)
     assert not np.allclose(flipped[3], array[3])
     # A .bin: one row per image, named after the file.
-    _, bin_index = embed_main([*common, "--images", str(unaligned["val_root"] / "lfw.bin"), "--out", str(tmp_path / "b")])
+    bin_source = str(unaligned["val_root"] / "lfw.bin")
+    _, bin_index = embed_main([*common, "--images", bin_source, "--out", str(tmp_path / "b")])
     assert bin_index.read_text().splitlines()[1] == "1\tlfw.bin[1]"
     # Unaligned images are refused, and nothing claims to be complete.
     with pytest.raises(SystemExit, match="is 40x40, not the 32x32 aligned crop"):

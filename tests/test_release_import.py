@@ -58,7 +58,8 @@ def test_import_checks_roles_records_provenance_and_refuses_overwrites(tmp_path,
     with pytest.raises(SystemExit, match="expected <adaptor>_<kd>"):
         import_main([*_overrides(out), "--student", f"DuL={files['student']}"])
     assert not out.exists()  # nothing written by a refused import
-    records = import_main([*_overrides(out), "--teacher", f"Asian={files['Asian']}", "--adaptor", f"DuL={files['DuL']}"])
+    records = import_main([*_overrides(out), "--teacher", f"Asian={files['Asian']}",
+                           "--adaptor", f"DuL={files['DuL']}"])
     cfg = load_config(_overrides(out))
     run = artifacts.teacher_dir(cfg, "Asian")
     record = json.loads((run / "imported.json").read_text())

@@ -108,7 +108,8 @@ class TrainingMonitor:
 def summarize_verification(results: Mapping[str, object]) -> dict[str, float]:
     """Accuracy (%) of every pair set plus the fairness summary of the RFW ethnicities, from
     ``{name: VerificationResult}`` (ethnicities and ``val_targets`` benchmarks)."""
-    accuracies = {name: 100.0 * float(result.accuracy) for name, result in results.items()}  # type: ignore[attr-defined]
+    accuracies = {name: 100.0 * float(result.accuracy)  # type: ignore[attr-defined]
+                  for name, result in results.items()}
     summary = dict(accuracies)
     summary.update(fairness_metrics({eth: acc for eth, acc in accuracies.items() if eth in ETHNICITIES}))
     return summary

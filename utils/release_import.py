@@ -89,8 +89,8 @@ def plan_imports(cfg: Config, teachers: Mapping[str, Path], adaptors: Mapping[st
     for name, path in students.items():
         adaptor, _, kd = name.partition("_")
         if adaptor not in ADAPTORS or kd not in KD_KINDS:
-            raise InvalidInputError(f"--student {name}: expected <adaptor>_<kd> with adaptor in {', '.join(ADAPTORS)} and "
-                             f"kd in {', '.join(KD_KINDS)} (e.g. DLDPO_EAFKD)")
+            raise InvalidInputError(f"--student {name}: expected <adaptor>_<kd> with adaptor in "
+                                    f"{', '.join(ADAPTORS)} and kd in {', '.join(KD_KINDS)} (e.g. DLDPO_EAFKD)")
         items.append(Import("student", dataclasses.replace(cfg, adaptor=adaptor, kd=kd), path))
     if not items:
         raise InvalidInputError("nothing to import: give --teacher, --adaptor or --student NAME=PATH")
@@ -101,7 +101,10 @@ def _check_loads(item: Import) -> None:
     """The file must load strictly into the model of its role (release extras tolerated)."""
     if not item.source.is_file():
         raise MissingInputError(f"{item.label}: weights file {item.source} not found")
-    model = build_adaptor(item.cfg) if item.role == "adaptor" else build_backbone(item.cfg, student=item.role == "student")
+    if item.role == "adaptor":
+        model = build_adaptor(item.cfg)
+    else:
+        model = build_backbone(item.cfg, student=item.role == "student")
     load_weights(model, item.source, what=f"{item.label} weights")
 
 
