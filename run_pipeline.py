@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if run_report:
         text, out_dir = build_report(cfg)
         print("\n" + text)
-        print(f"\nreport written to {out_dir} (results.md/.csv/.json, results_accuracy.png, results_roc.png)")
+        print(f"\nreport written to {out_dir} (results.md/.csv/.json and results_*.png figures)")
     print(f"pipeline finished in {format_duration(time.perf_counter() - started)}", flush=True)
     return 0
 

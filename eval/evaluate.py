@@ -46,6 +46,7 @@ def result_row(name: str, results: Mapping[str, VerificationResult],
         accuracies={eth: 100.0 * result.accuracy for eth, result in results.items()},
         extra=details,
         curves={eth: (result.fpr, result.tpr) for eth, result in results.items()},
+        pairs={eth: (result.distances, result.issame) for eth, result in results.items()},
     )
 
 

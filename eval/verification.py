@@ -44,6 +44,9 @@ class VerificationResult:
     auc: float
     fpr: np.ndarray = field(repr=False)
     tpr: np.ndarray = field(repr=False)
+    # The pairs themselves, for bootstrap intervals and operating-point rates (eval/bootstrap.py).
+    distances: np.ndarray = field(repr=False)
+    issame: np.ndarray = field(repr=False)
 
     def summary(self) -> dict[str, float]:
         """JSON-friendly scalars (ROC arrays left out)."""
@@ -208,6 +211,8 @@ def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10
         auc=float(auc(fpr, tpr)),
         fpr=fpr,
         tpr=tpr,
+        distances=distances,
+        issame=issame,
     )
 
 

@@ -77,7 +77,7 @@ def test_cli_backbone_writes_table_files_and_plots(rfw_root, tmp_path, capsys):
     for suffix in (".md", ".csv", ".json"):
         assert (out / f"results{suffix}").is_file()
     _open_png(out / "results_accuracy.png")
-    _open_png(out / "results_roc.png")
+    _open_png(out / "results_det.png")
     saved = json.loads((out / "results.json").read_text())["rows"]
     assert [r["name"] for r in saved] == ["tiny"]
     assert "| tiny |" in (out / "results.md").read_text()
@@ -101,7 +101,7 @@ def test_cli_multi_teacher_space(rfw_root, tmp_path, capsys):
                  "--adaptor-type", "DuL", "--rfw-root", str(rfw_root), "--out", str(out), *SMALL])
     assert rows[0].name == "DuL multi-teacher space"
     assert "DuL multi-teacher space" in capsys.readouterr().out
-    _open_png(out / "results_roc.png")
+    _open_png(out / "results_det.png")
     # The order matters: the same checkpoints in another order give another space.
     evaluator = RFWEvaluator(rfw_root, SIZE)
     common = dict(teacher_network="iresnet18", embedding_size=EMB, width=WIDTH, device="cpu")
@@ -173,7 +173,7 @@ def test_work_dir_evaluates_every_run_and_adaptors_with_their_teachers(rfw_root,
         "adaptors/specialized_iresnet18/SL", "students/specialized_iresnet18/SL_aKD_iresnet18"]
     assert [row["extra"]["stage"] for row in saved] == ["teacher"] * 4 + ["adaptor", "student"]
     _open_png(moved / "reports" / "results_accuracy.png")
-    _open_png(moved / "reports" / "results_roc.png")
+    _open_png(moved / "reports" / "results_det.png")
     assert "adaptors/specialized_iresnet18/SL" in capsys.readouterr().out
 
     # The adaptor row is the multi-teacher space of its teachers in CONCAT_ORDER.
@@ -209,13 +209,10 @@ def test_report_formats_and_guards(tmp_path):
     assert table[2].split() == ["a", "90.00", "95.00", "98.00", "97.00", "95.00", "3.08", "5.000"]
     assert table[3].split()[-1] == "nan"
     paths = write_report(rows, tmp_path, stem="demo")
-    assert "roc_png" not in paths and not (tmp_path / "demo_roc.png").exists()  # no curves to draw
+    assert "det_png" not in paths and not (tmp_path / "demo_det.png").exists()  # no pairs: no curves, no intervals
     _open_png(paths["accuracy_png"])
     csv_lines = paths["csv"].read_text().splitlines()
     assert csv_lines[0] == "model,African,Asian,Caucasian,Indian,avg,std,ser,note"
     assert csv_lines[1].startswith("a,90.0,95.0,98.0,97.0,95.0,")
-    roc = {"a": {eth: (np.array([0.0, 0.001, 0.1, 1.0]), np.array([0.2, 0.5, 0.9, 1.0])) for eth in ETHNICITIES}}
-    paths = write_report(rows, tmp_path, stem="demo", roc=roc)
-    _open_png(paths["roc_png"])
     with pytest.raises(ValueError, match="at least one"):
         write_report([], tmp_path)

@@ -44,7 +44,8 @@ def test_plan_covers_the_paper():
 def test_tiny_pipeline_end_to_end_then_skips_everything(tmp_path):
     out = tmp_path / "work"
     first = _pipeline(out)
-    assert "Summary (mean over 6 students per teacher set" in first.stdout
+    assert "Summary: students of specialized minus students of balanced teachers" in first.stdout
+    assert "pooled (6 students per teacher set): Avg " in first.stdout
     report = out / "report"
     rows = json.loads((report / "results.json").read_text())
     text = json.dumps(rows)
@@ -54,7 +55,7 @@ def test_tiny_pipeline_end_to_end_then_skips_everything(tmp_path):
     markdown = (report / "results.md").read_text()
     assert all(column in markdown for column in ("African", "Asian", "Caucasian", "Indian", "Avg", "STD", "SER"))
     assert markdown.count("student ") == 12
-    for png in ("results_accuracy.png", "results_roc.png"):
+    for png in ("results_accuracy.png", "results_det.png"):
         with Image.open(report / png) as image:
             assert image.size[0] > 100
     for run in TEACHER_RUNS:

@@ -215,6 +215,7 @@ def build_report(cfg: Config, out_dir: Path | None = None) -> tuple[str, Path]:
     A report whose runs' weights have not changed since it was written is reused without evaluating again.
     """
     from eval.evaluate import evaluate_run, find_runs
+    from eval.fairness_stats import StatsSettings
     from eval.report import read_report_rows, results_table, write_report
     from eval.verification import RFWEvaluator
 
@@ -231,30 +232,19 @@ def build_report(cfg: Config, out_dir: Path | None = None) -> tuple[str, Path]:
         for run_dir, run_cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
             row = evaluate_run(run_dir, run_cfg, stage, evaluator, name=display_name(stage, run_cfg))
             row.extra.update(run_dir=str(run_dir), teacher_set=run_cfg.teacher_set)
+            row.extra.update({"teacher": {"member": run_cfg.teacher_member},
+                              "student": {"adaptor": run_cfg.adaptor, "kd": run_cfg.kd}}.get(stage, {}))
             rows.append(row)
-        write_report(rows, out_dir, stem="results")
+        write_report(rows, out_dir, stem="results", settings=StatsSettings.from_config(cfg))
         atomic_write_json(sources_path, sources)
-    text = results_table(rows) + "\n\n" + summary_line(rows)
+    text = results_table(rows) + "\n\n" + summary_line(rows, StatsSettings.from_config(cfg))
     return text, out_dir
 
 
-def summary_line(rows: Sequence[Any]) -> str:
-    """Whether students of specialized teachers beat students of balanced teachers, from these numbers only."""
-    groups: dict[str, list[dict[str, float]]] = {"specialized": [], "baseline": []}
-    for row in rows:
-        if row.extra.get("stage") == "student":
-            groups[row.extra["teacher_set"]].append(row.metrics())
-    if not groups["specialized"] or not groups["baseline"]:
-        return "Summary: students of both teacher sets are needed to compare them."
-    mean = {name: {key: sum(m[key] for m in group) / len(group) for key in ("avg", "std", "ser")}
-            for name, group in groups.items()}
-    spec, base = mean["specialized"], mean["baseline"]
-    verdicts = [
-        f"Avg {'higher' if spec['avg'] > base['avg'] else 'not higher'} ({spec['avg']:.2f} vs {base['avg']:.2f})",
-        f"STD {'lower' if spec['std'] < base['std'] else 'not lower'} ({spec['std']:.2f} vs {base['std']:.2f})",
-        f"SER {'lower' if spec['ser'] < base['ser'] else 'not lower'} ({spec['ser']:.3f} vs {base['ser']:.3f})",
-    ]
-    wins = sum(("not" not in verdict) for verdict in verdicts)
-    return (f"Summary (mean over {len(groups['specialized'])} students per teacher set, this run only): students of "
-            f"specialized teachers vs students of balanced teachers: {'; '.join(verdicts)} -> better on "
-            f"{wins} of 3.")
+def summary_line(rows: Sequence[Any], settings: Any = None) -> str:
+    """Students of specialized minus students of balanced teachers per adaptor and KD kind and pooled, with
+    paired bootstrap intervals over the RFW pairs (eval/fairness_stats.py)."""
+    from eval.fairness_stats import StatsSettings, annotate, comparison_summary, teacher_set_comparisons
+
+    plan = annotate(rows, settings or StatsSettings())
+    return comparison_summary(teacher_set_comparisons(rows, plan) if plan is not None else [], plan)
