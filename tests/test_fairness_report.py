@@ -68,3 +68,17 @@ def test_rows_on_different_pairs_are_refused(tmp_path):
     rows[1].pairs["Asian"] = (rows[1].pairs["Asian"][0], ~ISSAME)
     with pytest.raises(ValueError, match="same RFW pairs"):
         write_report(rows, tmp_path)
+
+
+def test_training_log_verification_line_carries_intervals():
+    from eval.verification import verify_distances
+    from utils.callbacks import format_verification, summarize_verification
+
+    rng = np.random.default_rng(1)
+    results = {eth: verify_distances(*_row("m", rng, {}).pairs[eth]) for eth in ETHNICITIES}
+    summary = summarize_verification(results)
+    assert summary["avg_low"] <= summary["avg"] <= summary["avg_high"]
+    assert summary == summarize_verification(results)  # seeded
+    line = format_verification(summary)
+    assert line.startswith(f"African {summary['African']:.2f} [{summary['African_low']:.2f}, ")
+    assert f"ser {summary['ser']:.3f} [" in line

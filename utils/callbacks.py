@@ -10,6 +10,7 @@ from typing import Callable, Mapping
 import torch
 from tqdm import tqdm
 
+from eval.bootstrap import bootstrap_fairness
 from eval.fairness import fairness_metrics
 
 LOGGER_NAME = "mstkd"
@@ -132,11 +133,29 @@ class TrainingMonitor:
 
 
 def summarize_verification(results: Mapping[str, object]) -> dict[str, float]:
-    """Per-ethnicity accuracy (%) plus the fairness summary, from ``{ethnicity: VerificationResult}``."""
+    """Per-ethnicity accuracy (%) plus the fairness summary, from ``{ethnicity: VerificationResult}``, each with
+    its 95 % bootstrap interval as ``<key>_low`` / ``<key>_high`` (1000 resamples, seed 0: eval/bootstrap.py)."""
     accuracies = {eth: 100.0 * float(result.accuracy) for eth, result in results.items()}  # type: ignore[attr-defined]
     summary = dict(accuracies)
     summary.update(fairness_metrics(accuracies))
+    pairs = {eth: (result.distances, result.issame) for eth, result in results.items()}  # type: ignore[attr-defined]
+    for key, estimate in bootstrap_fairness(pairs).items():
+        summary[f"{key}_low"], summary[f"{key}_high"] = estimate.low, estimate.high
     return summary
+
+
+def format_verification(summary: Mapping[str, float]) -> str:
+    """``African 97.33 [96.10, 98.40] ... ser 1.420 [1.100, 1.900]`` from :func:`summarize_verification`."""
+    parts = []
+    for key, value in summary.items():
+        if key.endswith(("_low", "_high")):
+            continue
+        digits = 3 if key == "ser" else 2
+        text = f"{key} {value:.{digits}f}"
+        if f"{key}_low" in summary:
+            text += f" [{summary[f'{key}_low']:.{digits}f}, {summary[f'{key}_high']:.{digits}f}]"
+        parts.append(text)
+    return " ".join(parts)
 
 
 class VerificationCallback:
@@ -153,6 +172,5 @@ class VerificationCallback:
             summary = summarize_verification(self.evaluate(model))
         finally:
             model.train(was_training)
-        text = " ".join(f"{name} {value:.2f}" for name, value in summary.items())
-        self.logger.info(f"epoch {epoch + 1} RFW: {text}")
+        self.logger.info(f"epoch {epoch + 1} RFW (95% bootstrap intervals): {format_verification(summary)}")
         return summary
