@@ -3,6 +3,7 @@
     python run_pipeline.py                                  # synthetic demo (2 CPU cores, minutes)
     python run_pipeline.py --preset paper data_root=/data/BUPT rfw_root=/data/RFW --nproc-per-node 8
     python run_pipeline.py --from students teacher_set=...  # pick up at a stage
+    python run_pipeline.py --seeds 0 1 2                    # one whole run per seed, plus the spread across seeds
 
 Finished jobs are skipped (their outputs say they are complete); an interrupted job resumes from its last epoch.
 Every ``key=value`` goes to every stage. Torchrun options (--nnodes, --node-rank, --rdzv-endpoint, ...) after
@@ -28,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node for training stages")
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="K",
+                        help="run the whole pipeline once per seed into <output_root>/seed<K> and summarise mean and "
+                             "spread across seeds (default: one run with the config's seed)")
     parser.add_argument("--torchrun", nargs=argparse.REMAINDER, default=[],
                         help="the rest of the line goes to torchrun (multi-node rendezvous options)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
@@ -58,6 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     elif user.data_root is None:
         raise SystemExit(f"--preset {preset_name} needs data_root=... (and rfw_root=... for verification)")
     base += args.overrides
+    if not args.seeds:
+        run_once(args, base, preset_name)
+        return 0
+    root = Path(load_config(base).output_root)
+    reports = {}
+    for seed in dict.fromkeys(args.seeds):
+        print(f"==== seed {seed} ====", flush=True)
+        out_dir = run_once(args, base + [f"seed={seed}", format_override("output_root", str(root / f"seed{seed}"))],
+                           preset_name)
+        if out_dir is not None:
+            reports[seed] = out_dir / "results.json"
+    if reports:
+        from eval.seeds import seed_summary
+
+        print("\n" + seed_summary(reports, root))
+        print(f"across-seed summary written to {root / 'seeds_summary.md'} (and .json)")
+    return 0
+
+
+def run_once(args: argparse.Namespace, base: list[str], preset_name: str) -> Path | None:
+    """Every selected job of one pipeline run, then its report (whose folder is returned)."""
     cfg = load_config(base)
     jobs = select_jobs(plan_jobs(base), args.only, args.start)
     run_report = args.only is None or "report" in args.only
@@ -73,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         run_job(job, base, args.nproc_per_node, args.torchrun)
         if not job.done():
             raise SystemExit(f"{job.describe()} ended without complete outputs (stopped early?)")
+    out_dir = None
     if run_report:
         text, out_dir = build_report(cfg)
         print("\n" + text)
         print(f"\nreport written to {out_dir} (results.md/.csv/.json and results_*.png figures)")
     print(f"pipeline finished in {format_duration(time.perf_counter() - started)}", flush=True)
-    return 0
+    return out_dir
 
 
 if __name__ == "__main__":

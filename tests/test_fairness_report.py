@@ -82,3 +82,38 @@ def test_training_log_verification_line_carries_intervals():
     line = format_verification(summary)
     assert line.startswith(f"African {summary['African']:.2f} [{summary['African_low']:.2f}, ")
     assert f"ser {summary['ser']:.3f} [" in line
+
+
+def test_seed_summary_reports_mean_and_spread_next_to_within_run_intervals(tmp_path):
+    from eval.seeds import seed_summary
+
+    def report(avg, low, high, diff):
+        row = {"name": "student a", "avg": avg, "std": 1.0, "ser": 1.2,
+               "intervals": {"avg": [low, high], "std": [0.5, 2.0], "ser": [1.0, 1.5]}}
+        estimate = {"value": diff, "low": diff - 1, "high": diff + 1, "p_value": 0.5}
+        comparison = {"comparisons": [{"label": "SL a-KD", "avg": estimate, "std": estimate, "ser": estimate}]}
+        return {"rows": [row], "teacher_set_comparison": comparison}
+
+    reports = {}
+    for seed, values in ((0, (90.0, 89.0, 91.0, 0.5)), (1, (92.0, 91.0, 93.0, -0.5))):
+        reports[seed] = tmp_path / f"seed{seed}.json"
+        reports[seed].write_text(json.dumps(report(*values)))
+    text = seed_summary(reports, tmp_path)
+    saved = json.loads((tmp_path / "seeds_summary.json").read_text())
+    assert saved["seeds"] == [0, 1] and (tmp_path / "seeds_summary.md").read_text() == text
+    # mean 91, sample sd sqrt(2); the within-run interval is the mean of the bounds, [90, 92]
+    assert saved["rows"]["student a"]["avg"]["mean"] == 91.0
+    assert saved["rows"]["student a"]["avg"]["sd"] == pytest.approx(2 ** 0.5)
+    assert "| student a | 91.00 ± 1.41 | [90.00, 92.00] |" in text
+    assert "- SL a-KD: Avg +0.00 ± 0.71 (runs: +0.50 [-0.50, +1.50], -0.50 [-1.50, +0.50])" in text
+
+
+def test_seeds_option_runs_each_seed_into_its_own_folder(tmp_path, monkeypatch):
+    import run_pipeline
+    from config.config import format_override
+
+    calls = []
+    monkeypatch.setattr(run_pipeline, "run_once", lambda args, base, preset: calls.append(base) or None)
+    run_pipeline.main(["--preset", "tiny", f"output_root={str(tmp_path)!r}", "--seeds", "0", "2"])
+    assert [b[-2:] for b in calls] == [["seed=0", format_override("output_root", str(tmp_path / "seed0"))],
+                                       ["seed=2", format_override("output_root", str(tmp_path / "seed2"))]]
