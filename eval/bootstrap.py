@@ -152,6 +152,7 @@ class ModelSamples:
 
     point: dict[str, float]  # group -> accuracy %
     samples: dict[str, np.ndarray]  # group -> [B] accuracy %
+    plan: tuple = ()  # Bootstrap.key of the plan that drew the resamples
 
     def metric_point(self) -> dict[str, float]:
         groups = list(self.point)
@@ -175,6 +176,11 @@ class Bootstrap:
         self.n_resamples, self.seed, self.confidence, self.nfolds = n_resamples, seed, confidence, nfolds
         self.indices = {g: draw_resamples(v, n_resamples, _group_rng(seed, g), nfolds) for g, v in self.issame.items()}
 
+    @property
+    def key(self) -> tuple:
+        """What makes two plans draw the same resamples (the labels aside)."""
+        return (self.n_resamples, self.seed, self.nfolds)
+
     def describe(self) -> str:
         return (f"{self.confidence:.0%} percentile bootstrap intervals, {self.n_resamples} resamples of the pairs "
                 f"within each fold, seed {self.seed}")
@@ -191,7 +197,7 @@ class Bootstrap:
             fold_acc, _ = kfold_accuracy(d, issame, self.nfolds)
             point[group] = 100.0 * float(fold_acc.mean())
             samples[group] = 100.0 * bootstrap_accuracies(d, issame, self.indices[group], self.nfolds)
-        return ModelSamples(point, samples)
+        return ModelSamples(point, samples, self.key)
 
     def intervals(self, model: ModelSamples) -> dict[str, Estimate]:
         """Per-group accuracy, Avg, STD and SER with their intervals."""

@@ -72,7 +72,7 @@ def annotate(rows: Sequence[Any], settings: StatsSettings) -> Bootstrap | None:
     for row in rows:
         if not row.pairs:
             continue
-        if row.samples is None:
+        if row.samples is None or row.samples.plan != plan.key:
             row.samples = plan.model({g: d for g, (d, _) in row.pairs.items()})
         row.intervals = {key: (e.low, e.high) for key, e in plan.intervals(row.samples).items()}
         row.operating_points = operating_points(row.pairs, settings.fmr_targets, settings.fdr_alpha)

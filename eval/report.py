@@ -103,7 +103,7 @@ def _json_data(rows: Sequence[ResultRow], method: str | None = None) -> dict[str
     return {
         "units": "accuracies, avg and std in %; ser = (100 - min acc) / (100 - max acc); "
                  "operating-point rates as fractions",
-        "intervals": method,
+        "interval_method": method,
         "rows": [
             {"name": row.name, "accuracies": row.accuracies, **row.metrics(), "intervals": row.intervals,
              "operating_points": [p.summary() for p in row.operating_points], "extra": row.extra}
