@@ -46,7 +46,7 @@ def plot_accuracy_heatmaps(panels: Mapping[str, Mapping[str, Mapping[str, float]
     if vmax - vmin < 1.0:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     heights = [max(1.6, 0.32 * len(panel) + 0.9) for panel in panels.values()]
-    width = max(6.5, 3.0 + 0.07 * max((len(n) for p in panels.values() for n in p), default=10))
+    width = max(7.0, 5.5 + 0.09 * max((len(n) for p in panels.values() for n in p), default=10))
     fig = Figure(figsize=(width, sum(heights) + 0.6), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     image = None
@@ -151,15 +151,16 @@ def plot_det_families(families: Mapping[str, Mapping[str, tuple[np.ndarray, np.n
 def plot_operating_points(tables: Mapping[float, tuple[Sequence[str], Sequence[str], np.ndarray, np.ndarray]],
                           path: Path) -> None:
     """Per target FMR: heatmaps of FMR and FNMR (%) per model (rows) and group (columns) at each model's global
-    threshold. Colour scales are per heatmap, from 0 to the largest rate shown."""
+    threshold. Colour scales are per heatmap, from the smallest to the largest rate shown."""
     fig = Figure(figsize=(12.0, sum(max(2.0, 0.3 * len(t[0]) + 1.0) for t in tables.values()) + 0.6),
                  layout="constrained")
     axes = fig.subplots(len(tables), 2, squeeze=False)
     for (target, (models, groups, fmr, fnmr)), row in zip(tables.items(), axes):
         for ax, values, name in ((row[0], fmr, "FMR"), (row[1], fnmr, "FNMR")):
-            top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+            finite = 100 * values[np.isfinite(values)]
+            low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
             image = _annotated_heatmap(ax, 100 * values, models if ax is row[0] else [""] * len(models), groups,
-                                       ".2f", "magma_r", 0.0, max(100 * top, 1e-6))
+                                       ".2f", "magma_r", low, max(high, low + 1e-6))
             ax.set_title(f"{name} (%) at global threshold for pooled FMR {target:g}", fontsize=9, loc="left")
             fig.colorbar(image, ax=ax, shrink=0.8)
     save_figure(fig, path)

@@ -7,14 +7,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from config.config import ETHNICITIES
 from eval.fairness import fairness_metrics
 from eval.fairness_stats import (
-    StatsSettings, annotate, comparison_summary, comparisons_json, load_pairs, operating_point_extras,
+    KD_LABELS, StatsSettings, annotate, comparison_summary, comparisons_json, load_pairs, operating_point_extras,
     operating_point_markdown, save_pairs, teacher_set_comparisons)
 from eval.figures import plot_accuracy_heatmaps, plot_det_families, plot_operating_points, plot_teacher_set_comparison
 from utils.io import atomic_write_text
@@ -138,8 +138,14 @@ def _family(row: ResultRow) -> str:
 
 def _accuracy_panels(rows: Sequence[ResultRow]) -> dict[str, dict[str, dict[str, float]]]:
     panels: dict[str, dict[str, dict[str, float]]] = {}
-    for row in rows:
-        label = row.extra.get("member", row.name) if row.extra.get("stage") == "teacher" else row.name
+    for row in rows:  # within a family panel the member, adaptor or adaptor + KD kind names the row
+        extra, label = row.extra, row.name
+        if extra.get("stage") == "teacher" and "member" in extra:
+            label = extra["member"]
+        elif extra.get("stage") == "adaptor" and "adaptor" in extra:
+            label = extra["adaptor"]
+        elif extra.get("stage") == "student" and {"adaptor", "kd"} <= set(extra):
+            label = f"{extra['adaptor']} {KD_LABELS.get(extra['kd'], extra['kd'])}"
         panels.setdefault(_family(row), {})[str(label)] = dict(row.accuracies)
     return panels
 

@@ -237,7 +237,8 @@ def build_report(cfg: Config, out_dir: Path | None = None) -> tuple[str, Path]:
             rows.append(row)
         write_report(rows, out_dir, stem="results", settings=StatsSettings.from_config(cfg))
         atomic_write_json(sources_path, sources)
-    text = results_table(rows) + "\n\n" + summary_line(rows, StatsSettings.from_config(cfg))
+    summary = summary_line(rows, StatsSettings.from_config(cfg))  # also gives reused rows their intervals
+    text = results_table(rows) + "\n\n" + summary
     return text, out_dir
 
 
