@@ -82,7 +82,7 @@ def test_pipeline_from_released_teacher_weights(tmp_path):
     result = _pipeline(released, "--from", "extract")
     rows = json.loads((released / "report" / "results.json").read_text())["rows"]
     assert len(rows) == 6 + 12  # adaptor spaces (over the released teachers) and students; no teacher runs
-    assert "Summary (mean over 6 students per teacher set" in result.stdout
+    assert "pooled (6 students per teacher set): Avg " in result.stdout
 
 
 def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
