@@ -140,12 +140,13 @@ def operating_point_markdown(rows: Sequence[Any]) -> str:
     for target in targets:
         points = [(row.name, p) for row in rows for p in row.operating_points if p.target_fmr == target]
         groups = list(points[0][1].fmr)
-        header = ("| Model | threshold | " + " | ".join(f"FMR {g}" for g in groups) + " | FMR max/min | "
+        header = ("| Model | threshold | pooled FMR | " + " | ".join(f"FMR {g}" for g in groups) + " | FMR max/min | "
                   + " | ".join(f"FNMR {g}" for g in groups) + " | FNMR max/min | FDR |")
         lines = [f"Global threshold at pooled FMR {target:g} (FMR, FNMR in %; FDR of de Freitas Pereira & "
-                 f"Marcel 2022, alpha {points[0][1].alpha:g}):", "", header, "|---|" + "---:|" * (2 * len(groups) + 4)]
+                 f"Marcel 2022, alpha {points[0][1].alpha:g}):", "", header, "|---|" + "---:|" * (2 * len(groups) + 5)]
         for name, p in points:
-            cells = [f"{p.threshold:.3f}", *(f"{100 * p.fmr[g]:.2f}" for g in groups), f"{p.fmr_ratio:.2f}",
+            cells = [f"{p.threshold:.3f}", f"{100 * p.pooled_fmr:.2f}", *(f"{100 * p.fmr[g]:.2f}" for g in groups),
+                     f"{p.fmr_ratio:.2f}",
                      *(f"{100 * p.fnmr[g]:.2f}" for g in groups), f"{p.fnmr_ratio:.2f}", f"{p.fdr:.4f}"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
