@@ -124,24 +124,24 @@ def plot_det_families(families: Mapping[str, Mapping[str, tuple[np.ndarray, np.n
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(4.2 * cols, 3.8 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
-    floor = 1.0
+    # Axes start at the smallest rate the pair counts can measure.
+    counts = [int(np.sum(np.asarray(s) == label)) for groups in families.values() for _, s in groups.values()
+              for label in (False, True)]
+    floor = 1.0 / max(max(counts, default=1), 1)
     for ax, (family, groups) in zip(axes, families.items()):
+        ax.set_xlim(floor, 1.0)
+        ax.set_ylim(floor, 1.0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
         for colour, (group, (distances, issame)) in zip(GROUP_COLOURS, groups.items()):
             fmr, fnmr = det_points(distances, issame)
             keep = (fmr > 0) & (fnmr > 0)  # zero rates have no place on log axes
             ax.plot(fmr[keep], fnmr[keep], color=colour, label=group, linewidth=1.5)
-            imp, gen = int((~np.asarray(issame)).sum()), int(np.asarray(issame).sum())
-            floor = min(floor, 1.0 / max(imp, 1), 1.0 / max(gen, 1))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_title(family, fontsize=9)
         ax.set_xlabel("false match rate")
         ax.set_ylabel("false non-match rate")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="lower left")
-    for ax in axes:  # axes start at the smallest measurable rate of the data
-        ax.set_xlim(floor, 1.0)
-        ax.set_ylim(floor, 1.0)
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle("DET per model family and RFW group (lower left is better)", fontsize=11)

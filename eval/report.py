@@ -231,3 +231,11 @@ def write_report(rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "re
         paths["comparison_png"] = out_dir / f"{stem}_comparison.png"
         plot_teacher_set_comparison(*_comparison_figure_data(comparisons), paths["comparison_png"], settings.confidence)
     return paths
+
+
+def summary_line(rows: Sequence[ResultRow], settings: StatsSettings | None = None) -> str:
+    """Students of specialized minus students of balanced teachers per adaptor and KD kind and pooled, with
+    paired bootstrap intervals over the RFW pairs (eval/fairness_stats.py). Also gives rows read back from a
+    report their intervals."""
+    plan = annotate(rows, settings or StatsSettings())
+    return comparison_summary(teacher_set_comparisons(rows, plan) if plan is not None else [], plan)

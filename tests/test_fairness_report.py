@@ -5,10 +5,9 @@ import pytest
 from PIL import Image
 
 from config.config import ADAPTORS, ETHNICITIES, KD_KINDS
-from eval.report import ResultRow, read_report_rows, results_table, write_report
 from eval.fairness_stats import StatsSettings
+from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
 from eval.verification import kfold_accuracy
-from utils.pipeline import summary_line
 
 N = 400  # pairs per group: pooled impostors 800, so FMR 1e-2 is measurable and 1e-3 is not
 ISSAME = np.tile(np.r_[np.ones(N // 20, bool), np.zeros(N // 20, bool)], 10)
