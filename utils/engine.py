@@ -177,8 +177,8 @@ class _Trainer:
                                  persistent_workers=task.num_workers > 0, worker_init_fn=_seed_worker,
                                  collate_fn=task.collate_fn)
         if len(self.loader) == 0:
-            raise InvalidInputError(f"{task.stage}: {len(task.dataset)} samples give no full batch of {task.batch_size} "  # type: ignore[arg-type]
-                             f"per rank x {info.world_size} ranks; lower the batch size")
+            raise InvalidInputError(f"{task.stage}: {len(task.dataset)} samples give no full batch of "  # type: ignore[arg-type]
+                                    f"{task.batch_size} per rank x {info.world_size} ranks; lower the batch size")
         self.train_model: nn.Module = self.model
         self.train_header = self.header
         if info.distributed:

@@ -100,14 +100,14 @@ def _changed(what: str, recorded: Record, wanted: Record) -> Verdict:
 def _run_verdict(run_dir: Path, wanted: Record) -> Verdict:
     """A training run is done when it finished with the wanted record."""
     recorded = read_record(run_dir)
-    if recorded is not None and recorded != wanted:
+    if recorded is None:
+        if not (artifacts.history_file(run_dir).exists() or artifacts.checkpoint_file(run_dir).exists()):
+            return Verdict(False, "not trained yet")
+        return Verdict(False, "run without a provenance record (older version): kept aside, trained anew")
+    if recorded != wanted:
         return _changed("run", recorded, wanted)
     if not artifacts.is_run_complete(run_dir):
-        if recorded is None and not artifacts.history_file(run_dir).exists():
-            return Verdict(False, "not trained yet")
         return Verdict(False, "interrupted: resumes from its last epoch")
-    if recorded is None:
-        return Verdict(False, "finished run without a provenance record (older version): kept aside, retrained")
     return Verdict(True, "complete, same settings and inputs")
 
 
