@@ -84,7 +84,8 @@ def environment(nproc: int) -> dict[str, Any]:
     if torch.cuda.is_available():
         env.update(cuda=torch.version.cuda, gpus=[torch.cuda.get_device_name(i) for i in range(nproc)],
                    cudnn=torch.backends.cudnn.version(), bf16_supported=torch.cuda.is_bf16_supported(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())), backend="nccl")
+                   nccl=".".join(map(str, torch.cuda.nccl.version())), backend="nccl",
+                   tf32={"conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32})
     else:
         env.update(gpus=[], backend="gloo", cpu_threads=torch.get_num_threads())
     return env
