@@ -84,7 +84,8 @@ def environment(nproc: int) -> dict[str, Any]:
     if torch.cuda.is_available():
         env.update(cuda=torch.version.cuda, gpus=[torch.cuda.get_device_name(i) for i in range(nproc)],
                    cudnn=torch.backends.cudnn.version(), bf16_supported=torch.cuda.is_bf16_supported(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())), backend="nccl",
+                   nccl=".".join(map(str, torch.cuda.nccl.version())) if isinstance(
+                       torch.cuda.nccl.version(), tuple) else str(torch.cuda.nccl.version()), backend="nccl",
                    tf32={"conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32})
     else:
         env.update(gpus=[], backend="gloo", cpu_threads=torch.get_num_threads())
@@ -284,6 +285,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.nproc is None:
         args.nproc = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    if torch.cuda.is_available() and not 1 <= args.nproc <= torch.cuda.device_count():
+        parser.error(f"--nproc {args.nproc}: this node has {torch.cuda.device_count()} GPUs (one rank per GPU)")
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (loss falls, and the last epoch resumes)")
     args.work = args.work or args.out / "work"
