@@ -45,10 +45,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from backbones import build_backbone  # noqa: E402
 from config.config import load_config  # noqa: E402
+from utils import artifacts  # noqa: E402
 from utils.dataset import build_training_dataset  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.embedding_store import extract_teacher, prepare_index, teacher_checkpoint  # noqa: E402
-from utils.engine import make_header  # noqa: E402
+from utils.stage_parts import make_header  # noqa: E402
 from utils.synthetic import generate_synthetic  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -153,7 +154,7 @@ def train_precision(args: argparse.Namespace, data: Path, precision: str) -> dic
     torchrun(args, "train.py", run_args + ["stop_after_epoch=1"], console)
     torchrun(args, "train.py", run_args + ["resume=True"], console)
     seconds = time.perf_counter() - start
-    run_dir = load_config(run_args).teacher_dir()
+    run_dir = artifacts.teacher_dir(load_config(run_args))
     history = json.loads((run_dir / "history.json").read_text())
     losses = [epoch["losses"]["loss"] for epoch in history["epochs"]]
     log_text = (run_dir / "train.log").read_text()

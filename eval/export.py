@@ -14,7 +14,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -28,8 +27,11 @@ from torch import nn
 
 from backbones import BACKBONES, get_backbone, load_weights
 from eval.evaluate import read_run_config
-from utils.dataset import decode_image, normalize_images, to_tensor
+from utils import artifacts
+from utils.errors import InvalidInputError, MissingInputError, UserError
+from utils.image import decode_image, normalize_images, to_tensor
 from utils.io import atomic_path, atomic_write_json
+from utils.provenance import file_sha256
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
@@ -50,24 +52,16 @@ class Architecture:
 
 def run_architecture(weights: Path) -> tuple[Architecture, Path | None]:
     """The backbone of the training run that wrote ``weights`` (its config.json) and the run's data folder."""
-    config = weights.parent / "config.json"
+    config = artifacts.config_file(weights.parent)
     if not config.is_file():
-        raise FileNotFoundError(f"no {config} beside {weights}: pass --network (and the sizes) for weights "
+        raise MissingInputError(f"no {config} beside {weights}: pass --network (and the sizes) for weights "
                                 f"that were not written by a training run")
     cfg, stage = read_run_config(weights.parent)
     if stage not in ("teacher", "student"):
-        raise ValueError(f"{config} is a {stage or 'non-training'} run; only teacher and student backbones export")
+        raise InvalidInputError(f"{config} is a {stage or 'non-training'} run; only teacher and student backbones export")
     network = cfg.student_network if stage == "student" else cfg.network
     arch = Architecture(network, cfg.input_size, cfg.embedding_size, cfg.width, cfg.use_se)
     return arch, Path(cfg.data_root) if cfg.data_root else None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_images(paths: Sequence[Path], limit: int) -> list[Path]:
@@ -79,7 +73,7 @@ def find_images(paths: Sequence[Path], limit: int) -> list[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            raise FileNotFoundError(f"image path {path} does not exist")
+            raise MissingInputError(f"image path {path} does not exist")
         if len(found) >= limit:
             break
     return found[:limit]
@@ -141,7 +135,7 @@ def export_backbone(weights: Path, out: Path, arch: Architecture, *, real_images
     record = {
         "onnx": out.name,
         "source_weights": str(weights),
-        "source_sha256": sha256_file(weights),
+        "source_sha256": file_sha256(weights),
         "architecture": asdict(arch),
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, arch.input_size, arch.input_size],
                   "format": "float32 RGB, (pixel / 255 - 0.5) / 0.5"},
@@ -157,10 +151,10 @@ def export_backbone(weights: Path, out: Path, arch: Architecture, *, real_images
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, required=True, help="backbone weights (e.g. a run's best_backbone.pth)")
+    parser.add_argument("--weights", type=Path, required=True, help="backbone weights, e.g. the best weights of a training run")
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write (<out>.json is written beside)")
     parser.add_argument("--network", choices=BACKBONES,
-                        help="architecture; default: read from the config.json of the run beside --weights")
+                        help="architecture; default: read from the config of the run folder holding --weights")
     parser.add_argument("--input-size", type=int, default=112, help="with --network: image side")
     parser.add_argument("--embedding-size", type=int, default=512, help="with --network")
     parser.add_argument("--width", type=int, default=64, help="with --network: base width (64 = paper networks)")
@@ -184,10 +178,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         image_paths = args.images or ([data_root] if data_root is not None and data_root.is_dir() else [])
         files = find_images(image_paths, args.num_images)
         if not files:
-            raise FileNotFoundError("no real images to check the export on: pass --images FILES_OR_FOLDERS")
+            raise MissingInputError("no real images to check the export on: pass --images FILES_OR_FOLDERS")
         record = export_backbone(args.weights, args.out, arch, real_images=load_images(files, arch.input_size),
                                  tolerance=args.tolerance)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+    except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     checks = "; ".join(f"{name} images ({check['images']}): max |diff| {check['max_abs_diff']:.2e}, normalised "
                        f"{check['max_abs_diff_normalised']:.2e}" for name, check in record["check"].items()

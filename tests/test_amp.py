@@ -27,7 +27,7 @@ def _history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "history.json").read_text())["epochs"]
 
 
-def test_teacher_trains_under_cpu_bf16_autocast(tiny_synthetic, tmp_path, one_torch_thread):
+def test_teacher_trains_under_cpu_bf16_autocast(tiny_synthetic, tmp_path):
     result = _train(tiny_synthetic, tmp_path, amp="bf16")
     assert result.complete
     epochs = _history(result.run_dir)
@@ -37,7 +37,7 @@ def test_teacher_trains_under_cpu_bf16_autocast(tiny_synthetic, tmp_path, one_to
     assert _checkpoint(result.run_dir)["scaler"] == {} and all("skipped_steps" not in e for e in epochs)
 
 
-def test_fp16_resume_matches_uninterrupted_run(tiny_synthetic, tmp_path, one_torch_thread):
+def test_fp16_resume_matches_uninterrupted_run(tiny_synthetic, tmp_path):
     # 2048 makes the first step overflow: the resumed run must carry the backed-off scale to match.
     settings = {"amp": "fp16", "amp_init_scale": 2048.0}
     straight = _train(tiny_synthetic, tmp_path / "straight", **settings)
@@ -54,7 +54,7 @@ def test_fp16_resume_matches_uninterrupted_run(tiny_synthetic, tmp_path, one_tor
     assert untimed[0] == untimed[1]
 
 
-def test_fp16_overflow_counts_skipped_steps(tiny_synthetic, tmp_path, one_torch_thread):
+def test_fp16_overflow_counts_skipped_steps(tiny_synthetic, tmp_path):
     init_scale = 8192.0
     result = _train(tiny_synthetic, tmp_path, amp="fp16", amp_init_scale=init_scale, batch_size=4, num_epoch=1)
     log = (result.run_dir / "train.log").read_text()
@@ -67,6 +67,6 @@ def test_fp16_overflow_counts_skipped_steps(tiny_synthetic, tmp_path, one_torch_
     assert _checkpoint(result.run_dir)["scaler"]["scale"] == init_scale / 2**skipped
 
 
-def test_fp16_epoch_with_every_step_skipped_stops(tiny_synthetic, tmp_path, one_torch_thread):
+def test_fp16_epoch_with_every_step_skipped_stops(tiny_synthetic, tmp_path):
     with pytest.raises(RuntimeError, match="every one of the 3 steps of epoch 1 was skipped"):
         _train(tiny_synthetic, tmp_path, amp="fp16", amp_init_scale=1e30)

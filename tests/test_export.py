@@ -38,7 +38,7 @@ def _run_dir(tmp_path: Path, data: Path, network: str) -> Path:
 
 
 @pytest.mark.parametrize("network", ["iresnet18", "mobilefacenet"])
-def test_export_matches_pytorch_on_random_and_real_images(tiny_synthetic, tmp_path, one_torch_thread, network):
+def test_export_matches_pytorch_on_random_and_real_images(tiny_synthetic, tmp_path, network):
     weights = _run_dir(tmp_path, tiny_synthetic, network) / "best_backbone.pth"
     out = tmp_path / "model.onnx"
     record = export.main(["--weights", str(weights), "--out", str(out), "--num-images", "6"])

@@ -7,7 +7,7 @@ import json
 from helpers import ROOT
 
 
-def test_gpu_check_ci_form_trains_resumes_and_reports(tmp_path, one_torch_thread):
+def test_gpu_check_ci_form_trains_resumes_and_reports(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
