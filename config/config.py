@@ -104,7 +104,8 @@ class Config:
     extract_batch_size: int = 256  # images per rank and forward pass during extraction and evaluation
     # ---- run control ------------------------------------------------------------------------------------
     seed: int = 0  # seeds python, numpy, torch, the sampler, flips and margins (per rank)
-    amp: str = "none"  # none | bf16 | fp16 (GPU only; margin and loss maths stay fp32)
+    amp: str = "none"  # none | bf16 | fp16 autocast, on GPU and CPU (margin and loss maths stay fp32)
+    amp_init_scale: float = 65536.0  # fp16 only: the GradScaler's first loss scale (PyTorch's default, 2**16)
     log_every: int = 50  # steps between log lines and TensorBoard points
     verify_every: int = 1  # epochs between RFW verifications when rfw_root is set (the last epoch always)
     # ---- report statistics (eval/bootstrap.py, eval/operating_point.py) ----------------------------------
@@ -231,6 +232,8 @@ def _validate(cfg: Config) -> None:
                          f"(in (0, 1)) and fdr_alpha={cfg.fdr_alpha} (in [0, 1]) are out of range")
     if not cfg.fmr_targets or not all(0 < t < 1 for t in cfg.fmr_targets):
         raise ValueError(f"config key fmr_targets={cfg.fmr_targets} needs target FMRs in (0, 1)")
+    if not 0 < cfg.amp_init_scale < float("inf"):
+        raise ValueError(f"config key amp_init_scale={cfg.amp_init_scale} must be a positive finite number")
 
 
 def load_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Config:
