@@ -3,6 +3,7 @@
     python run_pipeline.py                                  # synthetic demo (2 CPU cores, minutes)
     python run_pipeline.py --preset paper data_root=/data/BUPT rfw_root=/data/RFW --nproc-per-node 8
     python run_pipeline.py --from students teacher_set=...  # pick up at a stage
+    python run_pipeline.py --sweep-shared 0 0.5 0.8         # the demo once per synthetic world, one table
 
 Finished jobs are skipped (their outputs say they are complete); an interrupted job resumes from its last epoch.
 Every ``key=value`` goes to every stage. Torchrun options (--nnodes, --node-rank, --rdzv-endpoint, ...) after
@@ -30,15 +31,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
     parser.add_argument("--torchrun", nargs=argparse.REMAINDER, default=[],
                         help="the rest of the line goes to torchrun (multi-node rendezvous options)")
+    parser.add_argument("--shared-fraction", type=float, default=None,
+                        help="synthetic presets: share of identity directions shared by every ethnicity "
+                             "(default: the preset's; see utils/synthetic.py)")
+    parser.add_argument("--sweep-shared", type=float, nargs="+", metavar="F", default=None,
+                        help="synthetic presets: run the pipeline once per shared fraction F, in "
+                             "<output root>/shared_<F>, then print the specialized-vs-balanced comparison of each")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
     return parser.parse_args(argv)
 
 
-def prepare_synthetic(sizes: dict[str, int], data_dir: Path, seed: int) -> None:
+def prepare_synthetic(sizes: dict[str, float], data_dir: Path, seed: int) -> None:
     """Generate the preset's synthetic data; a complete identical set is reused, another one replaced."""
     from utils.synthetic import generate_synthetic
 
     generate_synthetic(data_dir, seed=seed, overwrite=True, **sizes)
+
+
+def sweep_shared(args: argparse.Namespace, preset_name: str, root: Path) -> int:
+    """The pipeline once per shared fraction (each in its own output root), then one comparison table."""
+    from eval.report import read_report_rows
+    from eval.shared_sweep import sweep_table
+
+    reports = {}
+    for fraction in args.sweep_shared:
+        out = root / f"shared_{fraction:g}"
+        overrides = [text for text in args.overrides if not text.startswith("output_root=")]
+        argv = ["--preset", preset_name, "--shared-fraction", str(fraction), *overrides,
+                format_override("output_root", str(out))]
+        if args.only:
+            argv[:0] = ["--only", *args.only]
+        print(f"\n==== shared_fraction={fraction:g}: {out} ====", flush=True)
+        main(argv)
+        reports[fraction] = read_report_rows(out / "report" / "results.json")
+    print("\nShared-fraction study (students of specialized vs balanced teachers, per synthetic world):\n"
+          + sweep_table(reports))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     preset_name = args.preset or ("paper" if user.data_root else "demo")
     preset = PRESETS[preset_name]
     base = [format_override(key, value) for key, value in preset.overrides.items()]
+    if preset.synthetic is None and (args.shared_fraction is not None or args.sweep_shared):
+        raise SystemExit(f"--shared-fraction and --sweep-shared need a synthetic preset (demo, tiny), not {preset_name}")
     if preset.synthetic is not None:
         root = Path(load_config(base + args.overrides).output_root)
         if not any(text.startswith("output_root=") for text in args.overrides):
             root = root / preset_name
+        if args.sweep_shared:
+            return sweep_shared(args, preset_name, root)
+        sizes = dict(preset.synthetic)
+        if args.shared_fraction is not None:
+            sizes["shared_fraction"] = args.shared_fraction
         data_dir = root / "data"
-        prepare_synthetic(preset.synthetic, data_dir, user.seed)
+        prepare_synthetic(sizes, data_dir, user.seed)
         base += [format_override("output_root", str(root)), format_override("data_root", str(data_dir / "train")),
                  format_override("rfw_root", str(data_dir / "rfw"))]
     elif user.data_root is None:
