@@ -2,7 +2,7 @@
 
     python -m utils.synthetic --out DIR [--ids-per-ethnicity 50] [--images-per-id 10]
         [--pairs-per-ethnicity 300] [--image-size 112] [--seed 0] [--jpeg-quality 95]
-        [--shared-fraction 0.5] [--overwrite]
+        [--shared-fraction 0.4] [--overwrite]
 
 writes ``DIR/train/<Ethnicity>/<identity>/<n>.jpg`` (BUPT layout, ``data_root=DIR/train``),
 ``DIR/rfw/<Ethnicity>_test.bin`` (RFW-style pairs, ``rfw_root=DIR/rfw``) and ``DIR/synthetic.json``
@@ -20,7 +20,7 @@ How images are made, and why:
   resolvable down to 32x32. Identity = identity-specific coefficients on its ethnicity's basis, so
   identities of one ethnicity differ along that ethnicity's directions, and a network that
   learned one ethnicity's directions sees another's only partially.
-* ``shared_fraction`` (default 0.5) of each identity's pattern energy lies along identity directions
+* ``shared_fraction`` (default 0.4) of each identity's pattern energy lies along identity directions
   shared by every ethnicity (their own basis: any orientation, any colour), the rest along its
   ethnicity's own: ``sqrt(f) * shared + sqrt(1 - f) * specific``, each part with unit energy. Real
   face identity features are largely shared across groups, so a single-group model verifies other
@@ -71,7 +71,7 @@ COLOUR_JITTER = 0.15  # per-pattern deviation from the ethnicity's colour direct
 NUISANCE_BASES = 16  # shared patterns mixed into every image with fresh coefficients
 NUISANCE_LEVEL = 0.6  # std of their coefficients (identity coefficients have std 1)
 SHARED_BASES = 12  # identity patterns shared by every ethnicity
-SHARED_FRACTION = 0.5  # default share of identity pattern energy along the shared patterns (see the module doc)
+SHARED_FRACTION = 0.4  # default share of identity pattern energy along the shared patterns (see the module doc)
 _STREAM_BASIS, _STREAM_TRAIN_ID, _STREAM_TEST_ID, _STREAM_PAIRS = 0, 1, 2, 3
 _STREAM_SHARED_BASIS, _STREAM_TRAIN_SHARED, _STREAM_TEST_SHARED = 4, 5, 6
 
