@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: the preset's; see utils/synthetic.py)")
     parser.add_argument("--sweep-shared", type=float, nargs="+", metavar="F", default=None,
                         help="synthetic presets: run the pipeline once per shared fraction F, in "
-                             "<output root>/shared_<F>, then print the specialized-vs-balanced comparison of each")
+                             "<output root>/shared_<F>, then print the specialized-vs-balanced comparison of each "
+                             "(key=value overrides go before this option)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
     return parser.parse_args(argv)
 
