@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[preset_name]
     base = [format_override(key, value) for key, value in preset.overrides.items()]
     if preset.synthetic is None and (args.shared_fraction is not None or args.sweep_shared):
-        raise SystemExit(f"--shared-fraction and --sweep-shared need a synthetic preset (demo, tiny), not {preset_name}")
+        raise SystemExit(f"--shared-fraction and --sweep-shared need a synthetic preset (demo, tiny), "
+                         f"not {preset_name}")
     if preset.synthetic is not None:
         root = Path(load_config(base + args.overrides).output_root)
         if not any(text.startswith("output_root=") for text in args.overrides):
