@@ -7,16 +7,16 @@
     torchrun --nproc_per_node=8 extract_all.py ethnicity=all     # every rank embeds its own rows
 
 Rows are L2-normalised eval-mode embeddings of the unflipped images (``extract_flipped=True`` adds the
-flipped ones) in the order of ``index.tsv`` in ``cfg.store_dir``. A store already complete for the same
+flipped ones) in the order of the store's image index (``artifacts.store_dir``). A store already complete for the same
 index and checkpoint is skipped; an interrupted one is redone.
 """
 from __future__ import annotations
 
 from config.config import Config
-from utils.callbacks import setup_logging
 from utils.cli import run_stage
 from utils.distributed import DistInfo
 from utils.embedding_store import extract_teacher, extraction_members, prepare_index, teacher_checkpoint
+from utils.logs import setup_logging
 
 
 def main(cfg: Config, info: DistInfo) -> list[str]:

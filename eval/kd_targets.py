@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from backbones import build_adaptor, load_weights
 from config.config import ETHNICITIES, Config
 from eval.evaluate import find_runs
+from utils import artifacts
 from utils.adaptor import concat_rows
-from utils.embedding_store import open_teacher_stores, read_manifest, target_files
-from utils.engine import HISTORY_NAME
+from utils.embedding_store import open_teacher_stores, read_manifest
 
 
 def target_geometry(targets: np.ndarray, labels: np.ndarray, ethnicity: np.ndarray, *, sample: int,
@@ -69,18 +69,19 @@ def target_geometry(targets: np.ndarray, labels: np.ndarray, ethnicity: np.ndarr
 def check_targets(cfg: Config, targets: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
     """Recompute ``rows`` of the targets from the teacher stores and ``best_adaptor.pth`` (eval and train mode)."""
     stores = open_teacher_stores(cfg)
-    model = load_weights(build_adaptor(cfg), cfg.adaptor_dir / "best_adaptor.pth", what="best adaptor weights")
+    run_dir = artifacts.adaptor_dir(cfg)
+    model = load_weights(build_adaptor(cfg), artifacts.best_weights(run_dir, "adaptor"), what="best adaptor weights")
     x = torch.from_numpy(concat_rows(stores.arrays, rows))
     stored = torch.from_numpy(np.asarray(targets[rows], dtype=np.float32))
     with torch.no_grad():
         eval_rows = F.normalize(model.eval()(x), dim=1)
         torch.manual_seed(0)
         train_rows = F.normalize(model.train()(x), dim=1)
-    history = json.loads((cfg.adaptor_dir / HISTORY_NAME).read_text())
+    history = json.loads(artifacts.history_file(run_dir).read_text())
     lowest = min(history["epochs"], key=lambda record: record["loss_sum"])
     return {"eval_max_diff": float((eval_rows - stored).abs().max()),
             "train_max_diff": float((train_rows - stored).abs().max()),
-            "written_epoch": read_manifest(target_files(cfg.adaptor_dir).manifest)["best_epoch"],  # type: ignore[index]
+            "written_epoch": read_manifest(artifacts.target_files(run_dir).manifest)["best_epoch"],  # type: ignore[index]
             "lowest_loss_epoch": lowest["epoch"], "epoch_losses": [r["loss_sum"] for r in history["epochs"]]}
 
 
@@ -92,12 +93,12 @@ def analyse(work_root: Path, sample: int) -> list[dict[str, Any]]:
         if stage != "adaptor":
             continue
         stores = open_teacher_stores(cfg)
-        targets = np.load(target_files(run_dir).array, mmap_mode="r")
+        targets = np.load(artifacts.target_files(run_dir).array, mmap_mode="r")
         rows = np.sort(np.random.default_rng(0).permutation(len(targets))[:sample])
         students = {}
         for student_dir, student_cfg, student_stage in runs:
-            if student_stage == "student" and student_cfg.adaptor_dir == run_dir:
-                epochs = json.loads((student_dir / HISTORY_NAME).read_text())["epochs"]
+            if student_stage == "student" and artifacts.adaptor_dir(student_cfg) == run_dir:
+                epochs = json.loads(artifacts.history_file(student_dir).read_text())["epochs"]
                 students[f"{student_cfg.kd} {student_cfg.student_network}"] = [
                     record["losses"]["kd"] for record in epochs]
         geometry = target_geometry(targets, stores.index.labels, stores.index.ethnicity, sample=sample)

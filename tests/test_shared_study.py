@@ -10,6 +10,7 @@ import run_pipeline
 from config.config import ETHNICITIES, load_config
 from eval.kd_targets import target_geometry
 from eval.report import ResultRow, write_report
+from utils.errors import InvalidInputError
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -55,7 +56,7 @@ def _rows(run_dir, own_margin: float, student_avg: float) -> list[ResultRow]:
 def test_sweep_runs_the_pipeline_per_fraction_and_tabulates(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_main(argv):
+    def fake_run(argv):
         calls.append(argv)
         fraction = float(argv[argv.index("--shared-fraction") + 1])
         out = tmp_path / f"shared_{fraction:g}"
@@ -63,7 +64,7 @@ def test_sweep_runs_the_pipeline_per_fraction_and_tabulates(tmp_path, monkeypatc
         write_report(rows, out / "report")
         return 0
 
-    monkeypatch.setattr(run_pipeline, "main", fake_main)
+    monkeypatch.setattr(run_pipeline, "run", fake_run)
     args = run_pipeline.parse_args(["seed=2", f"output_root={str(tmp_path)!r}", "--sweep-shared", "0", "0.5"])
     assert run_pipeline.sweep_shared(args, "demo", tmp_path) == 0
     assert [call[call.index("--shared-fraction") + 1] for call in calls] == ["0.0", "0.5"]
@@ -78,5 +79,5 @@ def test_sweep_runs_the_pipeline_per_fraction_and_tabulates(tmp_path, monkeypatc
 
 
 def test_shared_fraction_needs_a_synthetic_preset():
-    with pytest.raises(SystemExit, match="synthetic preset"):
-        run_pipeline.main(["--preset", "paper", "--shared-fraction", "0.3", "data_root='/nonexistent'"])
+    with pytest.raises(InvalidInputError, match="synthetic preset"):
+        run_pipeline.run(["--preset", "paper", "--shared-fraction", "0.3", "data_root='/nonexistent'"])
