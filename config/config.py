@@ -104,7 +104,8 @@ class Config:
     extract_batch_size: int = 256  # images per rank and forward pass during extraction and evaluation
     # ---- run control ------------------------------------------------------------------------------------
     seed: int = 0  # seeds python, numpy, torch, the sampler, flips and margins (per rank)
-    amp: str = "none"  # none | bf16 | fp16 (GPU only; margin and loss maths stay fp32)
+    amp: str = "none"  # none | bf16 | fp16 autocast, on GPU and CPU (margin and loss maths stay fp32)
+    amp_init_scale: float = 65536.0  # fp16 only: the GradScaler's first loss scale (PyTorch's default, 2**16)
     log_every: int = 50  # steps between log lines and TensorBoard points
     verify_every: int = 1  # epochs between RFW verifications when rfw_root is set (the last epoch always)
     resume: bool = False  # continue from checkpoint_last.pt of this run
@@ -220,6 +221,8 @@ def _validate(cfg: Config) -> None:
     for key in ("verify_every", "batch_size", "batch_size_fc", "num_epoch", "num_epoch_fc", "embedding_size", "input_size"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"config key {key}={getattr(cfg, key)} must be positive")
+    if not 0 < cfg.amp_init_scale < float("inf"):
+        raise ValueError(f"config key amp_init_scale={cfg.amp_init_scale} must be a positive finite number")
 
 
 def load_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Config:
