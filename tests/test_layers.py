@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                                  "eval.seeds", "eval.report"]),
     ("training loop", ["utils.losses", "utils.callbacks", "utils.engine"]),
     ("stage logic", ["utils.stage_parts", "utils.embedding_store", "utils.adaptor", "utils.distill", "utils.cli"]),
-    ("evaluation and report", ["eval.evaluate", "eval.export"]),
+    ("evaluation and report", ["eval.evaluate", "eval.export", "eval.kd_targets", "eval.shared_sweep"]),
     ("pipeline", ["utils.pipeline"]),
     ("scripts", ["baseline_data_split", "train", "extract_all", "fc_EArc", "dual_layer_EAF-Fusion", "KD_alone",
                  "KD_CEL", "run_pipeline", "benchmarks.adaptor_input", "benchmarks.scan_folder",
