@@ -107,9 +107,16 @@ class Config:
     extract_batch_size: int = 256  # images per rank and forward pass during extraction and evaluation
     # ---- run control ------------------------------------------------------------------------------------
     seed: int = 0  # seeds python, numpy, torch, the sampler, flips and margins (per rank)
-    amp: str = "none"  # none | bf16 | fp16 (GPU only; margin and loss maths stay fp32)
+    amp: str = "none"  # none | bf16 | fp16 autocast, on GPU and CPU (margin and loss maths stay fp32)
+    amp_init_scale: float = 65536.0  # fp16 only: the GradScaler's first loss scale (PyTorch's default, 2**16)
     log_every: int = 50  # steps between log lines and TensorBoard points
     verify_every: int = 1  # epochs between RFW verifications when rfw_root is set (the last epoch always)
+    # ---- report statistics (eval/bootstrap.py, eval/operating_point.py) ----------------------------------
+    bootstrap_resamples: int = 1000  # bootstrap resamples of the RFW pairs for intervals and paired comparisons
+    bootstrap_seed: int = 0  # seed of the resampling plan (same seed = same intervals)
+    confidence: float = 0.95  # level of the bootstrap percentile intervals
+    fmr_targets: list[float] = field(default_factory=lambda: [1e-3, 1e-2])  # pooled FMRs that set the global thresholds
+    fdr_alpha: float = 0.5  # weight of the FMR gap in the Fairness Discrepancy Rate (1 - alpha: FNMR gap)
     resume: bool = False  # continue from checkpoint_last.pt of this run
     replace: bool = False  # a run folder made under other settings or inputs is moved aside, not refused
     resume_same_world_size: bool = False  # refuse to resume under a different world size
@@ -229,6 +236,13 @@ def _validate(cfg: Config) -> None:
     for key in ("verify_every", "batch_size", "batch_size_fc", "num_epoch", "num_epoch_fc", "embedding_size", "input_size"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"config key {key}={getattr(cfg, key)} must be positive")
+    if cfg.bootstrap_resamples <= 0 or not 0 < cfg.confidence < 1 or not 0 <= cfg.fdr_alpha <= 1:
+        raise ValueError(f"config keys bootstrap_resamples={cfg.bootstrap_resamples} (> 0), confidence={cfg.confidence} "
+                         f"(in (0, 1)) and fdr_alpha={cfg.fdr_alpha} (in [0, 1]) are out of range")
+    if not cfg.fmr_targets or not all(0 < t < 1 for t in cfg.fmr_targets):
+        raise ValueError(f"config key fmr_targets={cfg.fmr_targets} needs target FMRs in (0, 1)")
+    if not 0 < cfg.amp_init_scale < float("inf"):
+        raise ValueError(f"config key amp_init_scale={cfg.amp_init_scale} must be a positive finite number")
 
 
 def load_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Config:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
 from config.config import (
     ADAPTORS as ADAPTOR_NAMES, BASELINE_CONCAT_ORDER, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
+from eval.fairness_stats import StatsSettings
 from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
 from eval.rfw_data import find_benchmark
 from eval.verification import EmbedFn, RFWEvaluator, VerificationResult, backbone_embed_fn, multi_teacher_embed_fn
@@ -59,6 +60,7 @@ def result_row(name: str, results: Mapping[str, VerificationResult],
         accuracies={eth: 100.0 * result.accuracy for eth, result in results.items() if eth in ETHNICITIES},
         extra=details,
         curves={eth: (result.fpr, result.tpr) for eth, result in results.items() if eth in ETHNICITIES},
+        pairs={eth: (result.distances, result.issame) for eth, result in results.items() if eth in ETHNICITIES},
         benchmarks={key: 100.0 * result.accuracy for key, result in results.items() if key not in ETHNICITIES},
     )
 
@@ -247,6 +249,8 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator
     weights = _weights(run_dir, stage, stage)
     extra: dict[str, Any] = {"stage": stage, "weights": str(weights), "run_dir": str(run_dir),
                              "teacher_set": cfg.teacher_set}
+    extra.update({"teacher": {"member": cfg.teacher_member}, "student": {"adaptor": cfg.adaptor, "kd": cfg.kd}}.get(
+        stage, {}))  # what the report's comparison and figures group by
     if stage == "adaptor":
         teachers = [_load_teacher(d, cfg, run_dir) for d in _teacher_dirs(run_dir, cfg)]
         adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights")
@@ -288,16 +292,16 @@ class WorkDirReport:
 def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str | None = None,
                     out_dir: str | Path | None = None, batch_size: int = 256,
                     device: str | torch.device | None = None, skip_incomplete: bool = False,
-                    raw_teachers: bool = False, allow_resize: bool = False, val_root: str | Path | None = None,
-                    val_targets: Sequence[str] = ()) -> WorkDirReport:
+                    raw_teachers: bool = False, settings: StatsSettings | None = None, allow_resize: bool = False,
+                    val_root: str | Path | None = None, val_targets: Sequence[str] = ()) -> WorkDirReport:
     """Evaluate every run under ``work_dir`` (of ``run_name``, if given) on RFW and write one report folder.
 
     Each run is rebuilt from its own config.json. The report folder (default ``report[-run_name]`` in the
     work dir) holds the tables, plots and ``sources.json``: when the RFW files and every evaluated weights
     file are unchanged, the report there is reused without evaluating again. With ``skip_incomplete`` a run
     without its best weights is reported and skipped instead of failing; ``raw_teachers`` evaluates adaptor
-    spaces as in :func:`multi_teacher_embed_fn`. ``val_targets`` (``<val_root>/<name>.bin``) add benchmark
-    columns; ``allow_resize`` as in :class:`RFWEvaluator`.
+    spaces as in :func:`multi_teacher_embed_fn`. ``settings``: bootstrap and operating points of the report.
+    ``val_targets`` (``<val_root>/<name>.bin``) add benchmark columns; ``allow_resize`` as in :class:`RFWEvaluator`.
     """
     work_dir, rfw_root = Path(work_dir), Path(rfw_root)
     if not rfw_root.is_dir():
@@ -335,9 +339,10 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
                 print(f"skipping {name}: {exc}")
         if not rows:
             raise MissingInputError(f"no run under {work_dir} has finished weights")
-        write_report(rows, out, stem=stem)
+        write_report(rows, out, stem=stem, settings=settings)
         atomic_write_json(sources_path, sources)
-    return WorkDirReport(rows, out, results_table(rows) + "\n\n" + summary_line(rows), reused)
+    summary = summary_line(rows, settings)  # first: it gives reused rows their intervals for the table
+    return WorkDirReport(rows, out, results_table(rows) + "\n\n" + summary, reused)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -386,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "adaptor evaluation did (default: L2-normalised, as the adaptors were trained)")
     parser.add_argument("--skip-incomplete", action="store_true",
                         help="--work-dir: skip runs without best weights instead of failing")
+    stats = StatsSettings()
+    parser.add_argument("--bootstrap-resamples", type=int, default=stats.n_resamples,
+                        help="bootstrap resamples of the RFW pairs for the intervals and comparisons")
+    parser.add_argument("--bootstrap-seed", type=int, default=stats.seed, help="seed of the resampling plan")
+    parser.add_argument("--confidence", type=float, default=stats.confidence, help="level of the intervals")
+    parser.add_argument("--fmr-targets", type=float, nargs="+", default=list(stats.fmr_targets),
+                        help="pooled FMRs that set the global thresholds of the operating-point tables")
+    parser.add_argument("--fdr-alpha", type=float, default=stats.fdr_alpha,
+                        help="weight of the FMR gap in the Fairness Discrepancy Rate")
     return parser
 
 
@@ -426,12 +440,14 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     options = dict(allow_resize=args.allow_resize, val_root=args.val_root, val_targets=args.val_targets)
+    settings = StatsSettings(args.bootstrap_resamples, args.bootstrap_seed, args.confidence, tuple(args.fmr_targets),
+                             args.fdr_alpha)
     try:
         if args.work_dir is not None:
             report = report_work_dir(args.work_dir, args.rfw_root, run_name=args.run_name, out_dir=args.out,
                                      batch_size=args.batch_size, device=args.device,
                                      skip_incomplete=args.skip_incomplete, raw_teachers=args.release_raw_teachers,
-                                     **options)
+                                     settings=settings, **options)
             print(report.text)
             print(f"report {'reused' if report.reused else 'written'}: {report.out_dir}")
             return report.rows
@@ -448,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     except (UserError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     out = args.out or Path("eval_results")
-    paths = write_report(rows, out)
+    paths = write_report(rows, out, settings=settings)
     print(results_table(rows))
     print(f"report written to {out}: {', '.join(p.name for p in paths.values())}")
     return rows

@@ -1,4 +1,4 @@
-"""Results tables (text, Markdown, CSV, JSON) and plots (accuracy bars, ROC curves) for RFW evaluations."""
+"""Results tables (text, Markdown, CSV, JSON) with bootstrap intervals, operating-point fairness, and figures."""
 from __future__ import annotations
 
 import csv
@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from config.config import ETHNICITIES
 from eval.fairness import fairness_metrics
-from utils.io import atomic_path, atomic_write_text
+from eval.fairness_stats import (
+    KD_LABELS, StatsSettings, annotate, comparison_summary, comparisons_json, load_pairs, operating_point_extras,
+    operating_point_markdown, save_pairs, teacher_set_comparisons)
+from eval.figures import plot_accuracy_heatmaps, plot_det_families, plot_operating_points, plot_teacher_set_comparison
+from utils.io import atomic_write_text
 
 COLUMNS = (*ETHNICITIES, "Avg", "STD", "SER")
-# ROC curves: (false accept rates, true accept rates) per ethnicity.
-Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -29,6 +30,11 @@ class ResultRow:
     accuracies: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    # The RFW pairs (group -> squared distances, issame) and what eval/fairness_stats.py derives from them.
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # COLUMNS key -> (low, high)
+    operating_points: list[Any] = field(default_factory=list, repr=False)
+    samples: Any = field(default=None, repr=False)  # bootstrap.ModelSamples
     benchmarks: dict[str, float] = field(default_factory=dict)  # accuracy in % of each val_targets .bin
 
     def metrics(self) -> dict[str, float]:
@@ -37,12 +43,23 @@ class ResultRow:
     def cells(self) -> list[str]:
         """The formatted table cells after the name, in ``COLUMNS`` order ("-" for a missing ethnicity)."""
         summary = self.metrics()
-        cells = [f"{self.accuracies[eth]:.2f}" if eth in self.accuracies else "-" for eth in ETHNICITIES]
-        return cells + [f"{summary['avg']:.2f}", f"{summary['std']:.2f}", _format_ser(summary["ser"])]
+        cells = [self._cell(eth, self.accuracies[eth]) if eth in self.accuracies else "-" for eth in ETHNICITIES]
+        return cells + [self._cell("avg", summary["avg"]), self._cell("std", summary["std"]),
+                        self._cell("ser", summary["ser"], _format_ser)]
+
+    def _cell(self, key: str, value: float, fmt: Any = None) -> str:
+        fmt = fmt or (lambda v: f"{v:.2f}")
+        if key not in self.intervals:
+            return fmt(value)
+        low, high = self.intervals[key]
+        return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
 
 
 def _format_ser(value: float) -> str:
     return "nan" if math.isnan(value) else "inf" if math.isinf(value) else f"{value:.3f}"
+
+
+_INTERVAL_KEYS = (*ETHNICITIES, "avg", "std", "ser")
 
 
 def benchmark_names(rows: Sequence[ResultRow]) -> list[str]:
@@ -101,40 +118,46 @@ def _tar_table(rows: Sequence[ResultRow]) -> str:
                 value = row.extra.get(f"{eth}/{key}", "")
                 cells.append(NOT_MEASURABLE if value is None else "-" if value == "" else f"{100 * value:.2f}")
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
-    return ("\n\nTAR (%) at fixed FAR. n/m: not measurable, the FAR is below 1 / (number of impostor pairs), "
+    return ("TAR (%) at fixed FAR. n/m: not measurable, the FAR is below 1 / (number of impostor pairs), "
             "so it could only count zero false accepts.\n\n" + "\n".join(lines))
 
 
 def _csv_text(rows: Sequence[ResultRow]) -> str:
-    extra_keys = sorted({key for row in rows for key in row.extra})
+    extras = [{**row.extra, **operating_point_extras(row.operating_points)} for row in rows]
+    extra_keys = sorted({key for extra in extras for key in extra})
+    bounds = [f"{key}_{end}" for key in _INTERVAL_KEYS for end in ("low", "high")] if any(r.intervals for r in rows) else []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     names = benchmark_names(rows)
-    writer.writerow(["model", *ETHNICITIES, "avg", "std", "ser", *names, *extra_keys])
-    for row in rows:
+    writer.writerow(["model", *ETHNICITIES, "avg", "std", "ser", *names, *bounds, *extra_keys])
+    for row, extra in zip(rows, extras):
         summary = row.metrics()
         writer.writerow([
             row.name,
             *(row.accuracies.get(eth, "") for eth in ETHNICITIES),
             summary["avg"], summary["std"], summary["ser"],
             *(row.benchmarks.get(name, "") for name in names),
-            *(_csv_extra(row, key) for key in extra_keys),
+            *(row.intervals.get(key, ("", ""))[end] for key in _INTERVAL_KEYS for end in (0, 1) if bounds),
+            *(_csv_extra(extra, key) for key in extra_keys),
         ])
     return buffer.getvalue()
 
 
-def _csv_extra(row: ResultRow, key: str) -> Any:
-    value = row.extra.get(key, "")
+def _csv_extra(extra: Mapping[str, Any], key: str) -> Any:
+    value = extra.get(key, "")
     return "not measurable" if value is None and "/tar@far=" in key else value
 
 
-def _json_data(rows: Sequence[ResultRow]) -> dict[str, Any]:
+def _json_data(rows: Sequence[ResultRow], method: str | None = None) -> dict[str, Any]:
     return {
         "units": "accuracies, avg, std and benchmarks in %; ser = (100 - min acc) / (100 - max acc); "
-                 "tar@far = null where the FAR is below 1 / (number of impostor pairs) (not measurable)",
+                 "operating-point rates as fractions; tar@far = null where the FAR is below 1 / (number of "
+                 "impostor pairs) (not measurable)",
+        "interval_method": method,
         "rows": [
             {"name": row.name, "accuracies": row.accuracies, **row.metrics(), "benchmarks": row.benchmarks,
-             "extra": row.extra}
+             "intervals": row.intervals,
+             "operating_points": [p.summary() for p in row.operating_points], "extra": row.extra}
             for row in rows
         ],
     }
@@ -145,124 +168,128 @@ def read_report_rows(path: str | Path) -> list[ResultRow]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        return [ResultRow(row["name"], row["accuracies"], row.get("extra", {}), benchmarks=row.get("benchmarks", {}))
+        rows = [ResultRow(row["name"], row["accuracies"], row.get("extra", {}), benchmarks=row.get("benchmarks", {}))
                 for row in data["rows"]]
+        pairs_path = path.with_name(path.stem + "_pairs.npz")
+        if pairs_path.is_file():
+            load_pairs(rows, pairs_path)
+        return rows
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read report rows from {path}: {exc}") from exc
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+def _family(row: ResultRow) -> str:
+    """Model family of a row: stage and teacher set when known (the report's runs), else the row itself."""
+    stage, teacher_set = row.extra.get("stage"), row.extra.get("teacher_set")
+    if stage is None:
+        return row.name
+    teachers = {"specialized": "specialized teachers", "baseline": "balanced teachers"}.get(teacher_set, "teachers")
+    return {"teacher": teachers, "adaptor": f"multi-teacher spaces of {teachers}",
+            "student": f"students of {teachers}"}.get(stage, f"{stage}s of {teachers}")
 
 
-def plot_accuracy(rows: Sequence[ResultRow], path: Path) -> None:
-    """Grouped bars: one group per ethnicity (plus Avg), one bar per model."""
-    groups = [eth for eth in ETHNICITIES if any(eth in row.accuracies for row in rows)] + ["Avg"]
-    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) + 0.25 * len(groups) * len(rows)), 4.5))
-    ax = fig.add_subplot()
-    bar = 0.8 / max(len(rows), 1)
-    x = np.arange(len(groups))
-    values = []
-    for i, row in enumerate(rows):
-        heights = [row.accuracies.get(g, np.nan) if g != "Avg" else row.metrics()["avg"] for g in groups]
-        values += heights
-        ax.bar(x - 0.4 + bar * (i + 0.5), heights, width=bar, label=row.name)
-    finite = [v for v in values if np.isfinite(v)]
-    low = max(0.0, min(finite) - 5.0) if finite else 0.0
-    ax.set_ylim(low, 100.0)
-    ax.set_xticks(x, groups)
-    ax.set_ylabel("verification accuracy (%)")
-    ax.set_title("RFW accuracy per ethnicity")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save_figure(fig, path)
+def _accuracy_panels(rows: Sequence[ResultRow]) -> dict[str, dict[str, dict[str, float]]]:
+    panels: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:  # within a family panel the member, adaptor or adaptor + KD kind names the row
+        extra, label = row.extra, row.name
+        if extra.get("stage") == "teacher" and "member" in extra:
+            label = extra["member"]
+        elif extra.get("stage") == "adaptor" and "adaptor" in extra:
+            label = extra["adaptor"]
+        elif extra.get("stage") == "student" and {"adaptor", "kd"} <= set(extra):
+            label = f"{extra['adaptor']} {KD_LABELS.get(extra['kd'], extra['kd'])}"
+        panels.setdefault(_family(row), {})[str(label)] = dict(row.accuracies)
+    return panels
 
 
-def plot_roc(roc: Mapping[str, Curves], path: Path) -> None:
-    """One ROC subplot per ethnicity (log FAR axis), one curve per model."""
-    ethnicities = [eth for eth in ETHNICITIES if any(eth in curves for curves in roc.values())]
-    fig = Figure(figsize=(4.0 * len(ethnicities), 4.0))
-    axes = fig.subplots(1, len(ethnicities), squeeze=False)[0]
-    for ax, eth in zip(axes, ethnicities):
-        floor = 0.0
-        for name, curves in roc.items():
-            if eth in curves:
-                fpr, tpr = curves[eth]
-                positive = np.asarray(fpr) > 0  # FAR = 0 has no place on a log axis
-                # FARs are multiples of 1 / (number of impostor pairs): the smallest positive one is that floor.
-                floor = max(floor, float(np.asarray(fpr)[positive].min())) if positive.any() else floor
-                ax.plot(np.asarray(fpr)[positive], np.asarray(tpr)[positive], label=name)
-        if floor > 1e-4:
-            ax.axvspan(1e-4, floor, color="0.85", zorder=0)
-            ax.text(np.sqrt(1e-4 * floor), 0.5, "not measurable\n(FAR < 1/#impostors)", rotation=90,
-                    ha="center", va="center", fontsize="x-small", color="0.35")
-        ax.set_xscale("log")
-        ax.set_xlim(1e-4, 1.0)
-        ax.set_ylim(0.0, 1.0)
-        ax.set_title(eth)
-        ax.set_xlabel("false accept rate")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("true accept rate")
-    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    _save_figure(fig, path)
+def _det_families(rows: Sequence[ResultRow]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    members: dict[str, list[ResultRow]] = {}
+    for row in rows:
+        if row.pairs:
+            members.setdefault(_family(row), []).append(row)
+    families = {}
+    for family, group_rows in members.items():
+        label = f"{family}, {len(group_rows)} models" if len(group_rows) > 1 else family
+        families[label] = {g: (np.concatenate([r.pairs[g][0] for r in group_rows]),
+                               np.concatenate([r.pairs[g][1] for r in group_rows])) for g in group_rows[0].pairs}
+    return families
 
 
-def write_report(
-    rows: Sequence[ResultRow],
-    out_dir: str | Path,
-    stem: str = "results",
-    roc: Mapping[str, Curves] | None = None,
-) -> dict[str, Path]:
-    """Write ``<stem>.md/.csv/.json``, ``<stem>_accuracy.png`` and ``<stem>_roc.png``; returns the paths.
+def _operating_point_tables(rows: Sequence[ResultRow]) -> dict[float, tuple[list[str], list[str], np.ndarray, np.ndarray]]:
+    tables = {}
+    for target in sorted({p.target_fmr for row in rows for p in row.operating_points}):
+        points = [(row.name, p) for row in rows for p in row.operating_points if p.target_fmr == target]
+        groups = list(points[0][1].fmr)
+        tables[target] = ([name for name, _ in points], groups,
+                          np.array([[p.fmr[g] for g in groups] for _, p in points]),
+                          np.array([[p.fnmr[g] for g in groups] for _, p in points]))
+    return tables
 
-    ``roc`` maps model names to their curves; by default the curves carried by the rows are used. The ROC
-    plot is written only when some curves exist (rows rebuilt from a JSON report have none).
+
+def _comparison_figure_data(comparisons: Sequence[Any]) -> tuple[list, list]:
+    def triple(row: ResultRow) -> dict[str, tuple[float, float, float]]:
+        metrics = row.metrics()
+        return {key: (metrics[key], *row.intervals[key]) for key in ("avg", "std", "ser")}
+
+    pairs = [(c.label, triple(c.rows[0]), triple(c.rows[1])) for c in comparisons if c.rows is not None]
+    differences = [(c.label.split(" (")[0], {k: (e.value, e.low, e.high) for k, e in c.estimates.items()})
+                   for c in comparisons]
+    return pairs, differences
+
+
+def write_report(rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "results",
+                 settings: StatsSettings | None = None) -> dict[str, Path]:
+    """Write ``<stem>.md/.csv/.json`` and the figures; returns the paths.
+
+    Rows that carry their RFW pairs get bootstrap intervals, operating-point rates (``<stem>_operating_point.png``),
+    DET curves (``<stem>_det.png``) and, when students of both teacher sets are present, the paired comparison
+    (``<stem>_comparison.png``); the pairs are kept in ``<stem>_pairs.npz`` so a reused report recomputes them.
     """
     if not rows:
         raise ValueError("write_report needs at least one result row")
+    settings = settings or StatsSettings()
     out_dir = Path(out_dir)
-    if roc is None:
-        roc = {row.name: row.curves for row in rows if row.curves}
+    plan = annotate(rows, settings)
+    comparisons = teacher_set_comparisons(rows, plan) if plan is not None else []
     paths = {
         "md": out_dir / f"{stem}.md",
         "csv": out_dir / f"{stem}.csv",
         "json": out_dir / f"{stem}.json",
         "accuracy_png": out_dir / f"{stem}_accuracy.png",
     }
-    caption = "RFW verification accuracy (%), 10-fold, flip TTA. STD: population std; SER: max error / min error.\n\n"
+    caption = "RFW verification accuracy (%), 10-fold, flip TTA. STD: population std; SER: max error / min error."
+    if plan is not None:
+        caption += f" In brackets: {plan.describe()}."
     if benchmark_names(rows):
-        caption += "Columns after SER: accuracy (%) on the val_targets benchmarks (10-fold, flip TTA).\n\n"
-    atomic_write_text(paths["md"], caption + _markdown_table(rows) + _tar_table(rows) + "\n")
+        caption += " Columns after SER: accuracy (%) on the val_targets benchmarks (10-fold, flip TTA)."
+    sections = [caption, _markdown_table(rows), _tar_table(rows)]
+    if plan is not None:
+        sections += [operating_point_markdown(rows), comparison_summary(comparisons, plan)]
+    atomic_write_text(paths["md"], "\n\n".join(s for s in sections if s) + "\n")
     atomic_write_text(paths["csv"], _csv_text(rows))
-    atomic_write_text(paths["json"], json.dumps(_json_data(rows), indent=2) + "\n")
-    plot_accuracy(rows, paths["accuracy_png"])
-    if roc:
-        paths["roc_png"] = out_dir / f"{stem}_roc.png"
-        plot_roc(roc, paths["roc_png"])
+    data = _json_data(rows, plan.describe() if plan is not None else None)
+    if comparisons:
+        data["teacher_set_comparison"] = comparisons_json(comparisons, plan)
+    atomic_write_text(paths["json"], json.dumps(data, indent=2) + "\n")
+    plot_accuracy_heatmaps(_accuracy_panels(rows), paths["accuracy_png"])
+    if plan is not None:
+        paths["pairs"] = out_dir / f"{stem}_pairs.npz"
+        save_pairs(rows, paths["pairs"])
+        paths["det_png"] = out_dir / f"{stem}_det.png"
+        plot_det_families(_det_families(rows), paths["det_png"])
+        tables = _operating_point_tables(rows)
+        if tables:
+            paths["operating_point_png"] = out_dir / f"{stem}_operating_point.png"
+            plot_operating_points(tables, paths["operating_point_png"])
+    if comparisons:
+        paths["comparison_png"] = out_dir / f"{stem}_comparison.png"
+        plot_teacher_set_comparison(*_comparison_figure_data(comparisons), paths["comparison_png"], settings.confidence)
     return paths
 
 
-def summary_line(rows: Sequence[ResultRow]) -> str:
-    """Whether students of specialized teachers beat students of balanced teachers, from these numbers only:
-    mean Avg (higher is better), STD and SER (lower is better) over each teacher set's students."""
-    groups: dict[str, list[dict[str, float]]] = {"specialized": [], "baseline": []}
-    for row in rows:
-        if row.extra.get("stage") == "student" and row.extra.get("teacher_set") in groups:
-            groups[row.extra["teacher_set"]].append(row.metrics())
-    if not groups["specialized"] or not groups["baseline"]:
-        return "Summary: students of both teacher sets are needed to compare them."
-    mean = {name: {key: sum(m[key] for m in group) / len(group) for key in ("avg", "std", "ser")}
-            for name, group in groups.items()}
-    spec, base = mean["specialized"], mean["baseline"]
-    # (label, key, higher is better, digits)
-    criteria = [("Avg", "avg", True, 2), ("STD", "std", False, 2), ("SER", "ser", False, 3)]
-    verdicts, wins = [], 0
-    for label, key, higher, digits in criteria:
-        better = spec[key] > base[key] if higher else spec[key] < base[key]
-        wins += better
-        word = ("higher" if higher else "lower") if better else ("not higher" if higher else "not lower")
-        verdicts.append(f"{label} {word} ({spec[key]:.{digits}f} vs {base[key]:.{digits}f})")
-    return (f"Summary (mean over {len(groups['specialized'])} students per teacher set, this run only): students of "
-            f"specialized teachers vs students of balanced teachers: {'; '.join(verdicts)} -> better on "
-            f"{wins} of {len(criteria)}.")
+def summary_line(rows: Sequence[ResultRow], settings: StatsSettings | None = None) -> str:
+    """Students of specialized minus students of balanced teachers per adaptor and KD kind and pooled, with
+    paired bootstrap intervals over the RFW pairs (eval/fairness_stats.py). Also gives rows read back from a
+    report their intervals."""
+    plan = annotate(rows, settings or StatsSettings())
+    return comparison_summary(teacher_set_comparisons(rows, plan) if plan is not None else [], plan)

@@ -46,6 +46,9 @@ class VerificationResult:
     auc: float
     fpr: np.ndarray = field(repr=False)
     tpr: np.ndarray = field(repr=False)
+    # The pairs themselves, for bootstrap intervals and operating-point rates (eval/bootstrap.py).
+    distances: np.ndarray = field(repr=False)
+    issame: np.ndarray = field(repr=False)
     min_far: float = 0.0  # 1 / (number of impostor pairs): the smallest FAR these pairs can measure
 
     def summary(self) -> dict[str, float | None]:
@@ -223,6 +226,8 @@ def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10
         fpr=fpr,
         tpr=tpr,
         min_far=1.0 / num_impostors,
+        distances=distances,
+        issame=issame,
     )
 
 

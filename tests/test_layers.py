@@ -15,15 +15,17 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("models and data", ["backbones", "backbones.adaptors", "backbones.iresnet", "backbones.mobilefacenet",
                          "utils.splits", "utils.dataset", "utils.synthetic", "eval.rfw_data"]),
     ("provenance and measures", ["utils.provenance", "eval.verification", "eval.reference_verification",
-                                 "eval.report"]),
+                                 "eval.bootstrap", "eval.operating_point", "eval.figures", "eval.fairness_stats",
+                                 "eval.seeds", "eval.report"]),
     ("training loop", ["utils.losses", "utils.callbacks", "utils.engine"]),
     ("stage logic", ["utils.stage_parts", "utils.embedding_store", "utils.adaptor", "utils.distill", "utils.cli",
                      "utils.release_import"]),
-    ("evaluation and report", ["eval.evaluate", "eval.embed"]),
+    ("evaluation and report", ["eval.evaluate", "eval.embed", "eval.export", "eval.kd_targets", "eval.shared_sweep"]),
     ("pipeline", ["utils.pipeline"]),
     ("scripts", ["baseline_data_split", "train", "extract_all", "fc_EArc", "dual_layer_EAF-Fusion", "KD_alone",
                  "KD_CEL", "run_pipeline", "benchmarks.adaptor_input", "benchmarks.scan_folder",
-                 "benchmarks.train_step", "benchmarks.verification"]),
+                 "benchmarks.train_step", "benchmarks.verification", "benchmarks.bootstrap",
+                 "benchmarks.gpu_check"]),
 ]
 LAYER_OF = {module: number for number, (_, modules) in enumerate(LAYERS) for module in modules}
 PACKAGES = ("config", "backbones", "utils", "eval", "benchmarks")

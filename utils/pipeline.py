@@ -39,7 +39,7 @@ class Preset:
     """A named configuration of the whole pipeline; ``synthetic`` sizes mean "generate the data first"."""
 
     overrides: dict[str, Any]
-    synthetic: dict[str, int] | None = None
+    synthetic: dict[str, float] | None = None
     description: str = ""
 
 
@@ -359,11 +359,15 @@ def run_job(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[s
 
 
 def report_command(cfg: Config) -> list[str]:
-    """The report of the runs of this config's run_name: ``python -m eval.evaluate --work-dir ...``."""
+    """The report of the runs of this config's run_name: ``python -m eval.evaluate --work-dir ...``, with the
+    config's bootstrap and operating-point settings."""
     if cfg.rfw_root is None:
         raise InvalidInputError("the report needs rfw_root=<folder with <Ethnicity>_test.bin>")
     command = [sys.executable, "-m", "eval.evaluate", "--work-dir", str(artifacts.work_root(cfg)), "--rfw-root",
-               str(cfg.rfw_root), "--run-name", cfg.run_name, "--batch-size", str(cfg.extract_batch_size)]
+               str(cfg.rfw_root), "--run-name", cfg.run_name, "--batch-size", str(cfg.extract_batch_size),
+               "--bootstrap-resamples", str(cfg.bootstrap_resamples), "--bootstrap-seed", str(cfg.bootstrap_seed),
+               "--confidence", str(cfg.confidence), "--fdr-alpha", str(cfg.fdr_alpha),
+               "--fmr-targets", *map(str, cfg.fmr_targets)]
     if cfg.val_targets:
         command += ["--val-root", str(cfg.val_root), "--val-targets", *cfg.val_targets]
     return command + (["--allow-resize"] if cfg.allow_resize else [])
