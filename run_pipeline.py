@@ -17,6 +17,7 @@ from pathlib import Path
 
 from config.config import format_override, load_config
 from utils.callbacks import format_duration
+from utils.locks import FolderLocked, folder_lock
 from utils.pipeline import PRESETS, STAGES, build_report, plan_jobs, run_job, select_jobs
 
 
@@ -58,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     elif user.data_root is None:
         raise SystemExit(f"--preset {preset_name} needs data_root=... (and rfw_root=... for verification)")
     base += args.overrides
+    cfg = load_config(base)
+    # A second pipeline on the same output_root would rerun the same jobs into the same folders.
+    try:
+        with folder_lock(cfg.work_root, what="pipeline output_root"):
+            return run_jobs(args, base, preset_name)
+    except FolderLocked as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def run_jobs(args: argparse.Namespace, base: list[str], preset_name: str) -> int:
     cfg = load_config(base)
     jobs = select_jobs(plan_jobs(base), args.only, args.start)
     run_report = args.only is None or "report" in args.only

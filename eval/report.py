@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from config.config import ETHNICITIES
 from eval.fairness import fairness_metrics
 from utils.io import atomic_path, atomic_write_text
+from utils.numerics import json_safe
 
 COLUMNS = (*ETHNICITIES, "Avg", "STD", "SER")
 # ROC curves: (false accept rates, true accept rates) per ethnicity.
@@ -33,10 +34,18 @@ class ResultRow:
     def metrics(self) -> dict[str, float]:
         return fairness_metrics(self.accuracies)
 
+    @property
+    def degenerate(self) -> str:
+        """Why this model's evaluation measures nothing (constant or non-finite embeddings), or ""."""
+        return str(self.extra.get("degenerate") or "")
+
     def cells(self) -> list[str]:
-        """The formatted table cells after the name, in ``COLUMNS`` order ("-" for a missing ethnicity)."""
+        """The formatted table cells after the name, in ``COLUMNS`` order ("-" for a missing ethnicity).
+        A degenerate evaluation shows no STD/SER: equal chance accuracies are not fairness."""
         summary = self.metrics()
         cells = [f"{self.accuracies[eth]:.2f}" if eth in self.accuracies else "-" for eth in ETHNICITIES]
+        if self.degenerate:
+            return cells + [f"{summary['avg']:.2f}", "degenerate", "degenerate"]
         return cells + [f"{summary['avg']:.2f}", f"{summary['std']:.2f}", _format_ser(summary["ser"])]
 
 
@@ -54,13 +63,18 @@ def results_table(rows: Sequence[ResultRow]) -> str:
         return "  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])])
 
     rule = "-" * len(fmt(header))
-    return "\n".join([fmt(header), rule, *(fmt(line) for line in body)])
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in body), *_degenerate_notes(rows)])
+
+
+def _degenerate_notes(rows: Sequence[ResultRow]) -> list[str]:
+    return [f"DEGENERATE evaluation of {row.name} ({row.degenerate}): its accuracies are chance, not fairness"
+            for row in rows if row.degenerate]
 
 
 def _markdown_table(rows: Sequence[ResultRow]) -> str:
     lines = ["| Model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     lines += [f"| {row.name} | " + " | ".join(row.cells()) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"\n{note}" for note in _degenerate_notes(rows)])
 
 
 def _csv_text(rows: Sequence[ResultRow]) -> str:
@@ -83,7 +97,7 @@ def _json_data(rows: Sequence[ResultRow]) -> dict[str, Any]:
     return {
         "units": "accuracies, avg and std in %; ser = (100 - min acc) / (100 - max acc)",
         "rows": [
-            {"name": row.name, "accuracies": row.accuracies, **row.metrics(), "extra": row.extra}
+            json_safe({"name": row.name, "accuracies": row.accuracies, **row.metrics(), "extra": row.extra})
             for row in rows
         ],
     }

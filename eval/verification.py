@@ -44,6 +44,9 @@ class VerificationResult:
     auc: float
     fpr: np.ndarray = field(repr=False)
     tpr: np.ndarray = field(repr=False)
+    # Why the numbers measure nothing ("" when they do): e.g. every pair has the same score, so the accuracy is
+    # chance on every group and the groups look "perfectly fair" while the model is broken.
+    degenerate: str = ""
 
     def summary(self) -> dict[str, float]:
         """JSON-friendly scalars (ROC arrays left out)."""
@@ -196,6 +199,13 @@ def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10
     distances = np.asarray(distances, dtype=np.float64)
     if issame.all() or not issame.any():
         raise ValueError("verification needs both genuine and impostor pairs")
+    degenerate = ""
+    if not np.isfinite(distances).all():
+        degenerate = "non-finite embeddings"
+        # Scored as "no pair below any threshold": chance accuracy, flagged, never an error in the middle of a run.
+        distances = np.where(np.isfinite(distances), distances, THRESHOLDS[-1] + 1)
+    if np.ptp(distances) == 0:
+        degenerate = degenerate or "all pair scores equal (constant embeddings)"
     fold_acc, fold_thr = kfold_accuracy(distances, issame, nfolds)
     fpr, tpr, _ = roc_curve(issame, -distances, drop_intermediate=False)
     return VerificationResult(
@@ -208,6 +218,7 @@ def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10
         auc=float(auc(fpr, tpr)),
         fpr=fpr,
         tpr=tpr,
+        degenerate=degenerate,
     )
 
 

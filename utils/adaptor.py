@@ -28,10 +28,11 @@ from config.config import Config
 from utils.callbacks import LOGGER_NAME, setup_logging
 from utils.distributed import DistInfo, barrier, broadcast_object
 from utils.embedding_store import (
-    TeacherStores, file_fingerprint, manifest_problem, open_teacher_stores, read_manifest, target_files,
+    TeacherStores, checked_rows, file_fingerprint, manifest_problem, open_teacher_stores, read_manifest, target_files,
     write_rows_sharded)
 from utils.engine import HISTORY_NAME, TrainingTask, classification_loss, is_run_complete, make_header, train
 from utils.io import atomic_write_json
+from utils.locks import rank0_folder_lock
 
 INPUTS_NAME = "teacher_stores.json"
 # Share of the available RAM the in-memory copies of the stores (one per local rank) may take.
@@ -178,6 +179,7 @@ def write_targets(cfg: Config, stores: TeacherStores, inputs: dict[str, Any], in
     best = best_record(cfg.adaptor_dir)
     model = load_weights(build_adaptor(cfg), weights, what="best adaptor weights").to(info.device).eval()
     sources = {"array": stores.arrays, "flipped": stores.flipped}
+    files = target_files(cfg.adaptor_dir)
 
     def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
         with torch.inference_mode():
@@ -185,14 +187,14 @@ def write_targets(cfg: Config, stores: TeacherStores, inputs: dict[str, Any], in
                 chunk = slice(start, min(start + cfg.extract_batch_size, rows.stop))
                 for name, out in arrays.items():
                     x = torch.from_numpy(concat_rows(sources[name], chunk)).to(info.device)  # type: ignore[arg-type]
-                    out[chunk] = F.normalize(model(x).float(), dim=1).cpu().numpy()
+                    out[chunk] = checked_rows(F.normalize(model(x).float(), dim=1).cpu().numpy(),
+                                              np.arange(chunk.start, chunk.stop), getattr(files, name), weights)
 
     manifest = {"adaptor": cfg.adaptor, "teacher_set": cfg.teacher_set, "network": cfg.network,
                 "N": len(stores.index), "dim": cfg.embedding_size, "index_hash": inputs["index_hash"],
                 "checkpoint": file_fingerprint(weights), "best_epoch": best["epoch"],
                 "best_step": best["global_step"], "flipped": stores.flipped is not None,
                 "teachers": inputs["teachers"]}
-    files = target_files(cfg.adaptor_dir)
     write_rows_sharded(files, manifest, info, fill)
     return files.array
 
@@ -223,8 +225,14 @@ def _decide(cfg: Config, inputs: dict[str, Any], flipped: bool) -> tuple[str | N
 def run_adaptor_stage(cfg: Config, info: DistInfo) -> Path | None:
     """Train cfg.adaptor on the teacher stores (or reuse a finished run) and write its KD targets.
 
-    Returns the target array, or None when training stopped early (``stop_after_epoch``).
+    Returns the target array, or None when training stopped early (``stop_after_epoch``). The run folder is
+    locked for the training and the targets together.
     """
+    with rank0_folder_lock(cfg.adaptor_dir, info.is_main, what="adaptor run folder"):
+        return _train_and_write_targets(cfg, info)
+
+
+def _train_and_write_targets(cfg: Config, info: DistInfo) -> Path | None:
     run_dir = cfg.adaptor_dir
     logger = setup_logging(run_dir, info.is_main)
     stores = open_teacher_stores(cfg)

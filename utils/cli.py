@@ -9,7 +9,7 @@ from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.engine import seed_everything
 
 # Errors a user can fix (missing file, bad key or value); they are reported in one line, without a traceback.
-USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError)
+USER_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
 
 
 def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | None = None,
@@ -27,7 +27,7 @@ def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | Non
     except USER_ERRORS as exc:
         if argv is not None:  # called from Python (tests, the pipeline): keep the exception
             raise
-        print(f"error (rank {info.rank}): {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        print(f"error (rank {info.rank}): {exc.args[0] if len(exc.args) == 1 else exc}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         cleanup_distributed()

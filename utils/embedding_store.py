@@ -38,6 +38,7 @@ from utils.distributed import DistInfo, barrier, broadcast_object, shard_range
 from utils.callbacks import LOGGER_NAME
 from utils.engine import is_run_complete
 from utils.io import atomic_write_json
+from utils.numerics import NonFiniteError, first_nonfinite_row
 
 INDEX_NAME = "index.tsv"
 TARGETS_NAME = "targets"
@@ -109,8 +110,35 @@ def manifest_problem(manifest: dict[str, Any] | None, files: StoreFiles, index_h
     if flipped and not manifest.get("flipped"):
         return f"{files.array} has no flipped-image rows ({files.flipped}; extract with extract_flipped=True)"
     for path in (files.array, files.flipped) if flipped else (files.array,):
-        if not path.is_file():
-            return f"{path} is missing although {files.manifest} says complete"
+        problem = array_file_problem(path, manifest)
+        if problem is not None:
+            return f"{problem} although {files.manifest} says complete"
+    return None
+
+
+def array_file_problem(path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the ``.npy`` at ``path`` cannot hold the manifest's rows (missing, unreadable header, other shape or
+    dtype, truncated, trailing bytes); None if it can. Reads the header only, so it costs microseconds."""
+    try:
+        expected = (int(manifest["N"]), int(manifest["dim"]))
+    except (KeyError, TypeError, ValueError):
+        return f"the manifest of {path} has no valid N and dim"
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        return f"{path} is not a readable .npy file ({exc})"
+    if dtype != np.float32 or shape != expected or fortran:
+        return f"{path} holds {dtype} {shape}, its manifest says float32 {expected}"
+    size, needed = path.stat().st_size, offset + expected[0] * expected[1] * 4
+    if size != needed:
+        return f"{path} has {size} bytes, {needed} expected for float32 {expected} (truncated or damaged file)"
     return None
 
 
@@ -119,11 +147,20 @@ def load_array(path: str | Path, manifest: dict[str, Any], *, in_memory: bool = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embedding array not found: {path}")
-    array = np.load(path, mmap_mode=None if in_memory else "r")
-    expected = (int(manifest["N"]), int(manifest["dim"]))
-    if array.shape != expected or array.dtype != np.float32:
-        raise RuntimeError(f"{path} holds {array.dtype} {array.shape}, its manifest says float32 {expected}")
-    return array
+    problem = array_file_problem(path, manifest)
+    if problem is not None:
+        raise RuntimeError(f"{problem}; rerun the stage that writes it")
+    return np.load(path, mmap_mode=None if in_memory else "r")
+
+
+def checked_rows(values: np.ndarray, rows: np.ndarray, path: Path, source: Path) -> np.ndarray:
+    """``values`` (to be written as ``rows`` of ``path``), or NonFiniteError naming the first bad row: a store
+    must never hold NaN/inf rows (its manifest stays incomplete)."""
+    bad = first_nonfinite_row(values)
+    if bad is not None:
+        raise NonFiniteError(f"{source} gives a non-finite embedding for row {int(rows[bad])} of {path}; the store "
+                             "is left incomplete (was the model trained to NaN weights?)")
+    return values
 
 
 RowWriter = Callable[[range, dict[str, np.ndarray]], None]
@@ -246,9 +283,12 @@ def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageInde
             for images, _, batch_rows in tqdm(loader, desc=f"extract {member}", disable=not info.is_main):
                 images = images.to(info.device, non_blocking=True)
                 rows_np = batch_rows.numpy()
-                arrays["array"][rows_np] = F.normalize(model(images).float(), dim=1).cpu().numpy()
+                arrays["array"][rows_np] = checked_rows(
+                    F.normalize(model(images).float(), dim=1).cpu().numpy(), rows_np, files.array, checkpoint)
                 if "flipped" in arrays:
-                    arrays["flipped"][rows_np] = F.normalize(model(images.flip(3)).float(), dim=1).cpu().numpy()
+                    arrays["flipped"][rows_np] = checked_rows(
+                        F.normalize(model(images.flip(3)).float(), dim=1).cpu().numpy(), rows_np, files.flipped,
+                        checkpoint)
 
     manifest = {"member": member, "teacher_set": cfg.teacher_set, "network": cfg.network, "N": len(index),
                 "dim": cfg.embedding_size, "index_hash": index_hash, "checkpoint": fingerprint,

@@ -25,6 +25,8 @@ from utils.callbacks import TrainingMonitor, VerificationCallback, setup_logging
 from utils.dataset import random_horizontal_flip
 from utils.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object
 from utils.io import atomic_torch_save, atomic_write_json
+from utils.locks import rank0_folder_lock
+from utils.numerics import NonFiniteError, nonfinite_entries
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
 HISTORY_NAME = "history.json"
@@ -234,9 +236,8 @@ class _Trainer:
             "best": json.dumps(self.best) if self.best else "",
         }
         atomic_torch_save(checkpoint, self.run_dir / CHECKPOINT_NAME)
-        atomic_write_json(self.run_dir / HISTORY_NAME,
-                          {"epochs": self.history, "best": self.best, "complete": complete,
-                           "num_epochs": self.task.num_epochs})
+        # history.json is derived from the checkpoint: a kill between the two is repaired by the next resume.
+        self._write_history(complete)
 
     # ---- training -------------------------------------------------------------------------------------------
     def _is_better(self, record: dict[str, Any]) -> bool:
@@ -287,12 +288,43 @@ class _Trainer:
             for name, value in losses.items():
                 totals[name] = totals[name] + value.detach().float() if name in totals else value.detach().float()
             monitor.step(self.global_step, self.epoch, losses, lr)
+            if self.global_step % max(1, cfg.log_every) == 0 or steps == len(self.loader):
+                self._check_finite_loss(totals["loss"])
         self.scheduler.step()
         names = sorted(totals)
         summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
             float(steps), device=self.device)]))
         total_steps = float(summed[-1])
         return {name: float(value) for name, value in zip(names, summed[:-1])} | {"steps": total_steps}
+
+    def _last_good_checkpoint(self) -> str:
+        path = self.run_dir / CHECKPOINT_NAME
+        return f"{path} (end of epoch {self.epoch})" if self.epoch > 0 and path.is_file() else "none"
+
+    def _check_finite_loss(self, loss_sum: torch.Tensor) -> None:
+        """Stop at the first logging interval whose summed loss is not finite (agreed by every rank)."""
+        bad = all_reduce_sum(torch.tensor([0.0 if bool(torch.isfinite(loss_sum)) else 1.0], device=self.device))
+        if float(bad[0]) > 0:
+            raise NonFiniteError(
+                f"{self.task.stage} in {self.run_dir}: the loss became non-finite in epoch {self.epoch + 1} by step "
+                f"{self.global_step}; nothing of this epoch was saved; last good checkpoint: "
+                f"{self._last_good_checkpoint()} (lower the lr or check the inputs, then rerun with resume=True)")
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to save weights or buffers with NaN/inf (every rank holds the same ones after the epoch)."""
+        bad = nonfinite_entries(self.model.state_dict())
+        if self.header is not None:
+            bad += [f"header.{name}" for name in nonfinite_entries(self.header.state_dict())]
+        if bad:
+            raise NonFiniteError(
+                f"{self.task.stage} in {self.run_dir}: non-finite values in {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''} after epoch {self.epoch + 1} (step {self.global_step}); not "
+                f"saved; last good checkpoint: {self._last_good_checkpoint()}")
+
+    def _write_history(self, complete: bool) -> None:
+        atomic_write_json(self.run_dir / HISTORY_NAME,
+                          {"epochs": self.history, "best": self.best, "complete": complete,
+                           "num_epochs": self.task.num_epochs})
 
     def run(self) -> TrainingResult:
         task, cfg, info = self.task, self.cfg, self.info
@@ -305,6 +337,7 @@ class _Trainer:
         monitor = TrainingMonitor(self.logger, self.run_dir, is_main=info.is_main, log_every=cfg.log_every,
                                   samples_per_step=task.batch_size * info.world_size,
                                   total_steps=len(self.loader) * task.num_epochs, start_step=self.global_step)
+        resumed_complete = self.epoch == task.num_epochs
         try:
             while self.epoch < task.num_epochs:
                 if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch:
@@ -317,6 +350,7 @@ class _Trainer:
                 broadcast_buffers(self.model)
                 if self.header is not None:
                     broadcast_buffers(self.header)
+                self._check_finite_weights()
                 record: dict[str, Any] = {
                     "epoch": self.epoch + 1, "global_step": self.global_step, "lr": lr,
                     "loss_sum": sums["loss"], "losses": {k: v / steps for k, v in sums.items()},
@@ -339,6 +373,10 @@ class _Trainer:
         finally:
             monitor.close()
         complete = self.epoch == task.num_epochs
+        if resumed_complete and info.is_main:
+            self._write_history(complete=True)
+            self.logger.info(f"all {task.num_epochs} epochs were already done: {self.run_dir / HISTORY_NAME} "
+                             "rewritten from the checkpoint")
         best_epoch = self.best["epoch"] if self.best else 0
         if info.is_main and complete:
             self.logger.info(f"finished: best epoch {best_epoch} by {task.selection} -> "
@@ -349,7 +387,8 @@ class _Trainer:
 
 def train(cfg: Config, task: TrainingTask, info: DistInfo) -> TrainingResult:
     """Train ``task`` under ``cfg`` on this rank; returns where the best weights are."""
-    return _Trainer(cfg, task, info).run()
+    with rank0_folder_lock(task.run_dir, info.is_main, what=f"{task.stage} run folder"):
+        return _Trainer(cfg, task, info).run()
 
 
 def is_run_complete(run_dir: Path) -> bool:
