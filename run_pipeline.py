@@ -18,6 +18,7 @@ from pathlib import Path
 from config.config import format_override, load_config
 from utils.callbacks import format_duration
 from utils.locks import FolderLocked, folder_lock
+from utils.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.pipeline import PRESETS, STAGES, build_report, plan_jobs, run_job, select_jobs
 
 
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_jobs(args, base, preset_name)
     except FolderLocked as exc:
         raise SystemExit(f"error: {exc}") from None
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}; rerun the pipeline to continue", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 def run_jobs(args: argparse.Namespace, base: list[str], preset_name: str) -> int:

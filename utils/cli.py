@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 from config.config import Config, parse_cli
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.engine import seed_everything
+from utils.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
 # Errors a user can fix (missing file, bad key or value); they are reported in one line, without a traceback.
 USER_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
@@ -24,6 +25,11 @@ def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | Non
     seed_everything(cfg.seed)
     try:
         return main(cfg, info)
+    except TrainingInterrupted as exc:
+        if argv is not None:
+            raise
+        print(f"interrupted (rank {info.rank}): {exc}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     except USER_ERRORS as exc:
         if argv is not None:  # called from Python (tests, the pipeline): keep the exception
             raise

@@ -27,6 +27,7 @@ from utils.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffe
 from utils.io import atomic_torch_save, atomic_write_json
 from utils.locks import rank0_folder_lock
 from utils.numerics import NonFiniteError, nonfinite_entries
+from utils.signals import StopRequest, TrainingInterrupted, stop_on_signals
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
 HISTORY_NAME = "history.json"
@@ -145,6 +146,7 @@ class _Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.stop = StopRequest()  # train() replaces it with one its signal handlers fill
         self._resume()
 
         self.sampler = DistributedSampler(task.dataset, num_replicas=info.world_size, rank=info.rank,
@@ -290,12 +292,26 @@ class _Trainer:
             monitor.step(self.global_step, self.epoch, losses, lr)
             if self.global_step % max(1, cfg.log_every) == 0 or steps == len(self.loader):
                 self._check_finite_loss(totals["loss"])
+            self._stop_if_requested()
         self.scheduler.step()
         names = sorted(totals)
         summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
             float(steps), device=self.device)]))
         total_steps = float(summed[-1])
         return {name: float(value) for name, value in zip(names, summed[:-1])} | {"steps": total_steps}
+
+    def _stop_if_requested(self) -> None:
+        """After a step: end the run if a stop signal reached any rank. The resumable state is the last epoch's
+        checkpoint (resume is exact only from epoch boundaries); the steps since then are redone on resume."""
+        requested = float(self.stop.signal is not None)
+        if self.info.distributed:
+            requested = float(all_reduce_sum(torch.tensor([requested], device=self.device))[0])
+        if requested:
+            message = (f"{self.stop.name or 'a stop signal on another rank'}: {self.task.stage} stopped after step "
+                       f"{self.global_step} (epoch {self.epoch + 1}); resumable checkpoint: "
+                       f"{self._last_good_checkpoint()}; run the same command with resume=True to continue")
+            self.logger.warning(message)
+            raise TrainingInterrupted(message)
 
     def _last_good_checkpoint(self) -> str:
         path = self.run_dir / CHECKPOINT_NAME
@@ -387,8 +403,11 @@ class _Trainer:
 
 def train(cfg: Config, task: TrainingTask, info: DistInfo) -> TrainingResult:
     """Train ``task`` under ``cfg`` on this rank; returns where the best weights are."""
-    with rank0_folder_lock(task.run_dir, info.is_main, what=f"{task.stage} run folder"):
-        return _Trainer(cfg, task, info).run()
+    with rank0_folder_lock(task.run_dir, info.is_main, what=f"{task.stage} run folder"), \
+            stop_on_signals() as stop:
+        trainer = _Trainer(cfg, task, info)
+        trainer.stop = stop
+        return trainer.run()
 
 
 def is_run_complete(run_dir: Path) -> bool:
