@@ -55,6 +55,7 @@ class Config:
     ids_per_ethnicity: int | None = None  # use a seeded random subset of k identities per ethnicity (None = all)
     input_size: int = 112  # square input side in pixels; images of another size are resized
     num_workers: int = 4  # data-loader worker processes per rank
+    check_images: int = 1000  # images decoded as a sanity pass before training (0 = none, -1 = all; extraction: all)
     # ---- what to train ----------------------------------------------------------------------------------
     ethnicity: str = "African"  # specialized teacher / extraction target: African|Asian|Caucasian|Indian|all
     teacher_set: str = "specialized"  # specialized (one ethnicity each) | baseline (balanced splits)
@@ -223,6 +224,7 @@ _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)")
 _RANGES: dict[str, tuple[Any, str]] = {
     "ids_per_ethnicity": _POSITIVE, "input_size": _POSITIVE, "num_workers": _NON_NEGATIVE,
+    "check_images": (lambda v: v >= -1, ">= -1"),
     "split": (lambda v: 0 <= v < NUM_BASELINE_SPLITS, f"in 0..{NUM_BASELINE_SPLITS - 1}"),
     "dropout": _PROBABILITY, "width": _POSITIVE, "embedding_size": _POSITIVE,
     "batch_size": _POSITIVE, "lr": _POSITIVE, "momentum": _PROBABILITY, "weight_decay": _NON_NEGATIVE,

@@ -39,7 +39,7 @@ _ALLOWED_GLOBALS = {
 _BIN_PROTOCOL = 4
 
 
-class RefusedPickleError(pickle.UnpicklingError):
+class RefusedPickleError(pickle.UnpicklingError, ValueError):
     """A ``.bin`` named a global other than the few it may use; it was refused before anything ran."""
 
 

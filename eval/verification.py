@@ -20,7 +20,7 @@ from sklearn.metrics import auc, roc_curve
 from torch import nn
 
 from config.config import ETHNICITIES
-from eval.rfw_data import load_rfw
+from eval.rfw_data import load_rfw, rfw_files
 
 # The protocol's threshold grid; `np.arange` is kept (not a linspace) so the floats equal the reference ones.
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -152,6 +152,25 @@ def fold_sizes(n: int, nfolds: int) -> np.ndarray:
     return sizes
 
 
+def pair_set_problem(issame: np.ndarray, nfolds: int) -> str | None:
+    """Why a pair set cannot give a meaningful k-fold accuracy (no pairs, fewer pairs than folds, a class
+    missing overall or in one fold, where a held-out accuracy of 0 would read as "below chance"); None if it can."""
+    issame = np.asarray(issame, dtype=bool)
+    n = len(issame)
+    if n == 0:
+        return "holds 0 pairs"
+    if n < nfolds:
+        return f"holds {n} pairs, fewer than the {nfolds} folds of the protocol"
+    bounds = np.concatenate([[0], np.cumsum(fold_sizes(n, nfolds))])
+    for f in range(nfolds):
+        fold = issame[bounds[f]:bounds[f + 1]]
+        if fold.all() or not fold.any():
+            kind = "genuine" if fold.all() else "impostor"
+            return (f"fold {f + 1} of {nfolds} (pairs {bounds[f]}..{bounds[f + 1] - 1}) holds only {kind} pairs; "
+                    "every fold needs both (folds are taken in file order)")
+    return None
+
+
 def kfold_accuracy(
     distances: np.ndarray, issame: np.ndarray, nfolds: int = 10, thresholds: np.ndarray = THRESHOLDS
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +263,11 @@ class RFWEvaluator:
         self.batch_size = batch_size
         self.nfolds = nfolds
         self.data = load_rfw(self.rfw_root, input_size, ethnicities=tuple(ethnicities))
+        for eth, (_, issame) in self.data.items():
+            problem = pair_set_problem(issame, nfolds)
+            if problem is not None:
+                bin_path, pairs_path, _ = rfw_files(self.rfw_root, eth)
+                raise ValueError(f"{bin_path if bin_path.is_file() else pairs_path} ({eth}): {problem}")
 
     def __call__(self, embed_fn: EmbedFn, device: str | torch.device = "cpu") -> dict[str, VerificationResult]:
         results = {}

@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from backbones import build_backbone, load_weights
 from config.config import Config, teacher_members
-from utils.dataset import FaceDataset, ImageIndex, load_index
+from utils.dataset import FaceDataset, ImageIndex, check_images, load_index
 from utils.distributed import DistInfo, barrier, broadcast_object, shard_range
 from utils.callbacks import LOGGER_NAME
 from utils.engine import is_run_complete
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, reserve_disk_space
 from utils.numerics import NonFiniteError, first_nonfinite_row
 
 INDEX_NAME = "index.tsv"
@@ -180,6 +180,7 @@ def write_rows_sharded(files: StoreFiles, manifest: dict[str, Any], info: DistIn
             files.flipped.unlink(missing_ok=True)
         for name in names:
             open_memmap(getattr(files, name), mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+            reserve_disk_space(getattr(files, name))
     barrier()
     arrays = {name: open_memmap(getattr(files, name), mode="r+") for name in names}
     fill(shard_range(n, info.rank, info.world_size), arrays)
@@ -241,7 +242,8 @@ def extraction_members(cfg: Config) -> list[str]:
 
 def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
     """The run's image index, written to the store folder by rank 0 and read from there by the other ranks,
-    so every rank embeds exactly the same rows."""
+    so every rank embeds exactly the same rows. Every image is decoded once first (each rank its own rows), so a
+    corrupt file fails now, by name, not hours into the extraction."""
     path = cfg.store_dir / INDEX_NAME
     if info.is_main:
         index = load_index(cfg)
@@ -252,7 +254,11 @@ def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
                     f"{path} described another image index: replacing it; stores built from it must be redone")
             index.save(path)
     barrier()
-    return index if info.is_main else ImageIndex.load(path)
+    index = index if info.is_main else ImageIndex.load(path)
+    shard = shard_range(len(index), info.rank, info.world_size)
+    check_images(FaceDataset(index, np.arange(shard.start, shard.stop), input_size=cfg.input_size), -1,
+                 workers=cfg.num_workers)
+    return index
 
 
 def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageIndex, info: DistInfo) -> bool:

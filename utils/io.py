@@ -64,6 +64,17 @@ def named_os_error(exc: OSError, path: str | Path) -> OSError:
     return error
 
 
+def reserve_disk_space(path: str | Path) -> None:
+    """Allocate every block of the (sparse) file at ``path`` now: a memory map written later on a full disk
+    dies by SIGBUS with no message, while this fails at once with ENOSPC naming the file."""
+    with os_errors_named(path), open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without it
+                raise
+
+
 def remove_temp_files(folder: str | Path) -> list[Path]:
     """Delete the temp files that interrupted atomic writes left in ``folder`` (call it only while holding the
     folder's lock: another writer's temp file is in use). Returns what was removed."""
