@@ -383,3 +383,86 @@ def test_interrupted_temp_files_are_removed_and_identical_weights_are_identical_
     atomic_torch_save(state, tmp_path / "b.pth")
     digest = [hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in ("a.pth", "b.pth")]
     assert digest[0] == digest[1]
+
+
+# ---- 6. inputs that fail early, by name -------------------------------------------------------------------
+
+@pytest.fixture
+def train_tree(tiny_synthetic, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_synthetic / "train", tmp_path / "train"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("tab", "tab or line break"), ("newline", "tab or line break"), ("undecodable", "not a valid UTF-8 name"),
+    ("broken_link", "broken symbolic link"),
+])
+def test_unusable_names_are_refused_by_name(train_tree, damage, message):
+    from utils.dataset import scan_image_folder
+
+    identity = next((train_tree / "Asian").iterdir())
+    if damage == "tab":
+        identity.rename(identity.with_name("first\tlast"))
+    elif damage == "newline":
+        (identity / "a\nb.jpg").write_bytes((next(identity.iterdir())).read_bytes())
+    elif damage == "undecodable":
+        os.rename(identity, os.fsencode(identity.parent) + b"/caf\xe9")
+    else:
+        (identity / "gone.jpg").symlink_to(identity / "missing.jpg")
+    with pytest.raises(ValueError, match=message) as refused:
+        scan_image_folder(train_tree)
+    assert str(train_tree / "Asian") in str(refused.value) or "Asian" in str(refused.value)
+
+
+def test_unknown_data_folder_is_warned_about_by_name(train_tree, caplog):
+    from utils.dataset import scan_image_folder
+
+    (train_tree / "Martian" / "x").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        scan_image_folder(train_tree)
+    assert "Martian" in caplog.text
+
+
+def test_corrupt_image_fails_before_training_by_name(train_tree, tmp_path):
+    import train as train_script
+    from utils.cli import run_stage
+
+    victim = next((train_tree / "Indian").glob("*/*.jpg"))
+    victim.write_bytes(b"not a jpeg")
+    args = tiny_overrides(train_tree.parent, tmp_path / "out", ethnicity="Indian", check_images=-1)
+    with pytest.raises(ValueError, match=f"cannot decode image {victim}"):
+        run_stage(train_script.main, args)
+    assert not (load_config(args).teacher_dir() / CHECKPOINT_NAME).exists()
+
+
+@pytest.mark.parametrize("issame, message", [
+    ([], "holds 0 pairs"), ([True, False] * 4, "holds 8 pairs, fewer than the 10 folds"),
+    ([True] * 20 + [False] * 20, "fold 1 of 10 .* only genuine pairs"),
+])
+def test_unusable_rfw_pair_sets_name_file_and_ethnicity(tiny_synthetic, tmp_path, issame, message):
+    import shutil
+
+    from eval.rfw_data import write_bin
+    from eval.verification import RFWEvaluator
+
+    root = Path(shutil.copytree(tiny_synthetic / "rfw", tmp_path / "rfw"))
+    image = next((tiny_synthetic / "train" / "Asian").glob("*/*.jpg")).read_bytes()
+    write_bin(root / "Indian_test.bin", [image] * (2 * len(issame)), issame)
+    with pytest.raises(ValueError, match=rf"Indian_test\.bin \(Indian\): {message}"):
+        RFWEvaluator(root, 32)
+
+
+def test_malicious_bin_is_refused_in_one_line_by_the_cli(tiny_synthetic, tmp_path):
+    import shutil
+
+    from eval.evaluate import main as evaluate_main
+
+    root = Path(shutil.copytree(tiny_synthetic / "rfw", tmp_path / "rfw"))
+    (root / "Asian_test.bin").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+    weights_path = tmp_path / "w.pth"
+    weights_path.write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"error: .*Asian_test\.bin references os\.system.*refused"):
+        evaluate_main(["--rfw-root", str(root), "--backbone", str(weights_path), "--network", "iresnet18",
+                       "--input-size", "32"])
+    assert not Path("pwned").exists()
