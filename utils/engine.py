@@ -290,9 +290,10 @@ class _Trainer:
             for name, value in losses.items():
                 totals[name] = totals[name] + value.detach().float() if name in totals else value.detach().float()
             monitor.step(self.global_step, self.epoch, losses, lr)
-            if self.global_step % max(1, cfg.log_every) == 0 or steps == len(self.loader):
+            at_log_step = self.global_step % max(1, cfg.log_every) == 0 or steps == len(self.loader)
+            if at_log_step:
                 self._check_finite_loss(totals["loss"])
-            self._stop_if_requested()
+            self._stop_if_requested(agree=at_log_step)
         self.scheduler.step()
         names = sorted(totals)
         summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
@@ -300,11 +301,14 @@ class _Trainer:
         total_steps = float(summed[-1])
         return {name: float(value) for name, value in zip(names, summed[:-1])} | {"steps": total_steps}
 
-    def _stop_if_requested(self) -> None:
-        """After a step: end the run if a stop signal reached any rank. The resumable state is the last epoch's
-        checkpoint (resume is exact only from epoch boundaries); the steps since then are redone on resume."""
+    def _stop_if_requested(self, agree: bool) -> None:
+        """After a step: end the run if a stop signal arrived. The resumable state is the last epoch's checkpoint
+        (resume is exact only from epoch boundaries); the steps since then are redone on resume. Ranks agree only
+        at logging steps (``agree``), so the loop never waits on the GPU for it."""
         requested = float(self.stop.signal is not None)
         if self.info.distributed:
+            if not agree:
+                return
             requested = float(all_reduce_sum(torch.tensor([requested], device=self.device))[0])
         if requested:
             message = (f"{self.stop.name or 'a stop signal on another rank'}: {self.task.stage} stopped after step "
