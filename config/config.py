@@ -22,6 +22,9 @@ ETHNICITIES = ("African", "Asian", "Caucasian", "Indian")
 # The released adaptors were trained on this concatenation order; it must never change.
 CONCAT_ORDER = ("Asian", "African", "Caucasian", "Indian")
 NUM_BASELINE_SPLITS = 4
+# The release names balanced split k after ETHNICITIES[k] and feeds the baseline teachers through the same
+# CONCAT_ORDER, so the adaptor's blocks are splits 1, 0, 2, 3; the released baseline adaptors need that order.
+BASELINE_CONCAT_ORDER = tuple(f"split{ETHNICITIES.index(name)}" for name in CONCAT_ORDER)
 TEACHER_SETS = ("specialized", "baseline")
 ADAPTORS = ("SL", "DuL", "DLDPO")
 KD_KINDS = ("aKD", "EAFKD")
@@ -34,12 +37,13 @@ ADAPTOR_SCRIPTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 KD_SCRIPTS = {"aKD": "KD_alone.py", "EAFKD": "KD_CEL.py"}
 
-# Default margin-head hyperparameters per loss (s, m, std); `s`, `m`, `std` keys override them.
+# Default margin-head hyperparameters per loss (s, m, std); `s`, `m`, `std` keys override them for `loss`.
+# As in the release's config, except CosFace: the release has no CosFace branch (it would get m = 0.5).
 MARGIN_DEFAULTS: dict[str, dict[str, float]] = {
     "ElasticArcFace": {"s": 64.0, "m": 0.5, "std": 0.05},
     "ElasticArcFacePlus": {"s": 64.0, "m": 0.5, "std": 0.0175},
     "ElasticCosFace": {"s": 64.0, "m": 0.35, "std": 0.05},
-    "ElasticCosFacePlus": {"s": 64.0, "m": 0.35, "std": 0.025},
+    "ElasticCosFacePlus": {"s": 64.0, "m": 0.35, "std": 0.02},
     "ArcFace": {"s": 64.0, "m": 0.5, "std": 0.0},
     "CosFace": {"s": 64.0, "m": 0.35, "std": 0.0},
     "CurricularFace": {"s": 64.0, "m": 0.5, "std": 0.0},
@@ -72,7 +76,7 @@ class Config:
     momentum: float = 0.9  # SGD momentum (every stage)
     weight_decay: float = 5e-4  # SGD weight decay (every stage)
     num_epoch: int = 52  # epochs for teachers and students
-    milestones: list[int] = field(default_factory=lambda: [16, 28, 40, 50])  # lr x lr_decay at these epochs
+    milestones: list[int] = field(default_factory=lambda: [16, 28, 40, 50])  # lr x lr_decay from the m-th epoch on, counting from 1 (release)
     lr_decay: float = 0.1  # step-decay factor
     grad_clip: float = 5.0  # max grad-norm on the backbone/adaptor (never the header)
     # ---- margin head ------------------------------------------------------------------------------------
@@ -85,8 +89,9 @@ class Config:
     has_drop_out: bool = False  # dual_layer_EAF-Fusion.py: False trains DuL, True trains DLDPO (release name)
     lr_fc: float = 1.0  # base lr for adaptors, scaled like lr
     num_epoch_fc: int = 26  # adaptor epochs
-    milestones_fc: list[int] = field(default_factory=lambda: [16])  # as released: the teachers' schedule cut at 26 epochs
-    adaptor_std: float = 0.0125  # ElasticArcFace margin std of the adaptor stage (release value)
+    milestones_fc: list[int] = field(default_factory=lambda: [16])  # as milestones: 15 epochs at lr_fc, 11 at a tenth (the release's lr_func)
+    adaptor_loss: str = "ElasticArcFace"  # margin head of the adaptor stage, with its MARGIN_DEFAULTS s and m (release)
+    adaptor_std: float = 0.0125  # margin std of an elastic adaptor_loss (release value)
     batch_size_fc: int = 128  # adaptor samples per rank and step
     middle_layer_size: int = 512  # hidden width of the dual-layer adaptors
     adaptor_dropout: float = 0.2  # dropout of DLDPO between its two layers
@@ -127,14 +132,20 @@ class Config:
     def scaled_lr_fc(self) -> float:
         return self.lr_fc / 512 * self.batch_size_fc * self.world_size
 
+    def margin_loss(self, adaptor_stage: bool = False) -> str:
+        """The margin head of a stage: ``adaptor_loss`` for adaptors, whatever ``loss`` the others use."""
+        return self.adaptor_loss if adaptor_stage else self.loss
+
     def margin_params(self, adaptor_stage: bool = False) -> dict[str, float]:
-        params = dict(MARGIN_DEFAULTS[self.loss])
+        """s, m, std of the stage's head; the ``s``/``m``/``std`` keys apply to ``loss``, ``adaptor_std`` to adaptors."""
+        params = dict(MARGIN_DEFAULTS[self.margin_loss(adaptor_stage)])
+        if adaptor_stage:
+            params["std"] = float(self.adaptor_std)
+            return params
         for key in ("s", "m", "std"):
             value = getattr(self, key)
             if value is not None:
                 params[key] = float(value)
-        if adaptor_stage:
-            params["std"] = float(self.adaptor_std)
         return params
 
     @property
@@ -183,11 +194,11 @@ class Config:
 
 
 def teacher_members(teacher_set: str) -> list[str]:
-    """The four teachers of a set, in adaptor concatenation order."""
+    """The four teachers of a set, in adaptor concatenation order (every concatenation uses this)."""
     if teacher_set == "specialized":
         return list(CONCAT_ORDER)
     if teacher_set == "baseline":
-        return [f"split{k}" for k in range(NUM_BASELINE_SPLITS)]
+        return list(BASELINE_CONCAT_ORDER)
     raise ValueError(f"teacher_set must be one of {TEACHER_SETS}, got {teacher_set!r}")
 
 
@@ -278,6 +289,7 @@ def _validate(cfg: Config) -> None:
         ("kd", cfg.kd, KD_KINDS),
         ("amp", cfg.amp, AMP_MODES),
         ("loss", cfg.loss, tuple(MARGIN_DEFAULTS)),
+        ("adaptor_loss", cfg.adaptor_loss, tuple(MARGIN_DEFAULTS)),
         ("ethnicity", cfg.ethnicity, ETHNICITIES + ("all",)),
     ]
     for key, value, allowed in checks:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
-from config.config import CONCAT_ORDER, Config, load_config, teacher_members
+from config.config import BASELINE_CONCAT_ORDER, CONCAT_ORDER, Config, load_config, teacher_members
 from eval.report import ResultRow, results_table, write_report
 from eval.verification import EmbedFn, RFWEvaluator, VerificationResult, backbone_embed_fn, multi_teacher_embed_fn
 
@@ -91,8 +91,11 @@ def evaluate_multi_teacher(
     use_se: bool = False,
     device: str | torch.device | None = None,
     name: str | None = None,
+    raw_teachers: bool = False,
 ) -> ResultRow:
-    """The multi-teacher space: four teachers in CONCAT_ORDER (Asian, African, Caucasian, Indian) + adaptor."""
+    """The multi-teacher space: four teachers in CONCAT_ORDER (Asian, African, Caucasian, Indian) + adaptor.
+
+    ``raw_teachers``: concatenate unnormalised teacher outputs, as the release's adaptor evaluation did."""
     if len(teacher_weights) != len(CONCAT_ORDER):
         listed = ", ".join(map(str, teacher_weights))
         raise ValueError(f"expected {len(CONCAT_ORDER)} teacher checkpoints in the order "
@@ -106,8 +109,9 @@ def evaluate_multi_teacher(
     adaptor = get_adaptor(adaptor_type, in_features=len(teachers) * embedding_size, embedding_size=embedding_size)
     load_weights(adaptor, adaptor_weights, what=f"{adaptor_type} adaptor weights")
     extra = {"network": teacher_network, "adaptor": adaptor_type, "weights": str(adaptor_weights),
-             "teachers": " ".join(map(str, teacher_weights))}
-    return _evaluate(name or f"{adaptor_type} multi-teacher space", multi_teacher_embed_fn(teachers, adaptor),
+             "teachers": " ".join(map(str, teacher_weights)), "raw_teachers": raw_teachers}
+    return _evaluate(name or f"{adaptor_type} multi-teacher space",
+                     multi_teacher_embed_fn(teachers, adaptor, raw_teachers=raw_teachers),
                      [*teachers, adaptor], evaluator, device, extra)
 
 
@@ -174,8 +178,9 @@ def find_runs(work_dir: str | Path) -> list[tuple[Path, Config, str]]:
 
 
 def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator, *, name: str,
-                 device: str | torch.device | None = None) -> ResultRow:
-    """One training run: its best weights (adaptors: with their four teachers' best weights)."""
+                 device: str | torch.device | None = None, raw_teachers: bool = False) -> ResultRow:
+    """One training run: its best weights (adaptors: with their four teachers' best weights, in
+    ``teacher_members`` order; ``raw_teachers`` as in :func:`multi_teacher_embed_fn`)."""
     if cfg.input_size != evaluator.input_size:
         raise ValueError(f"run {run_dir} has input_size {cfg.input_size}, the RFW evaluator {evaluator.input_size}")
     device = torch.device(device) if device is not None else default_device()
@@ -184,9 +189,9 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator
     if stage == "adaptor":
         teachers = [_load_teacher(d, cfg, run_dir) for d in _teacher_dirs(run_dir, cfg)]
         adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights")
-        extra.update(network=cfg.network, adaptor=cfg.adaptor)
-        return _evaluate(name, multi_teacher_embed_fn(teachers, adaptor), [*teachers, adaptor], evaluator,
-                         device, extra)
+        extra.update(network=cfg.network, adaptor=cfg.adaptor, raw_teachers=raw_teachers)
+        return _evaluate(name, multi_teacher_embed_fn(teachers, adaptor, raw_teachers=raw_teachers),
+                         [*teachers, adaptor], evaluator, device, extra)
     model = build_backbone(cfg, student=stage == "student")
     load_weights(model, weights, what=f"{stage} weights")
     extra["network"] = cfg.student_network if stage == "student" else cfg.network
@@ -200,6 +205,7 @@ def evaluate_work_dir(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     skip_incomplete: bool = False,
+    raw_teachers: bool = False,
 ) -> list[ResultRow]:
     """Evaluate every run under ``work_dir`` (found by config.json); rows named by their relative path.
 
@@ -217,7 +223,8 @@ def evaluate_work_dir(
             evaluators[cfg.input_size] = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size)
         name = run_dir.relative_to(work_dir).as_posix()
         try:
-            rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device))
+            rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device,
+                                     raw_teachers=raw_teachers))
         except FileNotFoundError as exc:
             if not skip_incomplete:
                 raise
@@ -242,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--backbone", type=Path, metavar="PATH", help="one backbone weights file")
     mode.add_argument("--teachers", type=Path, nargs="+", metavar="PATH",
                       help=f"exactly four teacher weights files in concatenation order: {', '.join(CONCAT_ORDER)} "
-                           "(baseline teachers: split0..split3); needs --adaptor and --adaptor-type")
+                           f"(baseline teachers: {' '.join(BASELINE_CONCAT_ORDER)}); needs --adaptor and --adaptor-type")
     mode.add_argument("--work-dir", type=Path, metavar="DIR",
                       help="evaluate every run under DIR, each rebuilt from its own config.json "
                            "(--network/--input-size/--embedding-size/--width are then not used)")
@@ -261,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="report folder (default: <work-dir>/reports, else ./eval_results)")
     parser.add_argument("--name", help="row name of the evaluated model (--backbone / --teachers)")
+    parser.add_argument("--release-raw-teachers", action="store_true",
+                        help="adaptor rows: concatenate the teachers' unnormalised outputs, as the release's "
+                             "adaptor evaluation did (default: L2-normalised, as the adaptors were trained)")
     parser.add_argument("--skip-incomplete", action="store_true",
                         help="--work-dir: skip runs without best weights instead of failing")
     return parser
@@ -275,6 +285,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--teachers needs --adaptor PATH and --adaptor-type SL|DuL|DLDPO")
     elif args.adaptor is not None or args.adaptor_type is not None:
         parser.error("--adaptor/--adaptor-type only apply with --teachers")
+    if args.release_raw_teachers and args.backbone is not None:
+        parser.error("--release-raw-teachers applies to adaptors (--teachers or --work-dir), not --backbone")
     if args.work_dir is not None and args.name is not None:
         parser.error("--name applies to --backbone/--teachers; --work-dir names rows by run folder")
 
@@ -286,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     try:
         if args.work_dir is not None:
             rows = evaluate_work_dir(args.work_dir, args.rfw_root, batch_size=args.batch_size, device=args.device,
-                                     skip_incomplete=args.skip_incomplete)
+                                     skip_incomplete=args.skip_incomplete, raw_teachers=args.release_raw_teachers)
         else:
             evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size)
             common = dict(embedding_size=args.embedding_size, width=args.width, use_se=args.use_se,
@@ -295,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
                 rows = [evaluate_backbone(args.backbone, args.network, evaluator, **common)]
             else:
                 rows = [evaluate_multi_teacher(args.teachers, args.adaptor, args.adaptor_type, evaluator,
-                                               teacher_network=args.teacher_network, **common)]
+                                               teacher_network=args.teacher_network,
+                                               raw_teachers=args.release_raw_teachers, **common)]
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     out = args.out or (args.work_dir / "reports" if args.work_dir is not None else Path("eval_results"))

@@ -117,12 +117,17 @@ def backbone_embed_fn(model: nn.Module) -> EmbedFn:
     return embed
 
 
-def multi_teacher_embed_fn(teachers: Sequence[nn.Module], adaptor: nn.Module) -> EmbedFn:
+def multi_teacher_embed_fn(teachers: Sequence[nn.Module], adaptor: nn.Module, *,
+                           raw_teachers: bool = False) -> EmbedFn:
     """The multi-teacher space: adaptor(concat of the L2-normalised teacher embeddings).
 
+    The adaptors are trained on L2-normalised teacher embeddings (the stores), so that is the default.
+    ``raw_teachers`` concatenates the teachers' unnormalised outputs instead, as the release's adaptor test
+    (``adaptor_test``) does; use it only to reproduce the release's evaluation of its adaptors.
+
     ``teachers`` must be the four teachers in concatenation order (``config.CONCAT_ORDER``: Asian,
-    African, Caucasian, Indian for specialized teachers, split0..split3 for baseline ones); the released
-    adaptors only work in that order.
+    African, Caucasian, Indian for specialized teachers; ``config.BASELINE_CONCAT_ORDER``: split1, split0,
+    split2, split3 for baseline ones); the released adaptors only work in that order.
     """
     teachers = list(teachers)
     if len(teachers) != 4:
@@ -130,7 +135,8 @@ def multi_teacher_embed_fn(teachers: Sequence[nn.Module], adaptor: nn.Module) ->
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
         with eval_mode(adaptor, *teachers):
-            joint = torch.cat([F.normalize(t(batch).float(), dim=1) for t in teachers], dim=1)
+            outputs = [t(batch).float() for t in teachers]
+            joint = torch.cat(outputs if raw_teachers else [F.normalize(o, dim=1) for o in outputs], dim=1)
             return adaptor(joint)
 
     return embed

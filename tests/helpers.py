@@ -14,7 +14,7 @@ def tiny_overrides(data: Path, output_root: Path, **extra) -> list[str]:
     values = {
         "data_root": str(data / "train"), "output_root": str(output_root), "network": "iresnet18",
         "student_network": "iresnet18", "width": 8, "input_size": 32, "embedding_size": 64, "batch_size": 8,
-        "batch_size_fc": 16, "num_epoch": 2, "milestones": [1], "num_epoch_fc": 2, "milestones_fc": [1],
+        "batch_size_fc": 16, "num_epoch": 2, "milestones": [2], "num_epoch_fc": 2, "milestones_fc": [2],
         "num_workers": 0, "log_every": 2,
     }
     values.update(extra)

@@ -128,7 +128,7 @@ def test_released_style_state_dict_loads(name, tmp_path):
 
 
 def test_sl_adaptor_learns_keeps_lowest_loss_epoch_and_writes_targets(extracted, tmp_path):
-    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=4", "milestones_fc=[3]"]
+    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=4", "milestones_fc=[4]"]
     target_path = run_stage(fc_EArc.main, overrides)
     cfg = load_config(overrides)
     run_dir = cfg.adaptor_dir
@@ -173,7 +173,7 @@ def test_sl_adaptor_learns_keeps_lowest_loss_epoch_and_writes_targets(extracted,
 
 
 def test_dual_script_trains_dul_or_dldpo_from_has_drop_out(extracted, tmp_path):
-    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=1", "milestones_fc=[1]",
+    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=1", "milestones_fc=[2]",
                                                            "middle_layer_size=32"]
     for flag, name in ((False, "DuL"), (True, "DLDPO")):
         path = run_stage(dual.main, overrides + [f"has_drop_out={flag}"])
@@ -191,7 +191,7 @@ def test_dual_script_trains_dul_or_dldpo_from_has_drop_out(extracted, tmp_path):
 
 
 def test_two_ranks_train_from_the_memory_map_and_write_every_target_row(extracted, tmp_path):
-    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=1", "milestones_fc=[1]",
+    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=1", "milestones_fc=[2]",
                                                            "store_in_memory=False"]
     run_torchrun("fc_EArc.py", overrides)
     cfg = load_config(overrides)

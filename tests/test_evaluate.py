@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from backbones import get_adaptor, get_backbone
@@ -219,3 +220,32 @@ def test_report_formats_and_guards(tmp_path):
     _open_png(paths["roc_png"])
     with pytest.raises(ValueError, match="at least one"):
         write_report([], tmp_path)
+
+
+def test_released_baseline_adaptor_reads_split1_in_its_first_block(rfw_root, tmp_path):
+    """A hand-built "released" baseline SL adaptor that copies its first input block: the release puts split 1
+    there (split k is named after ETHNICITIES[k], then concatenated in CONCAT_ORDER), so the project's adaptor row
+    must be the space of teacher split1 alone."""
+    base = dict(output_root=str(tmp_path), network="iresnet18", width=WIDTH, embedding_size=EMB, input_size=SIZE,
+                teacher_set="baseline")
+    teachers = {}
+    for k in range(4):
+        cfg = load_config({**base, "split": k})
+        _write_run(cfg.teacher_dir(), cfg, "teacher", "best_backbone.pth",
+                   lambda p, k=k: _save_backbone(p, seed=30 + k))
+        teachers[k] = get_backbone("iresnet18", input_size=SIZE, embedding_size=EMB, width=WIDTH)
+        teachers[k].load_state_dict(torch.load(cfg.teacher_dir() / "best_backbone.pth", weights_only=True))
+    cfg = load_config(base)
+    released = {"fc.weight": torch.cat([torch.eye(EMB)] + [torch.zeros(EMB, EMB)] * 3, dim=1),
+                "fc.bias": torch.zeros(EMB)}
+    _write_run(cfg.adaptor_dir, cfg, "adaptor", "best_adaptor.pth", lambda p: torch.save(released, p))
+
+    rows = {row.name: row for row in evaluate_work_dir(tmp_path, rfw_root, device="cpu")}
+    adaptor_row = rows["adaptors/baseline_iresnet18/SL"]
+    evaluator = RFWEvaluator(rfw_root, SIZE)
+    alone = {k: evaluator(lambda b, k=k: F.normalize(teachers[k].eval()(b), dim=1), "cpu") for k in (0, 1)}
+    for eth in ETHNICITIES:
+        assert adaptor_row.accuracies[eth] == pytest.approx(100 * alone[1][eth].accuracy)
+        assert adaptor_row.extra[f"{eth}/auc"] == pytest.approx(alone[1][eth].auc)
+    # Split 0 alone is a different space, so the test would catch the order 0, 1, 2, 3.
+    assert any(alone[0][eth].auc != pytest.approx(alone[1][eth].auc) for eth in ETHNICITIES)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config.config import load_config
+from config.config import MARGIN_DEFAULTS, load_config
 from utils.losses import HEADS, build_head, cos_plus_margin, get_head
 
 E, C = 8, 50
@@ -78,7 +78,7 @@ def test_elastic_arcface_margin_distribution_and_seeding():
     assert not torch.equal(head(emb, labels), logits)
 
 
-@pytest.mark.parametrize("name,std", [("ElasticArcFacePlus", 0.0175), ("ElasticCosFacePlus", 0.025)])
+@pytest.mark.parametrize("name,std", [("ElasticArcFacePlus", 0.0175), ("ElasticCosFacePlus", 0.02)])
 def test_plus_variants_give_harder_samples_larger_margins(name, std):
     n = 64
     emb, labels = make_batch(n, seed=2)
@@ -189,6 +189,24 @@ def test_kernel_shape_and_init():
     assert head.kernel.std().item() == pytest.approx(0.01, rel=0.05)
 
 
+def test_teacher_loss_leaves_the_adaptor_head_elastic_arcface():
+    """As in the release, the adaptor trains with ElasticArcFace (s 64, m 0.5, std 0.0125) whatever `loss` is."""
+    for overrides in ({"loss": "CosFace"}, {"loss": "ElasticCosFacePlus", "s": 32.0, "m": 0.2, "std": 0.01}):
+        cfg = load_config({**overrides, "embedding_size": E})
+        adaptor = build_head(cfg, C, adaptor_stage=True)
+        assert type(adaptor).__name__ == "ElasticArcFace"
+        assert (adaptor.s, adaptor.m, adaptor.std) == (64.0, 0.5, 0.0125)
+        assert type(build_head(cfg, C)).__name__ == overrides["loss"]
+
+
+def test_loss_defaults_are_the_release_values():
+    assert MARGIN_DEFAULTS["ElasticCosFacePlus"] == {"s": 64.0, "m": 0.35, "std": 0.02}
+    assert MARGIN_DEFAULTS["ElasticArcFacePlus"] == {"s": 64.0, "m": 0.5, "std": 0.0175}
+    assert get_head("ElasticCosFacePlus", E, C).std == 0.02
+    # CosFace keeps its own margin (the release would give it m = 0.5; see the README table).
+    assert MARGIN_DEFAULTS["CosFace"]["m"] == 0.35
+
+
 def test_get_head_and_build_head():
     with pytest.raises(ValueError, match="known heads: ElasticArcFace"):
         get_head("SphereFace", E, C)
@@ -199,7 +217,9 @@ def test_get_head_and_build_head():
     adaptor = build_head(cfg, C, adaptor_stage=True)
     assert type(teacher).__name__ == "ElasticArcFace" and teacher.kernel.shape == (E, C)
     assert (teacher.s, teacher.m, teacher.std, adaptor.std) == (64.0, 0.5, 0.05, 0.0125)
-    cos_head = build_head(load_config({"loss": "CosFace", "m": 0.3}), C, adaptor_stage=True)
+    cos_head = build_head(load_config({"loss": "CosFace", "m": 0.3}), C)
     assert type(cos_head).__name__ == "CosFace" and cos_head.m == 0.3 and cos_head.std == 0.0
+    fixed_adaptor = build_head(load_config({"adaptor_loss": "ArcFace", "embedding_size": E}), C, adaptor_stage=True)
+    assert type(fixed_adaptor).__name__ == "ArcFace" and fixed_adaptor.std == 0.0
     with pytest.raises(ValueError, match="std=0.05"):
         build_head(load_config({"loss": "CosFace", "std": 0.05}), C)

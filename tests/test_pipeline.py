@@ -87,7 +87,7 @@ def test_pipeline_from_released_teacher_weights(tmp_path):
 def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     out = tmp_path / "work"
     command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}",
-               "num_epoch=3", "milestones=[2]"]
+               "num_epoch=3", "milestones=[3]"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
@@ -106,7 +106,7 @@ def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     finished_mtime = (first_teacher / "best_backbone.pth").stat().st_mtime_ns
     history = json.loads((second_teacher / "history.json").read_text())
     assert not history["complete"]
-    result = _pipeline(out, "num_epoch=3", "milestones=[2]", "--only", "split", "teachers")
+    result = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers")
     african = [line for line in result.stdout.splitlines() if "ethnicity=African" in line]
     assert len(african) == 1 and african[0].endswith("complete, skipped")
     assert (first_teacher / "best_backbone.pth").stat().st_mtime_ns == finished_mtime

@@ -22,7 +22,7 @@ def synthetic(tmp_path_factory):
 def test_specialized_teacher_is_best_on_its_own_ethnicity(synthetic, tmp_path, ethnicity):
     result = run_stage(train.main, tiny_overrides(
         synthetic, tmp_path, ethnicity=ethnicity, width=16, embedding_size=128, batch_size=32, lr=1.6, num_epoch=8,
-        milestones=[6], rfw_root=str(synthetic / "rfw"), verify_every=8))
+        milestones=[7], rfw_root=str(synthetic / "rfw"), verify_every=8))
     accuracy = result.history[-1]["rfw"]
     others = [accuracy[eth] for eth in ("African", "Asian", "Caucasian", "Indian") if eth != ethnicity]
     assert accuracy[ethnicity] > sum(others) / 3 + 5.0, accuracy

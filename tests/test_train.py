@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,33 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_step_decay_follows_milestones():
-    factor = step_decay([2, 4], 0.1)
-    assert [round(factor(e), 6) for e in range(6)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+def _release_lr_func(milestones: list[int]):
+    """The authors' ``config.lr_func`` (EduardaCaldeira/MST-KD config/config.py), written out as the reference."""
+    return lambda epoch: 0.1 ** len([m for m in milestones if m - 1 <= epoch])
+
+
+def _epochs_per_level(factors: list[float]) -> list[int]:
+    levels = [round(math.log10(f)) for f in factors]
+    return [levels.count(level) for level in sorted(set(levels), reverse=True)]
+
+
+@pytest.mark.parametrize("milestones, num_epochs, per_level", [
+    ([16, 28, 40, 50], 52, [15, 12, 12, 10, 3]),  # teachers and students
+    ([16], 26, [15, 11]),  # adaptors
+    ([8, 14, 20, 25], 26, [7, 6, 6, 5, 2]),  # the release's 26-epoch variant
+])
+def test_step_decay_is_the_release_lr_func_epoch_by_epoch(milestones, num_epochs, per_level):
+    ours, release = step_decay(milestones, 0.1), _release_lr_func(milestones)
+    factors = [ours(epoch) for epoch in range(num_epochs)]
+    assert factors == pytest.approx([release(epoch) for epoch in range(num_epochs)], rel=1e-12)
+    assert _epochs_per_level(factors) == per_level
+    # Milestone m counts epochs from 1: the drop is for the m-th epoch, i.e. 0-based index m - 1.
+    first = milestones[0]
+    assert (ours(first - 2), ours(first - 1)) == pytest.approx((1.0, 0.1))
 
 
 def test_teacher_run_writes_every_file_and_learns(tiny_synthetic, tmp_path):
-    result = _train(tiny_synthetic, tmp_path, ethnicity="Asian", num_epoch=3, milestones=[2], lr=0.2,
+    result = _train(tiny_synthetic, tmp_path, ethnicity="Asian", num_epoch=3, milestones=[3], lr=0.2,
                     rfw_root=str(tiny_synthetic / "rfw"))
     cfg = load_config(tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian"))
     run_dir = cfg.teacher_dir()
@@ -45,7 +66,7 @@ def test_teacher_run_writes_every_file_and_learns(tiny_synthetic, tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["ethnicity"] == "Asian" and saved["derived"]["stage"] == "teacher"
-    # lr per epoch: base scaled by batch/512, dropped by 10x from epoch index 2 (milestone [2]).
+    # lr per epoch: base scaled by batch/512, dropped by 10x from the 3rd epoch on (milestone [3]).
     base = 0.2 / 512 * 8
     assert [e["lr"] for e in epochs] == pytest.approx([base, base, base * 0.1])
     assert epochs[-1]["losses"]["loss"] < epochs[0]["losses"]["loss"]
@@ -61,16 +82,21 @@ def test_teacher_run_writes_every_file_and_learns(tiny_synthetic, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tiny_synthetic, tmp_path):
-    straight = _train(tiny_synthetic, tmp_path / "straight", ethnicity="Indian", num_epoch=2)
-    first = _train(tiny_synthetic, tmp_path / "split", ethnicity="Indian", num_epoch=2, stop_after_epoch=1)
+    # Milestone [2]: the lr drops for the 2nd epoch, so the interruption falls exactly on the milestone.
+    straight = _train(tiny_synthetic, tmp_path / "straight", ethnicity="Indian", num_epoch=2, milestones=[2])
+    first = _train(tiny_synthetic, tmp_path / "split", ethnicity="Indian", num_epoch=2, milestones=[2],
+                   stop_after_epoch=1)
     assert not first.complete and not is_run_complete(first.run_dir)
-    resumed = _train(tiny_synthetic, tmp_path / "split", ethnicity="Indian", num_epoch=2, resume=True)
+    resumed = _train(tiny_synthetic, tmp_path / "split", ethnicity="Indian", num_epoch=2, milestones=[2],
+                     resume=True)
     assert resumed.complete
     a, b = _load(straight.run_dir / "best_backbone.pth"), _load(resumed.run_dir / "best_backbone.pth")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     history = json.loads((resumed.run_dir / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    base = 0.1 / 512 * 8
+    assert [e["lr"] for e in history["epochs"]] == pytest.approx([base, base * 0.1])
 
 
 def test_baseline_teacher_needs_the_split_manifest(tiny_synthetic, tmp_path):

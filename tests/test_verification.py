@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.model_selection import KFold
+import torch.nn.functional as F
 from torch import nn
 
 from config.config import CONCAT_ORDER, ETHNICITIES
@@ -248,6 +249,38 @@ def test_multi_teacher_space_applies_the_adaptor_after_concatenation():
         adaptor.weight[1, 4 * 3 + ETHNICITIES.index("Asian")] = 1.0  # would read Asian in the last block
     emb = embed_images(multi_teacher_embed_fn(teachers, adaptor), _images(2))
     assert np.allclose(emb, [[1.0, 0.0], [1.0, 0.0]], atol=1e-6)
+
+
+class UnitTeacher(nn.Module):
+    """A fixed random projection of the image, L2-normalised (or scaled by ``scale`` when not)."""
+
+    def __init__(self, seed, normalise, scale=1.0):
+        super().__init__()
+        self.projection = torch.randn(3 * 8 * 8, 8, generator=torch.Generator().manual_seed(seed))
+        self.normalise, self.scale = normalise, scale
+
+    def forward(self, x):
+        out = x.flatten(1) @ self.projection
+        return F.normalize(out, dim=1) if self.normalise else self.scale * out
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_release_raw_teachers_option(normalise):
+    """The release's adaptor evaluation concatenates raw teacher outputs; it matters only when they are not unit."""
+    teachers = [UnitTeacher(seed, normalise, scale=1.0 + 2 * seed) for seed in range(4)]
+    adaptor = nn.Linear(32, 8)
+    images = _images(3)
+    default = embed_images(multi_teacher_embed_fn(teachers, adaptor), images)
+    raw = embed_images(multi_teacher_embed_fn(teachers, adaptor, raw_teachers=True), images)
+    if normalise:
+        np.testing.assert_allclose(raw, default, atol=1e-6)
+    else:
+        assert np.abs(raw - default).max() > 1e-2
+        # The raw space is adaptor(concat of raw outputs), flip-summed, then normalised.
+        batch = (torch.as_tensor(images).float() / 255 - 0.5) / 0.5
+        with torch.no_grad():
+            both = sum(adaptor(torch.cat([t(b) for t in teachers], dim=1)) for b in (batch, batch.flip(3)))
+        np.testing.assert_allclose(raw, F.normalize(both, dim=1).numpy(), atol=1e-5)
 
 
 def test_multi_teacher_space_needs_four_teachers():

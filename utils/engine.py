@@ -96,9 +96,13 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def step_decay(milestones: Sequence[int], decay: float) -> Callable[[int], float]:
-    """lr factor of an epoch: ``decay`` to the number of milestones already reached."""
+    """lr factor of the 0-based ``epoch``: ``decay`` to the number of milestones ``m`` with ``m - 1 <= epoch``.
+
+    A milestone ``m`` counts epochs from 1, so the lr is multiplied by ``decay`` from the m-th epoch on; this is
+    the release's ``lr_func`` (``[16, 28, 40, 50]`` over 52 epochs gives 15 / 12 / 12 / 10 / 3 epochs per level).
+    """
     ordered = sorted(milestones)
-    return lambda epoch: decay ** bisect.bisect_right(ordered, epoch)
+    return lambda epoch: decay ** bisect.bisect_right(ordered, epoch + 1)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

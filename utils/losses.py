@@ -144,7 +144,7 @@ class ElasticCosFacePlus(ElasticCosFace):
     plus = True
 
     def __init__(
-        self, embedding_size: int, num_classes: int, *, s: float = 64.0, m: float = 0.35, std: float = 0.025
+        self, embedding_size: int, num_classes: int, *, s: float = 64.0, m: float = 0.35, std: float = 0.02
     ) -> None:
         super().__init__(embedding_size, num_classes, s=s, m=m, std=std)
 
@@ -216,14 +216,15 @@ def get_head(name: str, embedding_size: int, num_classes: int, **params: Any) ->
 
 
 def build_head(cfg: Any, num_classes: int, adaptor_stage: bool = False) -> MarginHead:
-    """The head of ``cfg.loss`` with ``cfg.margin_params(adaptor_stage)``.
+    """The head of the stage (``cfg.adaptor_loss`` for adaptors, else ``cfg.loss``) with ``cfg.margin_params``.
 
-    Fixed-margin heads have no std: the adaptor-stage std (``adaptor_std``) does not apply to them, and an
-    explicit non-zero ``std`` for them is a configuration error.
+    Fixed-margin heads have no std: ``adaptor_std`` does not apply to them, and an explicit non-zero ``std``
+    for a fixed-margin ``loss`` is a configuration error.
     """
+    name = cfg.margin_loss(adaptor_stage)
     params = cfg.margin_params(adaptor_stage)
-    if cfg.loss not in ELASTIC_HEADS:
-        if cfg.std not in (None, 0, 0.0):
+    if name not in ELASTIC_HEADS:
+        if not adaptor_stage and cfg.std not in (None, 0, 0.0):
             raise ValueError(f"config key std={cfg.std} has no effect on loss={cfg.loss}; use an Elastic* loss")
         params.pop("std", None)
-    return get_head(cfg.loss, cfg.embedding_size, num_classes, **params)
+    return get_head(name, cfg.embedding_size, num_classes, **params)
