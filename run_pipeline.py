@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         if not any(text.startswith("output_root=") for text in args.overrides):
             root = root / preset_name
         data_dir = root / "data"
-        prepare_synthetic(preset.synthetic, data_dir, user.seed)
         base += [format_override("output_root", str(root)), format_override("data_root", str(data_dir / "train")),
                  format_override("rfw_root", str(data_dir / "rfw"))]
     elif user.data_root is None:
@@ -64,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     # A second pipeline on the same output_root would rerun the same jobs into the same folders.
     try:
         with folder_lock(cfg.work_root, what="pipeline output_root"):
+            if preset.synthetic is not None:
+                prepare_synthetic(preset.synthetic, cfg.work_root / "data", user.seed)
             return run_jobs(args, base, preset_name)
     except FolderLocked as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -24,7 +24,7 @@ from config.config import load_config
 from helpers import ROOT, tiny_overrides
 from utils.distributed import DistInfo
 from utils.embedding_store import (
-    array_file_problem, checked_rows, member_files, open_targets, read_manifest, target_files,
+    array_file_problem, checked_rows, member_files, open_targets, read_manifest, target_files, targets_complete,
     teacher_store_complete, write_rows_sharded)
 from utils.engine import CHECKPOINT_NAME, HISTORY_NAME, TrainingTask, is_run_complete, train
 from utils.io import atomic_torch_save, atomic_write_json
@@ -164,6 +164,11 @@ def test_lock_of_a_dead_process_is_taken_over_and_locks_nest(tmp_path):
     assert is_locked(tmp_path) and f"pid={holder.pid}" in (tmp_path / LOCK_NAME).read_text()
     with pytest.raises(FolderLocked, match=f"pid {holder.pid}"):
         acquire(tmp_path)
+    import run_pipeline  # a second pipeline on one output_root stops before it writes anything
+
+    with pytest.raises(SystemExit, match=f"pipeline output_root {tmp_path} is being written .*pid {holder.pid}"):
+        run_pipeline.main(["--preset", "tiny", f"output_root={str(tmp_path)!r}"])
+    assert not (tmp_path / "data").exists()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     acquire(tmp_path)  # the dead holder's lock file is still there, its lock is not
@@ -312,6 +317,7 @@ def test_damaged_store_array_is_refused_naming_the_file(tmp_path, damage):
         files.array.write_bytes(data + b"\0" * 16)
     problem = array_file_problem(files.array, manifest)
     assert problem is not None and str(files.array) in problem
+    assert not targets_complete(tmp_path, "h")  # the pipeline's completion check sees the same problem
     with pytest.raises(RuntimeError, match=str(files.array).replace(".", r"\.")):
         open_targets(tmp_path, "h")
 
