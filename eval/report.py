@@ -188,7 +188,7 @@ def write_report(
     caption = "RFW verification accuracy (%), 10-fold, flip TTA. STD: population std; SER: max error / min error.\n\n"
     atomic_write_text(paths["md"], caption + _markdown_table(rows) + "\n")
     atomic_write_text(paths["csv"], _csv_text(rows))
-    atomic_write_text(paths["json"], json.dumps(_json_data(rows), indent=2) + "\n")
+    atomic_write_text(paths["json"], json.dumps(_json_data(rows), indent=2, allow_nan=False) + "\n")
     plot_accuracy(rows, paths["accuracy_png"])
     if roc:
         paths["roc_png"] = out_dir / f"{stem}_roc.png"

@@ -359,22 +359,37 @@ def test_os_errors_name_the_path(tmp_path, monkeypatch):
 
 # ---- 7. SIGTERM, leftovers, byte-identical weights ---------------------------------------------------------
 
-def test_sigterm_finishes_the_step_and_ends_resumable(tmp_path):
+def noisy_loss(model, header, batch):
+    """Draws from the global random stream every step, like the elastic margins: resume must restore it."""
+    losses = regression_loss(model, header, batch)
+    return {"loss": losses["loss"] * (1 + 0.1 * torch.rand(()))}
+
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     run_dir = tmp_path / "run"
 
-    def terminated_in_second_epoch(model, header, batch):
-        if (run_dir / CHECKPOINT_NAME).is_file() and model.training:
+    def terminated_at_step_6(model, header, batch):
+        losses = noisy_loss(model, header, batch)
+        terminated_at_step_6.calls += 1
+        if terminated_at_step_6.calls == 6:
             os.kill(os.getpid(), signal.SIGTERM)
-        return regression_loss(model, header, batch)
+        return losses
 
-    with pytest.raises(TrainingInterrupted, match=r"SIGTERM: teacher stopped after step 5 \(epoch 2\).*resume=True"):
-        train(tiny_cfg(tmp_path), tiny_task(run_dir, terminated_in_second_epoch, epochs=3), ONE_PROCESS)
+    terminated_at_step_6.calls = 0
+    with pytest.raises(TrainingInterrupted,
+                       match=r"SIGTERM: teacher stopped after step 6 \(2 of 4 in epoch 2\) and saved .*resume=True"):
+        train(tiny_cfg(tmp_path), tiny_task(run_dir, terminated_at_step_6, epochs=3), ONE_PROCESS)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not is_locked(run_dir)
-    resumed = train(tiny_cfg(tmp_path), tiny_task(run_dir, epochs=3), ONE_PROCESS)
-    straight = train(tiny_cfg(tmp_path / "straight"), tiny_task(tmp_path / "straight" / "run", epochs=3), ONE_PROCESS)
+    checkpoint = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)
+    assert checkpoint["global_step"] == 6 and checkpoint["mid_epoch"]["step"] == 2
+    resumed = train(tiny_cfg(tmp_path), tiny_task(run_dir, noisy_loss, epochs=3), ONE_PROCESS)
+    straight_dir = tmp_path / "straight" / "run"
+    train(tiny_cfg(tmp_path / "straight"), tiny_task(straight_dir, noisy_loss, epochs=3), ONE_PROCESS)
     assert resumed.complete and INTERRUPTED_EXIT_CODE == 75
-    a, b = weights(run_dir / "best_backbone.pth"), weights(tmp_path / "straight" / "run" / "best_backbone.pth")
+    a, b = weights(run_dir / "best_backbone.pth"), weights(straight_dir / "best_backbone.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads((d / HISTORY_NAME).read_text())["epochs"] for d in (run_dir, straight_dir)]
+    assert [e["loss_sum"] for e in history[0]] == [e["loss_sum"] for e in history[1]]
 
 
 def test_interrupted_temp_files_are_removed_and_identical_weights_are_identical_files(tmp_path):
