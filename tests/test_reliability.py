@@ -146,7 +146,8 @@ def test_second_training_and_second_extraction_refuse_at_once_and_the_first_ones
     run_dir = load_config(train_args).teacher_dir()
     history = json.loads((run_dir / HISTORY_NAME).read_text())
     assert history["complete"] and len(history["epochs"]) == 1
-    best, last = weights(run_dir / "best_backbone.pth"), weights(run_dir / f"{history['best']['global_step']}backbone.pth")
+    best = weights(run_dir / "best_backbone.pth")
+    last = weights(run_dir / f"{history['best']['global_step']}backbone.pth")
     assert all(torch.equal(best[k], last[k]) for k in best)
     assert (run_dir / "train.log").read_text().count("teacher run in") == 1
     index_hash = load_index(cfg).digest()
@@ -215,7 +216,8 @@ def test_nan_loss_stops_naming_epoch_step_and_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteError) as stopped:
         train(tiny_cfg(tmp_path), tiny_task(run_dir, nan_in_second_epoch, epochs=3), ONE_PROCESS)
     message = str(stopped.value)
-    assert "epoch 2" in message and "by step 6" in message and f"{run_dir / CHECKPOINT_NAME} (end of epoch 1)" in message
+    assert "epoch 2" in message and "by step 6" in message
+    assert f"{run_dir / CHECKPOINT_NAME} (end of epoch 1)" in message
     best = weights(run_dir / "best_backbone.pth")
     assert all(torch.isfinite(t).all() for t in best.values())
     assert json.loads((run_dir / HISTORY_NAME).read_text())["epochs"][-1]["epoch"] == 1
@@ -253,7 +255,7 @@ def test_target_rows_are_checked_before_they_are_written(tmp_path):
     rows = np.ones((3, 2), dtype=np.float32)
     assert checked_rows(rows, np.arange(3), tmp_path / "targets.npy", tmp_path / "best_adaptor.pth") is rows
     rows[1, 0] = np.nan
-    with pytest.raises(NonFiniteError, match=r"best_adaptor\.pth gives a non-finite embedding for row 11 of .*targets\.npy"):
+    with pytest.raises(NonFiniteError, match=r"adaptor\.pth gives a non-finite embedding for row 11 of .*targets\.npy"):
         checked_rows(rows, np.arange(10, 13), tmp_path / "targets.npy", tmp_path / "best_adaptor.pth")
 
 
@@ -325,7 +327,8 @@ def test_damaged_store_array_is_refused_naming_the_file(tmp_path, damage):
 # ---- 5. config values -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, key", [
-    ("lr=nan", "lr"), ("lr=inf", "lr"), ("lr=0", "lr"), ("milestones=5", "milestones"), ("milestones=abc", "milestones"),
+    ("lr=nan", "lr"), ("lr=inf", "lr"), ("lr=0", "lr"), ("milestones=5", "milestones"),
+    ("milestones=abc", "milestones"),
     ("milestones=[0, 3]", "milestones"), ("grad_clip=-1", "grad_clip"), ("momentum=2.0", "momentum"),
     ("seed=-1", "seed"), ("batch_size=2.5", "batch_size"), ("resume=1", "resume"), ("dropout=1.5", "dropout"),
     ("num_workers=-1", "num_workers"), ("output_root=7", "output_root"), ("lr_decay=0", "lr_decay"),

@@ -217,7 +217,8 @@ def scan_image_folder(root: str | Path, cache_path: str | Path | None = None) ->
         if count == 0:
             raise ValueError(f"ethnicity folder {eth_dir} is empty: expected identity folders with images")
     with os.scandir(root) as entries:
-        unknown = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".") and e.name not in ETHNICITIES)
+        unknown = sorted(e.name for e in entries
+                         if e.is_dir() and not e.name.startswith(".") and e.name not in ETHNICITIES)
     if unknown:
         logging.getLogger(DATA_LOGGER).warning(
             f"{root}: ignoring folders that are not an ethnicity ({', '.join(ETHNICITIES)}): {', '.join(unknown)}")
