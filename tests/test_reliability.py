@@ -279,6 +279,20 @@ def test_degenerate_evaluation_is_reported_as_such_not_as_fair(tmp_path, embeddi
     assert saved["extra"]["degenerate"].startswith("African: ")
 
 
+def test_summary_leaves_degenerate_students_out_by_name():
+    from eval.report import ResultRow
+    from utils.pipeline import summary_line
+
+    def student(name, teacher_set, acc, degenerate=""):
+        extra = {"stage": "student", "teacher_set": teacher_set, "degenerate": degenerate}
+        return ResultRow(name, dict(zip(("African", "Asian", "Caucasian", "Indian"), acc)), extra)
+
+    rows = [student("s1", "specialized", (90, 91, 92, 93)), student("b1", "baseline", (80, 85, 90, 95)),
+            student("s2", "specialized", (50, 50, 50, 50), "African: all pair scores equal (constant embeddings)")]
+    text = summary_line(rows)
+    assert "(91.50 vs 87.50)" in text and "Left out as degenerate: s2." in text
+
+
 def test_report_json_is_standard_json_with_infinite_ser(tmp_path):
     from eval.report import ResultRow, write_report
 

@@ -241,11 +241,14 @@ def build_report(cfg: Config, out_dir: Path | None = None) -> tuple[str, Path]:
 def summary_line(rows: Sequence[Any]) -> str:
     """Whether students of specialized teachers beat students of balanced teachers, from these numbers only."""
     groups: dict[str, list[dict[str, float]]] = {"specialized": [], "baseline": []}
+    # A degenerate evaluation (constant or non-finite embeddings) measures nothing: it is left out, by name.
+    degenerate = [row.name for row in rows if row.extra.get("stage") == "student" and row.extra.get("degenerate")]
+    left_out = f" Left out as degenerate: {', '.join(degenerate)}." if degenerate else ""
     for row in rows:
-        if row.extra.get("stage") == "student":
+        if row.extra.get("stage") == "student" and row.name not in degenerate:
             groups[row.extra["teacher_set"]].append(row.metrics())
     if not groups["specialized"] or not groups["baseline"]:
-        return "Summary: students of both teacher sets are needed to compare them."
+        return "Summary: students of both teacher sets are needed to compare them." + left_out
     mean = {name: {key: sum(m[key] for m in group) / len(group) for key in ("avg", "std", "ser")}
             for name, group in groups.items()}
     spec, base = mean["specialized"], mean["baseline"]
@@ -257,4 +260,4 @@ def summary_line(rows: Sequence[Any]) -> str:
     wins = sum(("not" not in verdict) for verdict in verdicts)
     return (f"Summary (mean over {len(groups['specialized'])} students per teacher set, this run only): students of "
             f"specialized teachers vs students of balanced teachers: {'; '.join(verdicts)} -> better on "
-            f"{wins} of 3.")
+            f"{wins} of 3.{left_out}")
