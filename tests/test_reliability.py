@@ -66,6 +66,11 @@ def tiny_cfg(tmp_path: Path, **extra):
     return load_config({"output_root": str(tmp_path), "log_every": 2, "num_workers": 0, "resume": True, **extra})
 
 
+def fit(tmp_path: Path, run_dir: Path, loss_fn=regression_loss, epochs: int = 2):
+    """The engine on the tiny task (resume=True, a log line every 2 steps), on this process."""
+    return train(tiny_cfg(tmp_path), tiny_task(run_dir, loss_fn, epochs), ONE_PROCESS)
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -185,7 +190,7 @@ def test_lock_of_a_dead_process_is_taken_over_and_locks_nest(tmp_path):
 @pytest.mark.parametrize("damage", ["missing", "garbage", "incomplete"])
 def test_resume_after_the_last_checkpoint_rewrites_history_and_completes(tmp_path, damage):
     run_dir = tmp_path / "run"
-    result = train(tiny_cfg(tmp_path), tiny_task(run_dir), ONE_PROCESS)
+    result = fit(tmp_path, run_dir)
     original = json.loads((run_dir / HISTORY_NAME).read_text())
     assert result.complete and original["complete"]
     # A kill between checkpoint_last.pt and history.json of the last epoch leaves the previous history.
@@ -197,7 +202,7 @@ def test_resume_after_the_last_checkpoint_rewrites_history_and_completes(tmp_pat
     else:
         history.write_text(json.dumps({**original, "epochs": original["epochs"][:1], "complete": False}))
     assert not is_run_complete(run_dir)
-    again = train(tiny_cfg(tmp_path), tiny_task(run_dir), ONE_PROCESS)
+    again = fit(tmp_path, run_dir)
     assert again.complete and is_run_complete(run_dir)
     assert json.loads(history.read_text()) == original
 
@@ -214,7 +219,7 @@ def test_nan_loss_stops_naming_epoch_step_and_last_good_checkpoint(tmp_path):
         return losses
 
     with pytest.raises(NonFiniteError) as stopped:
-        train(tiny_cfg(tmp_path), tiny_task(run_dir, nan_in_second_epoch, epochs=3), ONE_PROCESS)
+        fit(tmp_path, run_dir, nan_in_second_epoch, epochs=3)
     message = str(stopped.value)
     assert "epoch 2" in message and "by step 6" in message
     assert f"{run_dir / CHECKPOINT_NAME} (end of epoch 1)" in message
@@ -232,7 +237,7 @@ def test_non_finite_batchnorm_statistics_are_never_saved(tmp_path):
         return regression_loss(model, header, batch)
 
     with pytest.raises(NonFiniteError, match=r"1\.running_var.*after epoch 2"):
-        train(tiny_cfg(tmp_path), tiny_task(run_dir, corrupt_running_var), ONE_PROCESS)
+        fit(tmp_path, run_dir, corrupt_running_var)
     assert torch.isfinite(weights(run_dir / "best_backbone.pth")["1.running_var"]).all()
     assert not (run_dir / "8backbone.pth").exists()
 
@@ -358,7 +363,7 @@ def test_os_errors_name_the_path(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(OSError, match=rf"cannot write {blocker}/run: .*not a folder") as error:
-        train(tiny_cfg(tmp_path), tiny_task(blocker / "run"), ONE_PROCESS)
+        fit(tmp_path, blocker / "run")
     assert "\n" not in str(error.value)
     long_name = tmp_path / ("n" * 300) / "history.json"
     with pytest.raises(OSError, match="file name too long"):
@@ -395,13 +400,13 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_equals_an_uninterrupted_one
     terminated_at_step_6.calls = 0
     with pytest.raises(TrainingInterrupted,
                        match=r"SIGTERM: teacher stopped after step 6 \(2 of 4 in epoch 2\) and saved .*resume=True"):
-        train(tiny_cfg(tmp_path), tiny_task(run_dir, terminated_at_step_6, epochs=3), ONE_PROCESS)
+        fit(tmp_path, run_dir, terminated_at_step_6, epochs=3)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not is_locked(run_dir)
     checkpoint = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)
     assert checkpoint["global_step"] == 6 and checkpoint["mid_epoch"]["step"] == 2
-    resumed = train(tiny_cfg(tmp_path), tiny_task(run_dir, noisy_loss, epochs=3), ONE_PROCESS)
+    resumed = fit(tmp_path, run_dir, noisy_loss, epochs=3)
     straight_dir = tmp_path / "straight" / "run"
-    train(tiny_cfg(tmp_path / "straight"), tiny_task(straight_dir, noisy_loss, epochs=3), ONE_PROCESS)
+    fit(tmp_path / "straight", straight_dir, noisy_loss, epochs=3)
     assert resumed.complete and INTERRUPTED_EXIT_CODE == 75
     a, b = weights(run_dir / "best_backbone.pth"), weights(straight_dir / "best_backbone.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -414,7 +419,7 @@ def test_interrupted_temp_files_are_removed_and_identical_weights_are_identical_
     run_dir.mkdir()
     leftover = run_dir / ".checkpoint_last.pt.abc123.tmp"
     leftover.write_bytes(b"half a checkpoint")
-    train(tiny_cfg(tmp_path), tiny_task(run_dir), ONE_PROCESS)
+    fit(tmp_path, run_dir)
     assert not leftover.exists()
     state = {"w": torch.arange(6.0)}
     atomic_torch_save(state, tmp_path / "a.pth")
