@@ -245,7 +245,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "middle_layer_size": _POSITIVE, "adaptor_dropout": _PROBABILITY, "adaptor_negative_slope": _NON_NEGATIVE,
     "loss_lambda": _NON_NEGATIVE, "extract_batch_size": _POSITIVE,
     "seed": (lambda v: 0 <= v < 2**32, "in 0..2**32-1"), "log_every": _POSITIVE, "verify_every": _POSITIVE,
-    "stop_after_epoch": _NON_NEGATIVE, "num_classes": _POSITIVE,
+    "stop_after_epoch": _NON_NEGATIVE, "num_classes": _POSITIVE, "output_root": (bool, "a folder name"),
 }
 
 
@@ -266,8 +266,8 @@ def _type_problem(annotation: str, value: Any) -> str | None:
         if not isinstance(value, bool):
             return "must be True or False"
     elif kind == "str":
-        if not isinstance(value, str) or not value:
-            return "must be a non-empty string (quote it if it looks like a number: key='123')"
+        if not isinstance(value, str):
+            return "must be a string (quote it if it looks like a number: key='123')"
     elif kind == "list[int]":
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return "must be a list of whole numbers, e.g. [16, 28]"
