@@ -517,8 +517,10 @@ def check_images(dataset: FaceDataset, sample: int, *, seed: int = 0, workers: i
         return 0
     count = len(dataset) if sample < 0 else min(sample, len(dataset))
     positions = np.random.default_rng(seed).choice(len(dataset), size=count, replace=False)
-    # cv2 decodes without the GIL: threads are enough, and errors arrive with their own message.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    # cv2 decodes without the GIL: threads are enough, and errors arrive with their own message. A RecordIO
+    # reader is one file handle (seek, then read), so those records are read by one thread.
+    threads = 1 if dataset.index.kind == "recordio" else max(1, workers)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for _ in pool.map(dataset.read_uint8, positions.tolist()):
             pass
     return count
