@@ -3,8 +3,8 @@ ethnicity forms balanced baseline teacher k.
 
     python baseline_data_split.py data_root=/data/BUPT [seed=0] [split_materialize=True] [split_overwrite=True]
 
-Writes cfg.split_manifest (JSON); train.py with teacher_set=baseline reads it. An existing manifest
-holding a different split is kept unless split_overwrite=True. split_materialize=True also builds
+Writes the split manifest (JSON, ``artifacts.split_manifest``); train.py with teacher_set=baseline reads it.
+An existing manifest holding a different split is kept unless split_overwrite=True (or replace=True). split_materialize=True also builds
 <output_root>/splits/split<k>/<Ethnicity>/<identity>/ trees of hard links (symlinks as fallback).
 """
 from __future__ import annotations
@@ -12,10 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.config import ETHNICITIES, NUM_BASELINE_SPLITS, Config
-from utils.callbacks import setup_logging
+from utils import artifacts
 from utils.cli import run_stage
 from utils.dataset import load_index
 from utils.distributed import DistInfo
+from utils.io import atomic_write_json
+from utils.logs import setup_logging
+from utils.provenance import identities_fingerprint, split_record
+from utils.errors import ExistingOutputError
 from utils.splits import load_split_manifest, make_baseline_split, materialize_split, save_split_manifest
 
 
@@ -30,21 +34,22 @@ def main(cfg: Config, info: DistInfo) -> Path:
         by_ethnicity[eth].append(identity)
     splits = make_baseline_split(by_ethnicity, cfg.seed, parts=NUM_BASELINE_SPLITS)
 
-    path = cfg.split_manifest
+    path = artifacts.split_manifest(cfg)
     if path.is_file() and load_split_manifest(path) == splits:
         log.info(f"{path} already holds this split (seed {cfg.seed}); unchanged")
-    elif path.is_file() and not cfg.split_overwrite:
-        raise FileExistsError(f"{path} holds a different split; pass split_overwrite=True to replace it")
+    elif path.is_file() and not (cfg.split_overwrite or cfg.replace):
+        raise ExistingOutputError(f"{path} holds a different split; pass split_overwrite=True to replace it")
     else:
         save_split_manifest(path, splits, seed=cfg.seed, source=str(cfg.data_root))
-        cfg.save(path.with_name("config.json"))
+        atomic_write_json(artifacts.split_config_file(cfg), cfg.to_dict())
         log.info(f"wrote {path}")
+    atomic_write_json(artifacts.split_provenance_file(cfg), split_record(cfg, identities_fingerprint(index)))
     for k, split in enumerate(splits):
         sizes = ", ".join(f"{eth} {len(split[eth])}" for eth in ETHNICITIES)
         log.info(f"split{k}: {sum(len(v) for v in split.values())} identities ({sizes})")
 
     if cfg.split_materialize:
-        out_root = cfg.work_root / "splits"
+        out_root = artifacts.splits_dir(cfg)
         made = materialize_split(index, splits, out_root)
         log.info(f"linked {made} images under {out_root}/split<k>/")
     return path

@@ -1,5 +1,5 @@
 """Stage 4 (DuL / DLDPO): train a two-layer adaptor on the four teachers' stored embeddings, then write the
-KD targets (L2-normalised outputs of the lowest-loss epoch for every training image) to ``cfg.adaptor_dir``.
+KD targets (L2-normalised outputs of the lowest-loss epoch for every training image) to the adaptor's run folder.
 
     python dual_layer_EAF-Fusion.py has_drop_out=False                  # DuL
     python dual_layer_EAF-Fusion.py has_drop_out=True                   # DLDPO (dropout 0.2 between layers)

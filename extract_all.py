@@ -7,17 +7,18 @@
     torchrun --nproc_per_node=8 extract_all.py ethnicity=all     # every rank embeds its own rows
 
 Rows are L2-normalised eval-mode embeddings of the unflipped images (``extract_flipped=True`` adds the
-flipped ones) in the order of ``index.tsv`` in ``cfg.store_dir``. A store already complete for the same
+flipped ones) in the order of the store's image index (``artifacts.store_dir``). A store already complete for the same
 index and checkpoint is skipped; an interrupted one is redone.
 """
 from __future__ import annotations
 
 from config.config import Config
-from utils.callbacks import setup_logging
+from utils import artifacts
 from utils.cli import run_stage
 from utils.distributed import DistInfo
 from utils.embedding_store import extract_teacher, extraction_members, prepare_index, teacher_checkpoint
 from utils.locks import rank0_folder_lock
+from utils.logs import setup_logging
 
 
 def main(cfg: Config, info: DistInfo) -> list[str]:
@@ -25,7 +26,7 @@ def main(cfg: Config, info: DistInfo) -> list[str]:
     setup_logging(None, info.is_main)
     # Check every teacher before embedding anything, so a missing one fails in seconds, not hours.
     checkpoints = {member: teacher_checkpoint(cfg, member) for member in extraction_members(cfg)}
-    with rank0_folder_lock(cfg.store_dir, info.is_main, what="embedding store"):
+    with rank0_folder_lock(artifacts.store_dir(cfg), info.is_main, what="embedding store"):
         index = prepare_index(cfg, info)
         return [member for member, checkpoint in checkpoints.items()
                 if extract_teacher(cfg, member, checkpoint, index, info)]

@@ -1,5 +1,5 @@
 """Stage 4 (SL): train the single-Linear adaptor on the four teachers' stored embeddings, then write the KD
-targets (L2-normalised outputs of the lowest-loss epoch for every training image) to ``cfg.adaptor_dir``.
+targets (L2-normalised outputs of the lowest-loss epoch for every training image) to the adaptor's run folder.
 
     python fc_EArc.py                                  # specialized teachers
     python fc_EArc.py teacher_set=baseline             # balanced baseline teachers
@@ -13,11 +13,12 @@ from config.config import Config
 from utils.adaptor import run_adaptor_stage
 from utils.cli import run_stage
 from utils.distributed import DistInfo
+from utils.errors import InvalidInputError
 
 
 def main(cfg: Config, info: DistInfo) -> Path | None:
     if cfg.adaptor != "SL":
-        raise ValueError(f"fc_EArc.py trains the SL adaptor, got adaptor={cfg.adaptor}; use "
+        raise InvalidInputError(f"fc_EArc.py trains the SL adaptor, got adaptor={cfg.adaptor}; use "
                          "dual_layer_EAF-Fusion.py has_drop_out=False (DuL) or has_drop_out=True (DLDPO)")
     return run_adaptor_stage(cfg, info)
 

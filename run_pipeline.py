@@ -3,10 +3,14 @@
     python run_pipeline.py                                  # synthetic demo (2 CPU cores, minutes)
     python run_pipeline.py --preset paper data_root=/data/BUPT rfw_root=/data/RFW --nproc-per-node 8
     python run_pipeline.py --from students teacher_set=...  # pick up at a stage
+    python run_pipeline.py lr=0.05 run_name=lr005           # an ablation beside the first run
 
-Finished jobs are skipped (their outputs say they are complete); an interrupted job resumes from its last epoch.
-Every ``key=value`` goes to every stage. Torchrun options (--nnodes, --node-rank, --rdzv-endpoint, ...) after
-``--torchrun`` are passed through for multi-node runs.
+Before anything runs, the plan lists every job with whether it runs and why. A job is skipped only when its
+outputs are complete and were made with the same settings (the keys that matter to it) and the same inputs;
+a changed key, changed data or RFW files, or a changed upstream output re-runs the job and everything below
+it, and the old run is moved aside (``<folder>.replaced-<time>``). An interrupted job resumes. Every stage
+runs as its own process. Every ``key=value`` goes to every stage. Torchrun options (--nnodes, --node-rank,
+--rdzv-endpoint, ...) after ``--torchrun`` are passed through for multi-node runs.
 """
 from __future__ import annotations
 
@@ -16,10 +20,13 @@ import time
 from pathlib import Path
 
 from config.config import format_override, load_config
-from utils.callbacks import format_duration
-from utils.locks import FolderLocked, folder_lock
-from utils.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
-from utils.pipeline import PRESETS, STAGES, build_report, plan_jobs, run_job, select_jobs
+from utils import artifacts
+from utils.errors import EXIT_CODE, InvalidInputError, UserError
+from utils.locks import folder_lock
+from utils.logs import format_duration
+from utils.pipeline import (
+    PRESETS, STAGES, StageFailed, plan, plan_jobs, report_command, run_command, run_job, select_jobs)
+from utils.signals import INTERRUPTED_EXIT_CODE, StopRequest, stop_on_signals
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node for training stages")
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
+    parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     parser.add_argument("--torchrun", nargs=argparse.REMAINDER, default=[],
                         help="the rest of the line goes to torchrun (multi-node rendezvous options)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
@@ -43,58 +51,80 @@ def prepare_synthetic(sizes: dict[str, int], data_dir: Path, seed: int) -> None:
     generate_synthetic(data_dir, seed=seed, overwrite=True, **sizes)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _load(overrides: list[str]):
+    try:
+        return load_config(overrides)
+    except (KeyError, ValueError) as exc:
+        raise InvalidInputError(exc.args[0] if exc.args else str(exc)) from None
+
+
+def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    user = load_config(args.overrides)
+    user = _load(args.overrides)
     preset_name = args.preset or ("paper" if user.data_root else "demo")
     preset = PRESETS[preset_name]
     base = [format_override(key, value) for key, value in preset.overrides.items()]
     if preset.synthetic is not None:
-        root = Path(load_config(base + args.overrides).output_root)
+        root = Path(_load(base + args.overrides).output_root)
         if not any(text.startswith("output_root=") for text in args.overrides):
             root = root / preset_name
         data_dir = root / "data"
         base += [format_override("output_root", str(root)), format_override("data_root", str(data_dir / "train")),
                  format_override("rfw_root", str(data_dir / "rfw"))]
     elif user.data_root is None:
-        raise SystemExit(f"--preset {preset_name} needs data_root=... (and rfw_root=... for verification)")
+        raise InvalidInputError(f"--preset {preset_name} needs data_root=... (and rfw_root=... for verification)")
     base += args.overrides
-    cfg = load_config(base)
+    cfg = _load(base)
     # A second pipeline on the same output_root would rerun the same jobs into the same folders.
-    try:
-        with folder_lock(cfg.work_root, what="pipeline output_root"):
-            if preset.synthetic is not None:
-                prepare_synthetic(preset.synthetic, cfg.work_root / "data", user.seed)
-            return run_jobs(args, base, preset_name)
-    except FolderLocked as exc:
-        raise SystemExit(f"error: {exc}") from None
-    except TrainingInterrupted as exc:
-        print(f"interrupted: {exc}; rerun the pipeline to continue", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    with folder_lock(artifacts.work_root(cfg), what="pipeline output_root"), stop_on_signals() as stop:
+        if preset.synthetic is not None:
+            prepare_synthetic(preset.synthetic, artifacts.work_root(cfg) / "data", user.seed)
+        return run_steps(args, base, preset_name, stop)
 
 
-def run_jobs(args: argparse.Namespace, base: list[str], preset_name: str) -> int:
-    cfg = load_config(base)
-    jobs = select_jobs(plan_jobs(base), args.only, args.start)
+def run_steps(args: argparse.Namespace, base: list[str], preset_name: str, stop: StopRequest) -> int:
+    cfg = _load(base)
+    steps = plan(select_jobs(plan_jobs(base), args.only, args.start))
     run_report = args.only is None or "report" in args.only
-    print(f"MST-KD pipeline, preset {preset_name}: {len(jobs)} jobs + report, outputs in {cfg.output_root}",
-          flush=True)
+    print(f"MST-KD pipeline, preset {preset_name}: {sum(s.run for s in steps)} of {len(steps)} jobs to run"
+          f"{' + report' if run_report else ''}, outputs in {cfg.output_root}"
+          f"{f' (run_name {cfg.run_name})' if cfg.run_name else ''}", flush=True)
+    for number, step in enumerate(steps, 1):
+        action = "run" if step.run else "skip"
+        print(f"[{number}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- {action}: {step.reason}",
+              flush=True)
+    if args.plan_only:
+        return 0
     started = time.perf_counter()
-    for number, job in enumerate(jobs, 1):
-        header = f"[{number}/{len(jobs)}] {job.stage}: {job.describe()}"
-        if job.done():
-            print(f"{header} -- complete, skipped", flush=True)
+    for number, step in enumerate(steps, 1):
+        if not step.run:
             continue
-        print(f"{header} -- running ({format_duration(time.perf_counter() - started)} elapsed)", flush=True)
-        run_job(job, base, args.nproc_per_node, args.torchrun)
-        if not job.done():
-            raise SystemExit(f"{job.describe()} ended without complete outputs (stopped early?)")
+        print(f"[{number}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- running "
+              f"({format_duration(time.perf_counter() - started)} elapsed)", flush=True)
+        run_job(step.job, base, args.nproc_per_node, args.torchrun)
+        if stop.signal is not None:  # the stage got the signal too, and ended resumable
+            print(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same command to continue",
+                  file=sys.stderr)
+            return INTERRUPTED_EXIT_CODE
+        verdict = step.job.check()
+        if not verdict.done:
+            raise InvalidInputError(f"{step.job.describe()} ended without complete outputs ({verdict.reason}; "
+                                    "stopped early?)")
     if run_report:
-        text, out_dir = build_report(cfg)
-        print("\n" + text)
-        print(f"\nreport written to {out_dir} (results.md/.csv/.json, results_accuracy.png, results_roc.png)")
+        run_command(report_command(cfg), "report")
     print(f"pipeline finished in {format_duration(time.perf_counter() - started)}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CODE
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.returncode
 
 
 if __name__ == "__main__":

@@ -8,21 +8,27 @@ from __future__ import annotations
 
 from backbones import build_backbone
 from config.config import Config
+from utils import artifacts
 from utils.cli import run_stage
 from utils.dataset import build_training_dataset
 from utils.distributed import DistInfo
-from utils.engine import TrainingResult, TrainingTask, backbone_evaluator, classification_loss, make_header, train
+from utils.engine import TrainingResult, TrainingTask, train
+from utils.errors import InvalidInputError
+from utils.provenance import data_fingerprint, teacher_record
+from utils.stage_parts import backbone_evaluator, classification_loss, make_header, train_options
 
 
 def main(cfg: Config, info: DistInfo) -> TrainingResult:
     if cfg.teacher_set == "specialized" and cfg.ethnicity == "all":
-        raise ValueError("train.py trains one teacher: set ethnicity=African|Asian|Caucasian|Indian")
+        raise InvalidInputError("train.py trains one teacher: set ethnicity=African|Asian|Caucasian|Indian")
     protocol = "split" if cfg.teacher_set == "baseline" else "ethnicity"
     dataset, num_classes = build_training_dataset(cfg, protocol)
     evaluate = backbone_evaluator(cfg, info.device)
     task = TrainingTask(
         stage="teacher",
-        run_dir=cfg.teacher_dir(),
+        run_dir=artifacts.teacher_dir(cfg),
+        config=cfg.to_dict(),
+        provenance=teacher_record(cfg, data_fingerprint(dataset.index, dataset.rows)),
         model=build_backbone(cfg),
         model_name="backbone",
         dataset=dataset,
@@ -36,7 +42,7 @@ def main(cfg: Config, info: DistInfo) -> TrainingResult:
         evaluate=evaluate,
         num_workers=cfg.num_workers,
     )
-    return train(cfg, task, info)
+    return train(task, train_options(cfg), info)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 from backbones.adaptors import DualLayerAdaptor, SLAdaptor
 from backbones.iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100
 from backbones.mobilefacenet import MobileFaceNet, mbf, mobilefacenet
+from utils.errors import IncompatibleInputError
 from utils.io import load_state_dict_file
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -154,7 +155,7 @@ def load_weights(
             if keys:
                 more = f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
                 lines.append(f"  {title} ({len(keys)}): {', '.join(keys[:_MAX_LISTED])}{more}")
-        raise RuntimeError("\n".join(lines))
+        raise IncompatibleInputError("\n".join(lines))
     for key, value in expected.items():
         if key not in state:
             state[key] = value

@@ -25,7 +25,8 @@ from backbones import get_backbone  # noqa: E402
 from config.config import load_config  # noqa: E402
 from utils.dataset import build_training_dataset  # noqa: E402
 from utils.distributed import init_distributed  # noqa: E402
-from utils.engine import TrainingTask, classification_loss, make_header, train  # noqa: E402
+from utils.engine import TrainingTask, train  # noqa: E402
+from utils.stage_parts import classification_loss, make_header, train_options  # noqa: E402
 from utils.synthetic import generate_synthetic  # noqa: E402
 
 NETWORKS = ("iresnet34", "iresnet50", "mobilefacenet", "mbf")
@@ -61,10 +62,11 @@ def engine_samples_per_second(network: str, data: Path, out: Path, batch: int, s
                        "ethnicity": "African", "batch_size": batch, "num_epoch": epochs, "milestones": [],
                        "num_workers": 0, "log_every": 1000})
     dataset, num_classes = build_training_dataset(cfg, "ethnicity")
-    task = TrainingTask(stage="teacher", run_dir=out / network, model=get_backbone(network), model_name="backbone",
+    task = TrainingTask(stage="teacher", run_dir=out / network, config=cfg.to_dict(), provenance={"stage": "benchmark"},
+                        model=get_backbone(network), model_name="backbone",
                         dataset=dataset, loss_fn=classification_loss, lr=cfg.scaled_lr, num_epochs=epochs,
                         milestones=[], batch_size=batch, header=make_header(cfg, num_classes))
-    history = train(cfg, task, init_distributed()).history
+    history = train(task, train_options(cfg), init_distributed()).history
     # Epoch 1 warms up allocators; the fastest later epoch (data, flips, loss, logging and all) counts.
     return batch * steps / min(record["seconds"] for record in history[1:])
 

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from eval.verification import kfold_accuracy, pair_distances, verify  # noqa: E402
-from tests.test_verification import _reference_verify  # noqa: E402  (the loop oracle lives with the tests)
+from eval.reference_verification import reference_verify  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 
 
@@ -61,11 +61,11 @@ def main() -> None:
     emb, issame = make_embeddings(args.pairs, args.dim, args.seed)
     dist = pair_distances(emb)
     acc, thr = kfold_accuracy(dist, issame)
-    ref_acc, ref_thr = _reference_verify(dist, issame)
+    ref_acc, ref_thr = reference_verify(dist, issame)
     assert np.array_equal(acc, ref_acc) and np.array_equal(thr, ref_thr), "vectorised differs from the loop"
 
     vectorised_s = best_time(lambda: kfold_accuracy(dist, issame), args.repeats)
-    loop_s = best_time(lambda: _reference_verify(dist, issame), max(1, args.repeats // 10))
+    loop_s = best_time(lambda: reference_verify(dist, issame), max(1, args.repeats // 10))
     full_s = best_time(lambda: verify(emb, issame), args.repeats)  # distances + 10-fold + ROC/TAR/AUC
     result = {
         "pairs": args.pairs,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import json
 import math
 import os
 import re
@@ -56,6 +55,7 @@ class Config:
     data_root: str | None = None  # BUPT-BalancedFace root (ROOT/<Ethnicity>/<identity>/<img>) or a folder with train.rec/train.idx
     rfw_root: str | None = None  # folder with <Ethnicity>_test.bin (or RFW pair lists); None = no verification
     output_root: str = "work_dirs"  # every run, store and report lives under this folder
+    run_name: str = ""  # appended to run, store and report folder names so ablations live side by side
     ids_per_ethnicity: int | None = None  # use a seeded random subset of k identities per ethnicity (None = all)
     input_size: int = 112  # square input side in pixels; images of another size are resized
     num_workers: int = 4  # data-loader worker processes per rank
@@ -110,6 +110,7 @@ class Config:
     log_every: int = 50  # steps between log lines and TensorBoard points
     verify_every: int = 1  # epochs between RFW verifications when rfw_root is set (the last epoch always)
     resume: bool = False  # continue from checkpoint_last.pt of this run
+    replace: bool = False  # a run folder made under other settings or inputs is moved aside, not refused
     resume_same_world_size: bool = False  # refuse to resume under a different world size
     init_weights: str | None = None  # start the model from these weights (no optimiser state)
     stop_after_epoch: int | None = None  # end this process after that many epochs (to split a run)
@@ -153,30 +154,6 @@ class Config:
         """Name of the teacher this config points at: an ethnicity, or ``split<k>`` for baseline teachers."""
         return teacher_member(self.teacher_set, self.ethnicity, self.split)
 
-    @property
-    def work_root(self) -> Path:
-        return Path(self.output_root)
-
-    @property
-    def split_manifest(self) -> Path:
-        return self.work_root / "splits" / "baseline_split.json"
-
-    def teacher_dir(self, member: str | None = None) -> Path:
-        return self.work_root / "teachers" / self.teacher_set / f"{self.network}_{member or self.teacher_member}"
-
-    @property
-    def store_dir(self) -> Path:
-        return self.work_root / "embeddings" / f"{self.teacher_set}_{self.network}"
-
-    @property
-    def adaptor_dir(self) -> Path:
-        return self.work_root / "adaptors" / f"{self.teacher_set}_{self.network}" / self.adaptor
-
-    @property
-    def student_dir(self) -> Path:
-        teachers = f"{self.teacher_set}_{self.network}"
-        return self.work_root / "students" / teachers / f"{self.adaptor}_{self.kd}_{self.student_network}"
-
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["derived"] = {
@@ -186,11 +163,6 @@ class Config:
             "teacher_member": self.teacher_member,
         }
         return data
-
-    def save(self, path: str | Path) -> None:
-        from utils.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def teacher_members(teacher_set: str) -> list[str]:
@@ -295,6 +267,9 @@ def _validate(cfg: Config) -> None:
     for key, value, allowed in checks:
         if value not in allowed:
             raise ValueError(f"config key {key}={value!r} is not one of {', '.join(allowed)}")
+    if not re.fullmatch(r"[A-Za-z0-9_.+=-]*", cfg.run_name) or cfg.run_name.startswith("."):
+        raise ValueError(f"config key run_name={cfg.run_name!r} may only hold letters, digits and _.+=- "
+                         "(it becomes part of folder names)")
     for key in ("milestones", "milestones_fc"):
         value = getattr(cfg, key)
         if list(value) != sorted(value) or any(epoch < 1 for epoch in value):

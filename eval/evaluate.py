@@ -6,8 +6,8 @@ Three modes (exactly one):
   multi-teacher      --teachers ASIAN.pth AFRICAN.pth CAUCASIAN.pth INDIAN.pth --teacher-network iresnet34
                      --adaptor A.pth --adaptor-type SL|DuL|DLDPO
   a work directory   --work-dir work_dirs   (every run with a config.json: teachers and students are
-                     evaluated from best_backbone.pth; adaptors from best_adaptor.pth over their four
-                     teachers' best_backbone.pth)
+                     evaluated from their best backbone weights; adaptors from their best weights over their
+                     four teachers' best weights; the same report the pipeline writes, in <work-dir>/report)
 
 Released checkpoints (plain state_dicts with the authors' parameter names) load as they are.
 Example: python -m eval.evaluate --backbone student.pth --network iresnet34 --rfw-root data/rfw
@@ -16,18 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
-from config.config import BASELINE_CONCAT_ORDER, CONCAT_ORDER, Config, load_config, teacher_members
-from eval.report import ResultRow, results_table, write_report
+from config.config import (
+    ADAPTORS as ADAPTOR_NAMES, BASELINE_CONCAT_ORDER, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
+from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
 from eval.verification import EmbedFn, RFWEvaluator, VerificationResult, backbone_embed_fn, multi_teacher_embed_fn
+from utils import artifacts
+from utils.errors import InvalidInputError, MissingInputError, UserError
+from utils.io import atomic_write_json
+from utils.provenance import file_sha256, tree_fingerprint
 
-WEIGHTS_FILE = {"teacher": "best_backbone.pth", "student": "best_backbone.pth", "adaptor": "best_adaptor.pth"}
 STAGE_ORDER = ("teacher", "adaptor", "student")
 
 
@@ -119,62 +126,89 @@ def evaluate_multi_teacher(
 
 def read_run_config(run_dir: Path) -> tuple[Config, str | None]:
     """The run's Config and its stage (None when the config.json records no training stage)."""
-    path = run_dir / "config.json"
+    path = artifacts.config_file(run_dir)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read run config {path}: {exc}") from exc
+        raise InvalidInputError(f"cannot read run config {path}: {exc}") from exc
     stage = data.pop("derived", {}).get("stage")
     try:
         cfg = load_config(data)
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"run config {path} does not fit config/config.py: {exc}") from exc
+        raise InvalidInputError(f"run config {path} does not fit config/config.py: {exc}") from exc
     return cfg, stage
 
 
 def _weights(run_dir: Path, stage: str, role: str) -> Path:
-    path = run_dir / WEIGHTS_FILE[stage]
+    path = artifacts.best_weights(run_dir, stage)
     if not path.is_file():
-        raise FileNotFoundError(f"{role} run {run_dir} has no {WEIGHTS_FILE[stage]} (training not finished?)")
+        raise MissingInputError(f"{role} run {run_dir} has no {path.name} (training not finished?)")
     return path
 
 
 def _teacher_dirs(run_dir: Path, cfg: Config) -> list[Path]:
     """Teacher run folders of an adaptor run, looked up in the work directory the adaptor run sits in."""
-    recorded = cfg.adaptor_dir.relative_to(cfg.work_root)
+    recorded = artifacts.adaptor_dir(cfg).relative_to(artifacts.work_root(cfg))
     depth = len(recorded.parts)
     if run_dir.parts[-depth:] == recorded.parts:
         root = run_dir.parents[depth - 1]
     else:  # the run folder was moved out of its work directory: trust the recorded output_root
-        root = cfg.work_root
-    return [root / cfg.teacher_dir(m).relative_to(cfg.work_root) for m in teacher_members(cfg.teacher_set)]
+        root = artifacts.work_root(cfg)
+    return [root / artifacts.teacher_dir(cfg, m).relative_to(artifacts.work_root(cfg))
+            for m in teacher_members(cfg.teacher_set)]
 
 
 def _load_teacher(teacher_dir: Path, adaptor_cfg: Config, adaptor_run: Path) -> nn.Module:
     """A teacher of an adaptor run, built from its own config.json, or from the adaptor's config when the
     folder only holds weights put there by hand (the authors' released teachers)."""
     cfg = adaptor_cfg
-    if (teacher_dir / "config.json").is_file():
+    if artifacts.config_file(teacher_dir).is_file():
         cfg, _ = read_run_config(teacher_dir)
         if cfg.input_size != adaptor_cfg.input_size:
-            raise ValueError(f"teacher run {teacher_dir} has input_size {cfg.input_size}, adaptor run "
-                             f"{adaptor_run} has {adaptor_cfg.input_size}")
+            raise InvalidInputError(f"teacher run {teacher_dir} has input_size {cfg.input_size}, adaptor run "
+                                    f"{adaptor_run} has {adaptor_cfg.input_size}")
     model = build_backbone(cfg)
     return load_weights(model, _weights(teacher_dir, "teacher", "teacher"), what="teacher weights")
 
 
-def find_runs(work_dir: str | Path) -> list[tuple[Path, Config, str]]:
-    """Every teacher/adaptor/student run under ``work_dir``: ``(run_dir, config, stage)``, teachers first."""
+def display_name(stage: str, cfg: Config) -> str:
+    """Paper-style row names: which teacher set, which member / adaptor / KD kind (and the run_name)."""
+    teachers = "specialized" if cfg.teacher_set == "specialized" else "balanced"
+    if stage == "teacher":
+        name = f"teacher {teachers} {cfg.teacher_member} ({cfg.network})"
+    elif stage == "adaptor":
+        name = f"{cfg.adaptor}-EAF-Fusion {teachers} (4x {cfg.network})"
+    else:
+        kd = {"aKD": "a-KD", "EAFKD": "EAF-KD"}[cfg.kd]
+        name = f"student {kd} {cfg.adaptor} {teachers} ({cfg.student_network})"
+    return f"{name} [{cfg.run_name}]" if cfg.run_name else name
+
+
+def _row_order(run: tuple[Path, Config, str]) -> tuple[Any, ...]:
+    """Paper order: teachers, adaptor spaces, students; specialized before balanced; SL, DuL, DLDPO; a-KD first."""
+    run_dir, cfg, stage = run
+    member = 0
+    if stage == "teacher":
+        member = ETHNICITIES.index(cfg.ethnicity) if cfg.teacher_set == "specialized" else cfg.split
+    return (cfg.run_name, STAGE_ORDER.index(stage), TEACHER_SETS.index(cfg.teacher_set), member,
+            ADAPTOR_NAMES.index(cfg.adaptor) if stage != "teacher" else 0,
+            KD_KINDS.index(cfg.kd) if stage == "student" else 0, str(run_dir))
+
+
+def find_runs(work_dir: str | Path, run_name: str | None = None) -> list[tuple[Path, Config, str]]:
+    """Every teacher/adaptor/student run under ``work_dir`` (of ``run_name`` only, if given), in paper order:
+    ``(run_dir, config, stage)``. Runs moved aside by ``replace=True`` are not listed."""
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
-        raise FileNotFoundError(f"work directory {work_dir} does not exist")
+        raise MissingInputError(f"work directory {work_dir} does not exist")
     runs = []
-    for path in sorted(work_dir.rglob("config.json")):
+    for path in sorted(work_dir.rglob(artifacts.CONFIG_FILE)):
+        if artifacts.is_aside(path.parent.relative_to(work_dir)):
+            continue
         cfg, stage = read_run_config(path.parent)
-        if stage in STAGE_ORDER:
+        if stage in STAGE_ORDER and (run_name is None or cfg.run_name == run_name):
             runs.append((path.parent, cfg, stage))
-    runs.sort(key=lambda run: (STAGE_ORDER.index(run[2]), str(run[0])))
-    return runs
+    return sorted(runs, key=_row_order)
 
 
 def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator, *, name: str,
@@ -182,10 +216,12 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator
     """One training run: its best weights (adaptors: with their four teachers' best weights, in
     ``teacher_members`` order; ``raw_teachers`` as in :func:`multi_teacher_embed_fn`)."""
     if cfg.input_size != evaluator.input_size:
-        raise ValueError(f"run {run_dir} has input_size {cfg.input_size}, the RFW evaluator {evaluator.input_size}")
+        raise InvalidInputError(f"run {run_dir} has input_size {cfg.input_size}, the RFW evaluator "
+                                f"{evaluator.input_size}")
     device = torch.device(device) if device is not None else default_device()
     weights = _weights(run_dir, stage, stage)
-    extra: dict[str, Any] = {"stage": stage, "weights": str(weights)}
+    extra: dict[str, Any] = {"stage": stage, "weights": str(weights), "run_dir": str(run_dir),
+                             "teacher_set": cfg.teacher_set}
     if stage == "adaptor":
         teachers = [_load_teacher(d, cfg, run_dir) for d in _teacher_dirs(run_dir, cfg)]
         adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights")
@@ -198,40 +234,75 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator
     return _evaluate(name, backbone_embed_fn(model), [model], evaluator, device, extra)
 
 
-def evaluate_work_dir(
-    work_dir: str | Path,
-    rfw_root: str | Path,
-    *,
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-    skip_incomplete: bool = False,
-    raw_teachers: bool = False,
-) -> list[ResultRow]:
-    """Evaluate every run under ``work_dir`` (found by config.json); rows named by their relative path.
+def _sources(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw_root: Path,
+             raw_teachers: bool) -> dict[str, Any]:
+    """What a report is computed from: the RFW files, each run's config and evaluated weights (content), and
+    how adaptor spaces were evaluated."""
+    def weights_sha(path: Path) -> str | None:
+        return file_sha256(path) if path.is_file() else None
 
-    Each run is rebuilt from its own config (network, width, input size, embedding size). With
-    ``skip_incomplete`` a run without its best weights is reported and skipped instead of failing.
-    """
-    work_dir = Path(work_dir)
-    runs = find_runs(work_dir)
-    if not runs:
-        raise FileNotFoundError(f"no training runs (config.json with a stage) under {work_dir}")
-    evaluators: dict[int, RFWEvaluator] = {}
-    rows = []
+    entries = []
     for run_dir, cfg, stage in runs:
-        if cfg.input_size not in evaluators:
-            evaluators[cfg.input_size] = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size)
-        name = run_dir.relative_to(work_dir).as_posix()
-        try:
-            rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device,
-                                     raw_teachers=raw_teachers))
-        except FileNotFoundError as exc:
-            if not skip_incomplete:
-                raise
-            print(f"skipping {name}: {exc}")
-    if not rows:
-        raise FileNotFoundError(f"no run under {work_dir} has finished weights")
-    return rows
+        files = [artifacts.best_weights(run_dir, stage)]
+        if stage == "adaptor":
+            files += [artifacts.best_weights(d, "teacher") for d in _teacher_dirs(run_dir, cfg)]
+        entries.append({"run": run_dir.relative_to(work_dir).as_posix(), "stage": stage,
+                        "config": file_sha256(artifacts.config_file(run_dir)),
+                        "weights": [weights_sha(path) for path in files]})
+    return {"rfw": tree_fingerprint(rfw_root), "runs": entries, "raw_teachers": raw_teachers}
+
+
+@dataclass
+class WorkDirReport:
+    rows: list[ResultRow]
+    out_dir: Path
+    text: str  # the table and the summary, as printed
+    reused: bool  # True when nothing changed since the report in out_dir was written
+
+
+def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str | None = None,
+                    out_dir: str | Path | None = None, batch_size: int = 256,
+                    device: str | torch.device | None = None, skip_incomplete: bool = False,
+                    raw_teachers: bool = False) -> WorkDirReport:
+    """Evaluate every run under ``work_dir`` (of ``run_name``, if given) on RFW and write one report folder.
+
+    Each run is rebuilt from its own config.json. The report folder (default ``report[-run_name]`` in the
+    work dir) holds the tables, plots and ``sources.json``: when the RFW files and every evaluated weights
+    file are unchanged, the report there is reused without evaluating again. With ``skip_incomplete`` a run
+    without its best weights is reported and skipped instead of failing; ``raw_teachers`` evaluates adaptor
+    spaces as in :func:`multi_teacher_embed_fn`.
+    """
+    work_dir, rfw_root = Path(work_dir), Path(rfw_root)
+    if not rfw_root.is_dir():
+        raise MissingInputError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files)")
+    runs = find_runs(work_dir, run_name)
+    if not runs:
+        raise MissingInputError(f"no training runs ({artifacts.CONFIG_FILE} with a stage) under {work_dir}")
+    out = Path(out_dir) if out_dir is not None else artifacts.report_folder(work_dir, run_name or "")
+    sources, sources_path = _sources(runs, work_dir, rfw_root, raw_teachers), artifacts.report_sources_file(out)
+    stem = artifacts.REPORT_STEM
+    reused = sources_path.is_file() and json.loads(sources_path.read_text()) == sources
+    if reused:
+        rows = read_report_rows(out / f"{stem}.json")
+    else:
+        evaluators: dict[int, RFWEvaluator] = {}
+        rows = []
+        for run_dir, cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
+            if cfg.input_size not in evaluators:
+                evaluators[cfg.input_size] = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size)
+            name = display_name(stage, cfg)
+            try:
+                rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device,
+                                         raw_teachers=raw_teachers))
+            except FileNotFoundError as exc:
+                if not skip_incomplete:
+                    raise
+                print(f"skipping {name}: {exc}")
+        if not rows:
+            raise MissingInputError(f"no run under {work_dir} has finished weights")
+        write_report(rows, out, stem=stem)
+        atomic_write_json(sources_path, sources)
+    return WorkDirReport(rows, out, results_table(rows) + "\n\n" + summary_line(rows), reused)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -251,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"exactly four teacher weights files in concatenation order: {', '.join(CONCAT_ORDER)} "
                            f"(baseline teachers: {' '.join(BASELINE_CONCAT_ORDER)}); needs --adaptor and --adaptor-type")
     mode.add_argument("--work-dir", type=Path, metavar="DIR",
-                      help="evaluate every run under DIR, each rebuilt from its own config.json "
+                      help=f"evaluate every run under DIR, each rebuilt from its own {artifacts.CONFIG_FILE} "
                            "(--network/--input-size/--embedding-size/--width are then not used)")
     parser.add_argument("--network", default="iresnet34", choices=BACKBONES, help="network of --backbone")
     parser.add_argument("--teacher-network", default="iresnet34", choices=BACKBONES, help="network of --teachers")
@@ -266,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="report folder (default: <work-dir>/reports, else ./eval_results)")
+                        help="report folder (default: <work-dir>/report[-RUN_NAME], else ./eval_results)")
+    parser.add_argument("--run-name", default=None,
+                        help="--work-dir: only the runs of this run_name (default: every run)")
     parser.add_argument("--name", help="row name of the evaluated model (--backbone / --teachers)")
     parser.add_argument("--release-raw-teachers", action="store_true",
                         help="adaptor rows: concatenate the teachers' unnormalised outputs, as the release's "
@@ -288,7 +361,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.release_raw_teachers and args.backbone is not None:
         parser.error("--release-raw-teachers applies to adaptors (--teachers or --work-dir), not --backbone")
     if args.work_dir is not None and args.name is not None:
-        parser.error("--name applies to --backbone/--teachers; --work-dir names rows by run folder")
+        parser.error("--name applies to --backbone/--teachers; --work-dir names rows after their runs")
 
 
 def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
@@ -297,8 +370,12 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     _check_args(parser, args)
     try:
         if args.work_dir is not None:
-            rows = evaluate_work_dir(args.work_dir, args.rfw_root, batch_size=args.batch_size, device=args.device,
+            report = report_work_dir(args.work_dir, args.rfw_root, run_name=args.run_name, out_dir=args.out,
+                                     batch_size=args.batch_size, device=args.device,
                                      skip_incomplete=args.skip_incomplete, raw_teachers=args.release_raw_teachers)
+            print(report.text)
+            print(f"report {'reused' if report.reused else 'written'}: {report.out_dir}")
+            return report.rows
         else:
             evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size)
             common = dict(embedding_size=args.embedding_size, width=args.width, use_se=args.use_se,
@@ -309,9 +386,9 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
                 rows = [evaluate_multi_teacher(args.teachers, args.adaptor, args.adaptor_type, evaluator,
                                                teacher_network=args.teacher_network,
                                                raw_teachers=args.release_raw_teachers, **common)]
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+    except (UserError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    out = args.out or (args.work_dir / "reports" if args.work_dir is not None else Path("eval_results"))
+    out = args.out or Path("eval_results")
     paths = write_report(rows, out)
     print(results_table(rows))
     print(f"report written to {out}: {', '.join(p.name for p in paths.values())}")

@@ -194,3 +194,31 @@ def write_report(
         paths["roc_png"] = out_dir / f"{stem}_roc.png"
         plot_roc(roc, paths["roc_png"])
     return paths
+
+
+def summary_line(rows: Sequence[ResultRow]) -> str:
+    """Whether students of specialized teachers beat students of balanced teachers, from these numbers only:
+    mean Avg (higher is better), STD and SER (lower is better) over each teacher set's students."""
+    groups: dict[str, list[dict[str, float]]] = {"specialized": [], "baseline": []}
+    # A degenerate evaluation (constant or non-finite embeddings) measures nothing: it is left out, by name.
+    degenerate = [row.name for row in rows if row.extra.get("stage") == "student" and row.degenerate]
+    left_out = f" Left out as degenerate: {', '.join(degenerate)}." if degenerate else ""
+    for row in rows:
+        if row.extra.get("stage") == "student" and row.extra.get("teacher_set") in groups and not row.degenerate:
+            groups[row.extra["teacher_set"]].append(row.metrics())
+    if not groups["specialized"] or not groups["baseline"]:
+        return "Summary: students of both teacher sets are needed to compare them." + left_out
+    mean = {name: {key: sum(m[key] for m in group) / len(group) for key in ("avg", "std", "ser")}
+            for name, group in groups.items()}
+    spec, base = mean["specialized"], mean["baseline"]
+    # (label, key, higher is better, digits)
+    criteria = [("Avg", "avg", True, 2), ("STD", "std", False, 2), ("SER", "ser", False, 3)]
+    verdicts, wins = [], 0
+    for label, key, higher, digits in criteria:
+        better = spec[key] > base[key] if higher else spec[key] < base[key]
+        wins += better
+        word = ("higher" if higher else "lower") if better else ("not higher" if higher else "not lower")
+        verdicts.append(f"{label} {word} ({spec[key]:.{digits}f} vs {base[key]:.{digits}f})")
+    return (f"Summary (mean over {len(groups['specialized'])} students per teacher set, this run only): students of "
+            f"specialized teachers vs students of balanced teachers: {'; '.join(verdicts)} -> better on "
+            f"{wins} of {len(criteria)}.{left_out}")

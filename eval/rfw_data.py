@@ -1,10 +1,5 @@
-"""Loaders for verification pairs: insightface ``.bin`` files and RFW-style pair lists.
-
-``.bin`` files are a pickle of ``(images, issame)``: a list of 2N encoded images (JPEG bytes, or
-1-D uint8 numpy arrays where the file was made from ``cv2.imencode`` output) and a list of N
-booleans (Python or numpy), pair i being images 2i and 2i+1. Files written under Python 2 hold the
-images as ``str``, hence ``encoding='bytes'``. Pickles can run code, so a restricted unpickler
-admits only the few classes such a file needs and refuses everything else.
+"""Loaders for verification pairs: insightface ``.bin`` files (format in ``utils/binfile.py``) and
+RFW-style pair lists.
 
 RFW pair lists (``<Ethnicity>_pairs.txt``) hold one pair per line, fields separated by whitespace:
 ``name idx1 idx2`` for a genuine pair and ``name1 idx1 name2 idx2`` for an impostor pair, with
@@ -13,8 +8,6 @@ images at ``<image_root>/<name>/<name>_<idx:04d>.jpg``. An LFW-style first line 
 """
 from __future__ import annotations
 
-import io
-import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -22,65 +15,9 @@ import numpy as np
 import torch
 
 from config.config import ETHNICITIES
-from utils.dataset import decode_image
-from utils.io import atomic_path
-
-# (module, name) pairs a .bin may reference: numpy arrays and scalars (bool flags, uint8 image
-# buffers from cv2.imencode). These only build arrays from data; everything else a pickle can name,
-# builtins included, is refused. numpy 1.x pickles name numpy.core, which numpy 2 calls numpy._core.
-_ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy", "bool_"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"),
-}
-_BIN_PROTOCOL = 4
-
-
-class RefusedPickleError(pickle.UnpicklingError, ValueError):
-    """A ``.bin`` named a global other than the few it may use; it was refused before anything ran."""
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    """Python 3 pickles bytes under protocol 2 as ``_codecs.encode(text, 'latin1')``; only that
-    spelling is honoured, so the global cannot reach other codecs."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise RefusedPickleError(f"_codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-class _BinUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase):
-        super().__init__(file, encoding="bytes")
-
-    def find_class(self, module: str, name: str) -> object:
-        if module.startswith("numpy.core."):
-            module = "numpy._core." + module[len("numpy.core."):]
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if (module, name) == ("_codecs", "encode"):
-            return _latin1_encode
-        raise RefusedPickleError(f"{module}.{name}")
-
-
-def _read_bin(path: Path) -> tuple[list, list]:
-    with open(path, "rb") as handle:
-        try:
-            data = _BinUnpickler(handle).load()
-        except RefusedPickleError as exc:
-            raise RefusedPickleError(
-                f"{path} references {exc}; a verification .bin may only hold lists of image bytes and "
-                "booleans, so it was refused (nothing was executed)") from None
-        except Exception as exc:  # a damaged or truncated pickle raises many types, UnpicklingError included
-            raise ValueError(f"cannot read verification file {path}: {exc}") from exc
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{path}: expected a pickle of (images, issame), got {type(data).__name__}")
-    images, issame = data
-    if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
-        raise ValueError(f"{path}: expected (list of images, list of bools)")
-    return list(images), list(issame)
+from utils.binfile import read_bin
+from utils.errors import MissingInputError
+from utils.image import decode_image
 
 
 def _as_buffer(item: object, path: Path, i: int) -> bytes | np.ndarray:
@@ -110,24 +47,14 @@ def load_bin(path: str | Path, input_size: int) -> tuple[torch.Tensor, np.ndarra
     """Images uint8 RGB [2N, 3, S, S] and issame bool [N] from an insightface ``.bin`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"verification file not found: {path}")
-    images, issame = _read_bin(path)
+        raise MissingInputError(f"verification file not found: {path}")
+    images, issame = read_bin(path)
     if len(images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected two per pair)")
     buffers = [_as_buffer(item, path, i) for i, item in enumerate(images)]
     flags = np.array([_as_bool(item, path, i) for i, item in enumerate(issame)], dtype=bool)
     names = [f"{path}[{i}]" for i in range(len(buffers))]
     return _stack(buffers, names, input_size), flags
-
-
-def write_bin(path: str | Path, jpeg_list: Sequence[bytes], issame: Sequence[bool]) -> None:
-    """Write an insightface-style ``.bin`` (pickle of (list of bytes, list of bool)) atomically."""
-    if len(jpeg_list) != 2 * len(issame):
-        raise ValueError(f"{len(jpeg_list)} images for {len(issame)} pairs (expected two per pair)")
-    payload = ([bytes(item) for item in jpeg_list], [bool(flag) for flag in issame])
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            pickle.dump(payload, handle, protocol=_BIN_PROTOCOL)
 
 
 def _parse_pairs(pairs_file: Path) -> list[tuple[str, int, str, int, bool]]:
@@ -159,13 +86,13 @@ def load_pair_list(image_root: str | Path, pairs_file: str | Path, input_size: i
     """Images uint8 RGB [2N, 3, S, S] and issame bool [N] from an RFW-style pair list (module doc)."""
     image_root, pairs_file = Path(image_root), Path(pairs_file)
     if not pairs_file.is_file():
-        raise FileNotFoundError(f"pair list not found: {pairs_file}")
+        raise MissingInputError(f"pair list not found: {pairs_file}")
     buffers, names, issame = [], [], []
     for name1, idx1, name2, idx2, same in _parse_pairs(pairs_file):
         for name, idx in ((name1, idx1), (name2, idx2)):
             image_path = image_root / name / f"{name}_{idx:04d}{ext}"
             if not image_path.is_file():
-                raise FileNotFoundError(f"image {image_path} listed in {pairs_file} not found")
+                raise MissingInputError(f"image {image_path} listed in {pairs_file} not found")
             buffers.append(image_path.read_bytes())
             names.append(str(image_path))
         issame.append(same)
@@ -191,5 +118,5 @@ def load_rfw(rfw_root: str | Path, input_size: int,
         elif pairs_path.is_file():
             out[ethnicity] = load_pair_list(image_root, pairs_path, input_size)
         else:
-            raise FileNotFoundError(f"no {ethnicity} verification data: expected {bin_path} or {pairs_path}")
+            raise MissingInputError(f"no {ethnicity} verification data: expected {bin_path} or {pairs_path}")
     return out

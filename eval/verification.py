@@ -21,6 +21,7 @@ from torch import nn
 
 from config.config import ETHNICITIES
 from eval.rfw_data import load_rfw, rfw_files
+from utils.image import normalize_images
 
 # The protocol's threshold grid; `np.arange` is kept (not a linspace) so the floats equal the reference ones.
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -60,10 +61,6 @@ class VerificationResult:
         return out
 
 
-def _normalise_images(batch: torch.Tensor) -> torch.Tensor:
-    return (batch.float() / 255.0 - 0.5) / 0.5
-
-
 def embed_images(
     embed_fn: EmbedFn,
     images: torch.Tensor | np.ndarray,
@@ -84,7 +81,7 @@ def embed_images(
     chunks = []
     with torch.inference_mode():
         for start in range(0, images.shape[0], batch_size):
-            batch = _normalise_images(images[start:start + batch_size].to(device, non_blocking=True))
+            batch = normalize_images(images[start:start + batch_size].to(device, non_blocking=True))
             emb = embed_fn(batch).float()
             if flip:
                 emb = emb + embed_fn(torch.flip(batch, dims=[3])).float()

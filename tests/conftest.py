@@ -1,11 +1,24 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# One thread per test process (and per subprocess a test starts): tiny networks only pay for thread
+# start-up, and on a shared 2-core machine oversubscription makes the suite several times slower.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of the pipeline (deselect with -m 'not slow')")
 
 
 @pytest.fixture(scope="session")
@@ -16,15 +29,3 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(out, ids_per_ethnicity=6, images_per_id=4, pairs_per_ethnicity=20, image_size=32, seed=0)
     return out
-
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """For modules of tiny networks: OpenMP threads only add overhead (a lot of it on a loaded 2-core CI box)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -1,10 +1,20 @@
-"""Shared helpers of the slow tests: tiny configs and torchrun launches."""
+"""Helpers shared by the test modules (no test module imports another): tiny configs, torchrun launches,
+hand-made image trees and random-init teachers."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from backbones import get_backbone
+from config.config import ETHNICITIES, load_config, teacher_members
+from utils import artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +39,43 @@ def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 30
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     return completed
+
+
+# Identities per ethnicity of the tiny tree; Indian has one fewer, like BUPT.
+IDS = {"African": 4, "Asian": 4, "Caucasian": 4, "Indian": 3}
+
+
+def colour_of(eth_code: int, identity: int, n: int) -> tuple[int, int, int]:
+    return (40 + 50 * eth_code, 30 + 40 * identity, 20 + 60 * n)  # RGB
+
+
+def write_jpeg(path: Path, rgb: tuple[int, int, int], size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    image[:] = rgb[::-1]
+    path.write_bytes(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes())
+
+
+def make_tree(root: Path, ids: dict[str, int] = IDS, images: int = 2, size: int = 8) -> Path:
+    for code, eth in enumerate(ETHNICITIES):
+        for i in range(ids[eth]):
+            for n in range(images):
+                write_jpeg(root / eth / f"{eth[:2].lower()}{i:02d}" / f"{n}.jpg", colour_of(code, i, n), size)
+    return root
+
+
+def write_fake_teacher(cfg, member: str, seed: int, complete: bool = True) -> Path:
+    """A random-init teacher saved where train.py would leave a finished run's best weights."""
+    torch.manual_seed(seed)
+    model = get_backbone(cfg.network, input_size=cfg.input_size, width=cfg.width, embedding_size=cfg.embedding_size)
+    run_dir = artifacts.teacher_dir(cfg, member)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), run_dir / "best_backbone.pth")
+    (run_dir / "history.json").write_text(json.dumps({"epochs": [], "complete": complete}))
+    return run_dir / "best_backbone.pth"
+
+
+def fake_teacher_set(overrides: list[str], teacher_set: str = "specialized") -> None:
+    cfg = load_config(overrides + [f"teacher_set={teacher_set!r}"])
+    for seed, member in enumerate(teacher_members(teacher_set)):
+        write_fake_teacher(cfg, member, seed)

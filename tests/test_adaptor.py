@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 import fc_EArc
 from backbones import build_adaptor, load_weights
 from config.config import CONCAT_ORDER, load_config
-from helpers import run_torchrun, tiny_overrides
-from test_extract import fake_teacher_set, write_fake_teacher
+from helpers import fake_teacher_set, run_torchrun, tiny_overrides, write_fake_teacher
 from utils.adaptor import ConcatStoreDataset, build_adaptor_task, passthrough_collate
 from utils.cli import run_stage
-from utils.embedding_store import file_fingerprint, member_files, open_targets, open_teacher_stores, target_files
+from utils.embedding_store import member_files, open_targets, open_teacher_stores, target_files
+from utils.provenance import file_fingerprint
+from utils import artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("dual_layer_eaf_fusion", ROOT / "dual_layer_EAF-Fusion.py")
@@ -29,7 +30,6 @@ dual = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dual)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,12 @@ def extracted(tiny_synthetic, tmp_path_factory) -> list[str]:
 def copy_work(overrides: list[str], dest: Path) -> list[str]:
     """The same stores in a fresh work folder, so a test can train without touching the shared one."""
     cfg = load_config(overrides)
-    shutil.copytree(cfg.work_root, dest)
+    shutil.copytree(artifacts.work_root(cfg), dest)
     return overrides + [f"output_root={str(dest)!r}"]
 
 
 def expected_targets(cfg, stores, flipped: bool = False) -> np.ndarray:
-    model = load_weights(build_adaptor(cfg), cfg.adaptor_dir / "best_adaptor.pth").eval()
+    model = load_weights(build_adaptor(cfg), artifacts.adaptor_dir(cfg) / "best_adaptor.pth").eval()
     arrays = stores.flipped if flipped else stores.arrays
     with torch.no_grad():
         return F.normalize(model(torch.from_numpy(np.concatenate(arrays, axis=1))), dim=1).numpy()
@@ -62,7 +62,7 @@ def test_adaptor_input_is_the_concatenation_in_release_order(extracted):
     stores = open_teacher_stores(cfg)
     assert stores.members == list(CONCAT_ORDER) == ["Asian", "African", "Caucasian", "Indian"]
     rows = [5, 0, 17, 5]
-    expected = np.stack([np.concatenate([np.load(member_files(cfg.store_dir, m).array)[r] for m in CONCAT_ORDER])
+    expected = np.stack([np.concatenate([np.load(member_files(artifacts.store_dir(cfg), m).array)[r] for m in CONCAT_ORDER])
                          for r in rows])
     memmapped = ConcatStoreDataset(stores.arrays, stores.index.labels, in_memory=False)
     for dataset in (ConcatStoreDataset(stores.arrays, stores.index.labels, in_memory=True), memmapped,
@@ -131,7 +131,7 @@ def test_sl_adaptor_learns_keeps_lowest_loss_epoch_and_writes_targets(extracted,
     overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=4", "milestones_fc=[4]"]
     target_path = run_stage(fc_EArc.main, overrides)
     cfg = load_config(overrides)
-    run_dir = cfg.adaptor_dir
+    run_dir = artifacts.adaptor_dir(cfg)
     assert target_path == target_files(run_dir).array and run_dir.name == "SL"
     epochs = json.loads((run_dir / "history.json").read_text())["epochs"]
     losses = [e["loss_sum"] for e in epochs]
@@ -167,7 +167,7 @@ def test_sl_adaptor_learns_keeps_lowest_loss_epoch_and_writes_targets(extracted,
     write_fake_teacher(cfg, "Indian", seed=11)
     with pytest.raises(RuntimeError, match="Indian: .*not the current one"):
         run_stage(fc_EArc.main, overrides)
-    member_files(cfg.store_dir, "Indian").manifest.unlink()
+    member_files(artifacts.store_dir(cfg), "Indian").manifest.unlink()
     with pytest.raises(RuntimeError, match="3 are usable"):
         run_stage(fc_EArc.main, overrides)
 
@@ -178,13 +178,13 @@ def test_dual_script_trains_dul_or_dldpo_from_has_drop_out(extracted, tmp_path):
     for flag, name in ((False, "DuL"), (True, "DLDPO")):
         path = run_stage(dual.main, overrides + [f"has_drop_out={flag}"])
         cfg = load_config(overrides + [f"adaptor={name!r}"])
-        assert path == target_files(cfg.adaptor_dir).array
-        saved = json.loads((cfg.adaptor_dir / "config.json").read_text())
+        assert path == target_files(artifacts.adaptor_dir(cfg)).array
+        saved = json.loads((artifacts.adaptor_dir(cfg) / "config.json").read_text())
         assert (saved["adaptor"], saved["has_drop_out"]) == (name, flag)
-        weights = torch.load(cfg.adaptor_dir / "best_adaptor.pth", weights_only=True)
+        weights = torch.load(artifacts.adaptor_dir(cfg) / "best_adaptor.pth", weights_only=True)
         assert sorted(weights) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
         stores = open_teacher_stores(cfg)
-        np.testing.assert_allclose(open_targets(cfg.adaptor_dir, stores.index.digest()),
+        np.testing.assert_allclose(open_targets(artifacts.adaptor_dir(cfg), stores.index.digest()),
                                    expected_targets(cfg, stores), atol=1e-5)
     with pytest.raises(ValueError, match="fc_EArc.py trains the SL adaptor"):
         run_stage(fc_EArc.main, overrides + ["adaptor='DuL'"])
@@ -196,6 +196,6 @@ def test_two_ranks_train_from_the_memory_map_and_write_every_target_row(extracte
     run_torchrun("fc_EArc.py", overrides)
     cfg = load_config(overrides)
     stores = open_teacher_stores(cfg)
-    assert json.loads((cfg.adaptor_dir / "config.json").read_text())["derived"]["world_size"] == 2
-    np.testing.assert_allclose(open_targets(cfg.adaptor_dir, stores.index.digest()),
+    assert json.loads((artifacts.adaptor_dir(cfg) / "config.json").read_text())["derived"]["world_size"] == 2
+    np.testing.assert_allclose(open_targets(artifacts.adaptor_dir(cfg), stores.index.digest()),
                                expected_targets(cfg, stores), atol=1e-5)

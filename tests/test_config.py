@@ -10,6 +10,7 @@ import pytest
 
 from config.config import CONCAT_ORDER, load_config, parse_cli, teacher_members
 from helpers import ROOT
+from utils import artifacts
 
 
 def test_defaults_are_the_papers():
@@ -53,8 +54,8 @@ def test_derived_values_follow_overrides_and_world_size(monkeypatch):
     cfg = load_config(["batch_size=64", "output_root=/runs", "teacher_set=baseline", "split=2"])
     assert cfg.scaled_lr == pytest.approx(0.1 / 512 * 64 * 8)
     assert cfg.scaled_lr_fc == pytest.approx(1.0 / 512 * 128 * 8)
-    assert str(cfg.teacher_dir()) == "/runs/teachers/baseline/iresnet34_split2"
-    assert str(cfg.student_dir) == "/runs/students/baseline_iresnet34/SL_aKD_iresnet34"
+    assert str(artifacts.teacher_dir(cfg)) == "/runs/teachers/baseline/iresnet34_split2"
+    assert str(artifacts.student_dir(cfg)) == "/runs/students/baseline_iresnet34/SL_aKD_iresnet34"
     assert json.loads(json.dumps(cfg.to_dict()))["derived"]["world_size"] == 8
 
 

@@ -14,32 +14,12 @@ import torch
 
 from config.config import ETHNICITIES, load_config
 from utils import dataset as ds
+from utils.image import normalize_images, random_horizontal_flip
 from utils.splits import make_baseline_split, save_split_manifest
+from helpers import IDS, colour_of, make_tree, write_jpeg
+from utils import artifacts
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# Identities per ethnicity of the tiny tree; Indian has one fewer, like BUPT.
-IDS = {"African": 4, "Asian": 4, "Caucasian": 4, "Indian": 3}
-
-
-def colour_of(eth_code: int, identity: int, n: int) -> tuple[int, int, int]:
-    return (40 + 50 * eth_code, 30 + 40 * identity, 20 + 60 * n)  # RGB
-
-
-def write_jpeg(path: Path, rgb: tuple[int, int, int], size: int = 8) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.zeros((size, size, 3), dtype=np.uint8)
-    image[:] = rgb[::-1]
-    path.write_bytes(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes())
-
-
-def make_tree(root: Path, ids: dict[str, int] = IDS, images: int = 2, size: int = 8) -> Path:
-    for code, eth in enumerate(ETHNICITIES):
-        for i in range(ids[eth]):
-            for n in range(images):
-                write_jpeg(root / eth / f"{eth[:2].lower()}{i:02d}" / f"{n}.jpg", colour_of(code, i, n), size)
-    return root
-
-
 def config(tmp_path: Path, **overrides) -> object:
     return load_config({"data_root": str(tmp_path / "data"), "output_root": str(tmp_path / "work"), **overrides})
 
@@ -173,8 +153,8 @@ def test_item_format_normalisation_and_rgb(tree):
     assert returned_row == row and label == index.labels[row]
     expected = (torch.tensor(colour_of(2, 1, 1), dtype=torch.float32) / 255 - 0.5) / 0.5
     assert torch.allclose(image.mean(dim=(1, 2)), expected, atol=2 / 127.5)
-    assert torch.equal(image, ds.normalize_images(dataset.read_uint8(row)))
-    assert torch.equal(ds.normalize_images(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
+    assert torch.equal(image, normalize_images(dataset.read_uint8(row)))
+    assert torch.equal(normalize_images(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
 
 
 def test_subset_items_point_at_their_files(tree, tmp_path):
@@ -216,10 +196,10 @@ def test_truncated_and_missing_images_raise_naming_the_file(tree):
 
 def test_random_horizontal_flip_flips_the_flagged_samples():
     images = torch.arange(64 * 3 * 2 * 4, dtype=torch.float32).reshape(64, 3, 2, 4)
-    out, flags = ds.random_horizontal_flip(images, torch.Generator().manual_seed(0))
+    out, flags = random_horizontal_flip(images, torch.Generator().manual_seed(0))
     assert flags.dtype == torch.bool and 16 < int(flags.sum()) < 48
     assert torch.equal(out[flags], images[flags].flip(3)) and torch.equal(out[~flags], images[~flags])
-    again, flags_again = ds.random_horizontal_flip(images, torch.Generator().manual_seed(0))
+    again, flags_again = random_horizontal_flip(images, torch.Generator().manual_seed(0))
     assert torch.equal(flags, flags_again) and torch.equal(out, again)
 
 
@@ -231,12 +211,12 @@ def test_training_protocols(tree, tmp_path):
     assert classes == 15 and len(dataset) == 30 and sorted(set(dataset.labels.tolist())) == list(range(15))
 
     cfg = config(tmp_path, split=1)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(cfg.split_manifest))):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(artifacts.split_manifest(cfg)))):
         ds.build_training_dataset(cfg, "split")
     index = ds.load_index(cfg)
     by_eth = {eth: [name for e, name in index.identities if e == eth] for eth in ETHNICITIES}
     splits = make_baseline_split(by_eth, seed=0, parts=3)
-    save_split_manifest(cfg.split_manifest, splits, seed=0)
+    save_split_manifest(artifacts.split_manifest(cfg), splits, seed=0)
     dataset, classes = ds.build_training_dataset(cfg, "split")
     assert classes == sum(len(v) for v in splits[1].values())
     assert {tuple(dataset.index.paths[r].split("/")[:2]) for r in dataset.rows} == {

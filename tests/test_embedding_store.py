@@ -12,9 +12,11 @@ import torch
 from config.config import CONCAT_ORDER, load_config
 from utils.dataset import ImageIndex
 from utils.distributed import DistInfo
+from utils import artifacts
+from utils.artifacts import member_files, target_files
 from utils.embedding_store import (
-    INDEX_NAME, file_fingerprint, member_files, open_targets, open_teacher_stores, read_manifest, target_files,
-    targets_complete, teacher_store_complete, write_rows_sharded)
+    manifest_problem, open_targets, open_teacher_stores, read_manifest, teacher_store_complete, write_rows_sharded)
+from utils.provenance import file_fingerprint, store_record
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 DIM = 8
@@ -31,10 +33,18 @@ def tiny_index(root: Path, images_per_id: int = 3) -> ImageIndex:
     return ImageIndex(root, paths, np.array(labels), np.array(ethnicity), identities)
 
 
+DATA = "data-fingerprint"
+
+
+def targets_complete(folder: Path, index_hash: str) -> bool:
+    files = target_files(folder)
+    return manifest_problem(read_manifest(files.manifest), files, index_hash) is None
+
+
 def write_store(files, rows: np.ndarray, index_hash: str, checkpoint: dict | None = None,
-                flipped: np.ndarray | None = None) -> None:
+                flipped: np.ndarray | None = None, provenance: dict | None = None) -> None:
     manifest = {"N": len(rows), "dim": rows.shape[1], "index_hash": index_hash, "checkpoint": checkpoint or {},
-                "flipped": flipped is not None}
+                "flipped": flipped is not None, "provenance": provenance}
 
     def fill(shard, arrays):
         arrays["array"][shard.start:shard.stop] = rows[shard.start:shard.stop]
@@ -51,7 +61,7 @@ def unit_rows(n: int, seed: int) -> np.ndarray:
 
 def fake_teacher(cfg, member: str, seed: int) -> Path:
     """A finished teacher run: only the checkpoint's bytes matter to the store checks."""
-    run_dir = cfg.teacher_dir(member)
+    run_dir = artifacts.teacher_dir(cfg, member)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"w": torch.full((4,), float(seed))}, run_dir / "best_backbone.pth")
     (run_dir / "history.json").write_text(json.dumps({"complete": True}))
@@ -63,11 +73,12 @@ def store_set(tmp_path):
     """Four complete teacher stores of one index, as extract_all.py leaves them."""
     cfg = load_config({"output_root": str(tmp_path), "embedding_size": DIM})
     index = tiny_index(tmp_path / "data")
-    index.save(cfg.store_dir / INDEX_NAME)
+    index.save(artifacts.store_dir(cfg) / artifacts.STORE_INDEX_FILE)
     for seed, member in enumerate(CONCAT_ORDER):
         checkpoint = fake_teacher(cfg, member, seed)
-        write_store(member_files(cfg.store_dir, member), unit_rows(len(index), seed), index.digest(),
-                    file_fingerprint(checkpoint))
+        fingerprint = file_fingerprint(checkpoint)
+        write_store(member_files(artifacts.store_dir(cfg), member), unit_rows(len(index), seed), index.digest(),
+                    fingerprint, provenance=store_record(cfg, member, DATA, fingerprint["sha256"]))
     return cfg, index
 
 
@@ -80,13 +91,16 @@ def test_stores_open_in_concatenation_order_as_read_only_maps(store_set):
         assert isinstance(array, np.memmap) and not array.flags.writeable
         np.testing.assert_array_equal(array, unit_rows(len(index), seed))
     for member in CONCAT_ORDER:
-        assert teacher_store_complete(cfg, member, index.digest())
-        assert not teacher_store_complete(cfg, member, "another-index")
+        assert teacher_store_complete(cfg, member, index.digest(), DATA)
+        assert not teacher_store_complete(cfg, member, "another-index", DATA)
+        assert not teacher_store_complete(cfg, member, index.digest(), "other images")
+        assert not teacher_store_complete(load_config({"output_root": str(cfg.output_root), "embedding_size": DIM,
+                                                       "width": 16}), member, index.digest(), DATA)
 
 
 def test_missing_teacher_checkpoint_is_named(store_set):
     cfg, _ = store_set
-    checkpoint = cfg.teacher_dir("Indian") / "best_backbone.pth"
+    checkpoint = artifacts.teacher_dir(cfg, "Indian") / "best_backbone.pth"
     checkpoint.unlink()
     with pytest.raises(RuntimeError, match="3 are usable") as error:
         open_teacher_stores(cfg)
@@ -95,7 +109,7 @@ def test_missing_teacher_checkpoint_is_named(store_set):
 
 def test_incomplete_store_is_refused(store_set):
     cfg, _ = store_set
-    files = member_files(cfg.store_dir, "African")
+    files = member_files(artifacts.store_dir(cfg), "African")
     manifest = read_manifest(files.manifest)
     files.manifest.write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(RuntimeError, match="3 are usable") as error:
@@ -106,8 +120,8 @@ def test_incomplete_store_is_refused(store_set):
 def test_store_from_another_index_is_refused(store_set, tmp_path):
     cfg, _ = store_set
     other = tiny_index(tmp_path / "data", images_per_id=2)
-    write_store(member_files(cfg.store_dir, "Caucasian"), unit_rows(len(other), 7), other.digest(),
-                file_fingerprint(cfg.teacher_dir("Caucasian") / "best_backbone.pth"))
+    write_store(member_files(artifacts.store_dir(cfg), "Caucasian"), unit_rows(len(other), 7), other.digest(),
+                file_fingerprint(artifacts.teacher_dir(cfg, "Caucasian") / "best_backbone.pth"))
     with pytest.raises(RuntimeError, match="Caucasian: .*Caucasian.npy was built from another image index"):
         open_teacher_stores(cfg)
 
@@ -115,15 +129,15 @@ def test_store_from_another_index_is_refused(store_set, tmp_path):
 def test_store_of_a_replaced_checkpoint_is_refused(store_set):
     cfg, index = store_set
     fake_teacher(cfg, "Asian", seed=99)  # the teacher was retrained after extraction
-    assert not teacher_store_complete(cfg, "Asian", index.digest())
+    assert not teacher_store_complete(cfg, "Asian", index.digest(), DATA)
     with pytest.raises(RuntimeError, match="Asian: .*Asian.npy was written from checkpoint .*not the current one"):
         open_teacher_stores(cfg)
 
 
 def test_missing_store_index_is_named(store_set):
     cfg, _ = store_set
-    (cfg.store_dir / INDEX_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match=str(cfg.store_dir / INDEX_NAME)):
+    (artifacts.store_dir(cfg) / artifacts.STORE_INDEX_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=str(artifacts.store_dir(cfg) / artifacts.STORE_INDEX_FILE)):
         open_teacher_stores(cfg)
 
 

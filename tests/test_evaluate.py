@@ -10,11 +10,12 @@ from PIL import Image
 
 from backbones import get_adaptor, get_backbone
 from config.config import CONCAT_ORDER, ETHNICITIES, load_config
-from eval.evaluate import evaluate_multi_teacher, evaluate_work_dir, main
-from eval.report import ResultRow, results_table, write_report
-from eval.rfw_data import write_bin
+from eval.evaluate import evaluate_multi_teacher, main, report_work_dir
+from eval.report import ResultRow, results_table, summary_line, write_report
+from utils.binfile import read_bin, write_bin
 from eval.verification import RFWEvaluator, backbone_embed_fn
 from utils.io import atomic_write_json
+from utils import artifacts
 
 SIZE, EMB, WIDTH, PAIRS = 32, 16, 8, 20
 SMALL = ["--input-size", str(SIZE), "--embedding-size", str(EMB), "--width", str(WIDTH), "--batch-size", "16",
@@ -153,11 +154,11 @@ def _work_dir(root):
     teacher_paths = []
     for i, eth in enumerate(CONCAT_ORDER):
         cfg = load_config({**base, "ethnicity": eth})
-        _write_run(cfg.teacher_dir(), cfg, "teacher", "best_backbone.pth",
+        _write_run(artifacts.teacher_dir(cfg), cfg, "teacher", "best_backbone.pth",
                    lambda p, i=i: teacher_paths.append(_save_backbone(p, seed=10 + i)))
     cfg = load_config(base)
-    _write_run(cfg.adaptor_dir, cfg, "adaptor", "best_adaptor.pth", lambda p: _save_adaptor(p, "SL", seed=3))
-    _write_run(cfg.student_dir, cfg, "student", "best_backbone.pth", lambda p: _save_backbone(p, seed=20))
+    _write_run(artifacts.adaptor_dir(cfg), cfg, "adaptor", "best_adaptor.pth", lambda p: _save_adaptor(p, "SL", seed=3))
+    _write_run(artifacts.student_dir(cfg), cfg, "student", "best_backbone.pth", lambda p: _save_backbone(p, seed=20))
     # A config.json of something that is not a model (e.g. an embedding store) is not a run to evaluate.
     atomic_write_json(root / "embeddings" / "store" / "config.json", {"derived": {"stage": "extract"}})
     return cfg, teacher_paths
@@ -168,18 +169,18 @@ def test_work_dir_evaluates_every_run_and_adaptors_with_their_teachers(rfw_root,
     moved = tmp_path / "moved"  # run folders are found relative to where the work directory is now
     shutil.move(tmp_path / "work", moved)
     main(["--work-dir", str(moved), "--rfw-root", str(rfw_root), "--batch-size", "16", "--device", "cpu"])
-    saved = json.loads((moved / "reports" / "results.json").read_text())["rows"]
+    saved = json.loads((moved / "report" / "results.json").read_text())["rows"]
     names = [row["name"] for row in saved]
-    assert names == [f"teachers/specialized/iresnet18_{eth}" for eth in sorted(CONCAT_ORDER)] + [
-        "adaptors/specialized_iresnet18/SL", "students/specialized_iresnet18/SL_aKD_iresnet18"]
+    assert names == [f"teacher specialized {eth} (iresnet18)" for eth in ETHNICITIES] + [
+        "SL-EAF-Fusion specialized (4x iresnet18)", "student a-KD SL specialized (iresnet18)"]
     assert [row["extra"]["stage"] for row in saved] == ["teacher"] * 4 + ["adaptor", "student"]
-    _open_png(moved / "reports" / "results_accuracy.png")
-    _open_png(moved / "reports" / "results_roc.png")
-    assert "adaptors/specialized_iresnet18/SL" in capsys.readouterr().out
+    _open_png(moved / "report" / "results_accuracy.png")
+    _open_png(moved / "report" / "results_roc.png")
+    assert "SL-EAF-Fusion specialized" in capsys.readouterr().out
 
     # The adaptor row is the multi-teacher space of its teachers in CONCAT_ORDER.
     moved_teachers = [moved / p.relative_to(tmp_path / "work") for p in teacher_paths]
-    direct = evaluate_multi_teacher(moved_teachers, moved / cfg.adaptor_dir.relative_to(cfg.work_root) /
+    direct = evaluate_multi_teacher(moved_teachers, moved / artifacts.adaptor_dir(cfg).relative_to(artifacts.work_root(cfg)) /
                                     "best_adaptor.pth", "SL", RFWEvaluator(rfw_root, SIZE),
                                     teacher_network="iresnet18", embedding_size=EMB, width=WIDTH, device="cpu")
     adaptor_row = saved[4]
@@ -190,13 +191,13 @@ def test_work_dir_evaluates_every_run_and_adaptors_with_their_teachers(rfw_root,
 
 def test_work_dir_with_unfinished_runs(rfw_root, tmp_path, capsys):
     cfg, _ = _work_dir(tmp_path)
-    (cfg.student_dir / "best_backbone.pth").unlink()
+    (artifacts.student_dir(cfg) / "best_backbone.pth").unlink()
     with pytest.raises(FileNotFoundError, match="best_backbone.pth"):
-        evaluate_work_dir(tmp_path, rfw_root, device="cpu")
-    (cfg.teacher_dir("Indian") / "best_backbone.pth").unlink()
-    rows = evaluate_work_dir(tmp_path, rfw_root, device="cpu", skip_incomplete=True)
+        report_work_dir(tmp_path, rfw_root, device="cpu")
+    (artifacts.teacher_dir(cfg, "Indian") / "best_backbone.pth").unlink()
+    rows = report_work_dir(tmp_path, rfw_root, device="cpu", skip_incomplete=True).rows
     # The Indian teacher and the adaptor that needs it are skipped along with the student.
-    assert [row.name for row in rows] == [f"teachers/specialized/iresnet18_{eth}" for eth in
+    assert [row.name for row in rows] == [f"teacher specialized {eth} (iresnet18)" for eth in
                                           ("African", "Asian", "Caucasian")]
     assert capsys.readouterr().out.count("skipping") == 3
 
@@ -222,6 +223,33 @@ def test_report_formats_and_guards(tmp_path):
         write_report([], tmp_path)
 
 
+def test_report_is_reused_until_weights_or_rfw_files_change(rfw_root, tmp_path):
+    """The report cache keys on the evaluated weights' content and the RFW files, not on paths or times."""
+    cfg, _ = _work_dir(tmp_path / "work")
+    rfw = tmp_path / "rfw"
+    shutil.copytree(rfw_root, rfw)
+    first = report_work_dir(tmp_path / "work", rfw, device="cpu")
+    assert not first.reused and report_work_dir(tmp_path / "work", rfw, device="cpu").reused
+    student = artifacts.student_dir(cfg) / "best_backbone.pth"
+    _save_backbone(student, seed=21)  # same path and size, other weights
+    assert not report_work_dir(tmp_path / "work", rfw, device="cpu").reused
+    images, issame = read_bin(rfw / "Asian_test.bin")
+    write_bin(rfw / "Asian_test.bin", images, [not same for same in issame])  # same size, other labels
+    again = report_work_dir(tmp_path / "work", rfw, device="cpu")
+    assert not again.reused and again.rows[1].accuracies["Asian"] != first.rows[1].accuracies["Asian"]
+
+
+def test_summary_counts_wins_from_numbers():
+    def student(teacher_set, accuracies):
+        return ResultRow(teacher_set, dict(zip(ETHNICITIES, accuracies)), {"stage": "student", "teacher_set": teacher_set})
+
+    fair = student("specialized", [95.0, 95.0, 95.0, 95.0])  # higher Avg, STD 0, SER 1
+    unfair = student("baseline", [90.0, 94.0, 96.0, 92.0])
+    assert summary_line([fair, unfair]).endswith("better on 3 of 3.")
+    assert summary_line([student("specialized", [90.0, 94.0, 96.0, 92.0]), student("baseline", [95.0] * 4)]
+                        ).endswith("better on 0 of 3.")
+
+
 def test_released_baseline_adaptor_reads_split1_in_its_first_block(rfw_root, tmp_path):
     """A hand-built "released" baseline SL adaptor that copies its first input block: the release puts split 1
     there (split k is named after ETHNICITIES[k], then concatenated in CONCAT_ORDER), so the project's adaptor row
@@ -231,17 +259,17 @@ def test_released_baseline_adaptor_reads_split1_in_its_first_block(rfw_root, tmp
     teachers = {}
     for k in range(4):
         cfg = load_config({**base, "split": k})
-        _write_run(cfg.teacher_dir(), cfg, "teacher", "best_backbone.pth",
+        _write_run(artifacts.teacher_dir(cfg), cfg, "teacher", "best_backbone.pth",
                    lambda p, k=k: _save_backbone(p, seed=30 + k))
         teachers[k] = get_backbone("iresnet18", input_size=SIZE, embedding_size=EMB, width=WIDTH)
-        teachers[k].load_state_dict(torch.load(cfg.teacher_dir() / "best_backbone.pth", weights_only=True))
+        teachers[k].load_state_dict(torch.load(artifacts.teacher_dir(cfg) / "best_backbone.pth", weights_only=True))
     cfg = load_config(base)
     released = {"fc.weight": torch.cat([torch.eye(EMB)] + [torch.zeros(EMB, EMB)] * 3, dim=1),
                 "fc.bias": torch.zeros(EMB)}
-    _write_run(cfg.adaptor_dir, cfg, "adaptor", "best_adaptor.pth", lambda p: torch.save(released, p))
+    _write_run(artifacts.adaptor_dir(cfg), cfg, "adaptor", "best_adaptor.pth", lambda p: torch.save(released, p))
 
-    rows = {row.name: row for row in evaluate_work_dir(tmp_path, rfw_root, device="cpu")}
-    adaptor_row = rows["adaptors/baseline_iresnet18/SL"]
+    rows = {row.name: row for row in report_work_dir(tmp_path, rfw_root, device="cpu").rows}
+    adaptor_row = rows["SL-EAF-Fusion balanced (4x iresnet18)"]
     evaluator = RFWEvaluator(rfw_root, SIZE)
     alone = {k: evaluator(lambda b, k=k: F.normalize(teachers[k].eval()(b), dim=1), "cpu") for k in (0, 1)}
     for eth in ETHNICITIES:

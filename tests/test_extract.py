@@ -12,30 +12,14 @@ import torch.nn.functional as F
 import extract_all
 from backbones import get_backbone
 from config.config import CONCAT_ORDER, load_config, teacher_members
-from helpers import run_torchrun, tiny_overrides
+from helpers import fake_teacher_set, run_torchrun, tiny_overrides, write_fake_teacher
 from utils.cli import run_stage
 from utils.dataset import FaceDataset, ImageIndex
-from utils.embedding_store import INDEX_NAME, member_files, read_manifest, teacher_store_complete
+from utils import artifacts
+from utils.embedding_store import member_files, read_manifest, teacher_store_complete
+from utils.provenance import data_fingerprint
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def write_fake_teacher(cfg, member: str, seed: int, complete: bool = True) -> Path:
-    """A random-init teacher saved where train.py would leave a finished run's best weights."""
-    torch.manual_seed(seed)
-    model = get_backbone(cfg.network, input_size=cfg.input_size, width=cfg.width, embedding_size=cfg.embedding_size)
-    run_dir = cfg.teacher_dir(member)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), run_dir / "best_backbone.pth")
-    (run_dir / "history.json").write_text(json.dumps({"epochs": [], "complete": complete}))
-    return run_dir / "best_backbone.pth"
-
-
-def fake_teacher_set(overrides: list[str], teacher_set: str = "specialized") -> None:
-    cfg = load_config(overrides + [f"teacher_set={teacher_set!r}"])
-    for seed, member in enumerate(teacher_members(teacher_set)):
-        write_fake_teacher(cfg, member, seed)
 
 
 def extract(overrides: list[str], **extra) -> list[str]:
@@ -45,7 +29,7 @@ def extract(overrides: list[str], **extra) -> list[str]:
 def embed_rows(cfg, member: str, index: ImageIndex, rows: list[int], flip: bool) -> np.ndarray:
     """What the teacher's store rows should hold, computed here image by image."""
     model = get_backbone(cfg.network, input_size=cfg.input_size, width=cfg.width, embedding_size=cfg.embedding_size)
-    model.load_state_dict(torch.load(cfg.teacher_dir(member) / "best_backbone.pth", weights_only=True))
+    model.load_state_dict(torch.load(artifacts.teacher_dir(cfg, member) / "best_backbone.pth", weights_only=True))
     dataset = FaceDataset(index, input_size=cfg.input_size)
     images = torch.stack([dataset[r][0] for r in rows])
     with torch.no_grad():
@@ -61,16 +45,16 @@ def test_one_and_two_ranks_write_identical_stores(tiny_synthetic, tmp_path):
     run_torchrun("extract_all.py", double + ["ethnicity='all'", "extract_flipped=True"])
 
     cfg_1, cfg_2 = load_config(single), load_config(double)
-    assert (cfg_1.store_dir / INDEX_NAME).read_text() == (cfg_2.store_dir / INDEX_NAME).read_text()
-    index = ImageIndex.load(cfg_1.store_dir / INDEX_NAME)
+    assert (artifacts.store_dir(cfg_1) / artifacts.STORE_INDEX_FILE).read_text() == (artifacts.store_dir(cfg_2) / artifacts.STORE_INDEX_FILE).read_text()
+    index = ImageIndex.load(artifacts.store_dir(cfg_1) / artifacts.STORE_INDEX_FILE)
     for member in CONCAT_ORDER:
-        one, two = member_files(cfg_1.store_dir, member), member_files(cfg_2.store_dir, member)
+        one, two = member_files(artifacts.store_dir(cfg_1), member), member_files(artifacts.store_dir(cfg_2), member)
         manifest_1, manifest_2 = read_manifest(one.manifest), read_manifest(two.manifest)
         assert manifest_1["complete"] and manifest_2["complete"] and manifest_1["flipped"]
         assert manifest_1["N"] == len(index) and manifest_1["dim"] == cfg_1.embedding_size
         assert manifest_1["index_hash"] == manifest_2["index_hash"] == index.digest()
         assert manifest_1["checkpoint"]["sha256"] == manifest_2["checkpoint"]["sha256"]
-        assert manifest_1["checkpoint"]["path"] == str((cfg_1.teacher_dir(member) / "best_backbone.pth").resolve())
+        assert manifest_1["checkpoint"]["path"] == str((artifacts.teacher_dir(cfg_1, member) / "best_backbone.pth").resolve())
         for path_1, path_2 in ((one.array, two.array), (one.flipped, two.flipped)):
             rows_1, rows_2 = np.load(path_1), np.load(path_2)
             assert rows_1.shape == (len(index), cfg_1.embedding_size) and rows_1.dtype == np.float32
@@ -87,9 +71,10 @@ def test_complete_store_is_skipped_and_interrupted_or_stale_one_redone(tiny_synt
     cfg = load_config(overrides)
     write_fake_teacher(cfg, "Asian", seed=0)
     assert extract(overrides) == ["Asian"]
-    files = member_files(cfg.store_dir, "Asian")
+    files = member_files(artifacts.store_dir(cfg), "Asian")
     original = np.load(files.array)
-    index_hash = ImageIndex.load(cfg.store_dir / INDEX_NAME).digest()
+    index = ImageIndex.load(artifacts.store_dir(cfg) / artifacts.STORE_INDEX_FILE)
+    index_hash, data = index.digest(), data_fingerprint(index)
     stamp = files.array.stat().st_mtime_ns
     assert extract(overrides) == [] and files.array.stat().st_mtime_ns == stamp
 
@@ -99,12 +84,12 @@ def test_complete_store_is_skipped_and_interrupted_or_stale_one_redone(tiny_synt
     rows.flush()
     del rows
     files.manifest.write_text(json.dumps({**read_manifest(files.manifest), "complete": False}))
-    assert not teacher_store_complete(cfg, "Asian", index_hash)
+    assert not teacher_store_complete(cfg, "Asian", index_hash, data)
     assert extract(overrides) == ["Asian"]
-    assert teacher_store_complete(cfg, "Asian", index_hash)
+    assert teacher_store_complete(cfg, "Asian", index_hash, data)
     np.testing.assert_array_equal(np.load(files.array), original)
 
-    assert not teacher_store_complete(load_config(overrides + ["extract_flipped=True"]), "Asian", index_hash)
+    assert not teacher_store_complete(load_config(overrides + ["extract_flipped=True"]), "Asian", index_hash, data)
     assert extract(overrides, extract_flipped=True) == ["Asian"]  # flipped rows asked for: redone with them
     assert files.flipped.is_file()
 
@@ -118,8 +103,8 @@ def test_baseline_split_goes_to_its_own_store(tiny_synthetic, tmp_path):
     cfg = load_config(overrides)
     write_fake_teacher(cfg, "split2", seed=0)
     assert extract(overrides) == ["split2"]
-    assert cfg.store_dir.name == "baseline_iresnet18"
-    assert sorted(p.name for p in cfg.store_dir.glob("*.npy")) == ["split2.npy"]
+    assert artifacts.store_dir(cfg).name == "baseline_iresnet18"
+    assert sorted(p.name for p in artifacts.store_dir(cfg).glob("*.npy")) == ["split2.npy"]
 
 
 def test_missing_or_unfinished_teacher_stops_before_any_work(tiny_synthetic, tmp_path):
@@ -128,9 +113,9 @@ def test_missing_or_unfinished_teacher_stops_before_any_work(tiny_synthetic, tmp
     write_fake_teacher(cfg, "Asian", seed=0)
     write_fake_teacher(cfg, "African", seed=1)
     write_fake_teacher(cfg, "Caucasian", seed=2, complete=False)
-    with pytest.raises(RuntimeError, match=f"teacher run {cfg.teacher_dir('Caucasian')} is not finished"):
+    with pytest.raises(RuntimeError, match=f"teacher run {artifacts.teacher_dir(cfg, 'Caucasian')} is not finished"):
         extract(overrides)
     write_fake_teacher(cfg, "Caucasian", seed=2)
-    with pytest.raises(FileNotFoundError, match=str(cfg.teacher_dir("Indian") / "best_backbone.pth")):
+    with pytest.raises(FileNotFoundError, match=str(artifacts.teacher_dir(cfg, "Indian") / "best_backbone.pth")):
         extract(overrides)
-    assert not cfg.store_dir.exists()
+    assert not artifacts.store_dir(cfg).exists()

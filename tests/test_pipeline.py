@@ -1,8 +1,13 @@
-"""The whole pipeline on the tiny preset: every stage, the report, skipping, and recovery after a kill."""
+"""The whole pipeline on the tiny preset: every stage, the report, the plan (what runs and why), provenance
+(changed keys, data, RFW files or teacher weights re-run what depends on them), and recovery after a kill.
+
+One finished tiny pipeline is shared by the module; tests that change it work on a copy.
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from helpers import ROOT
@@ -18,14 +24,41 @@ from utils.pipeline import STAGES, plan_jobs, select_jobs
 
 TEACHER_RUNS = [f"teachers/specialized/iresnet18_{eth}" for eth in ("African", "Asian", "Caucasian", "Indian")] + [
     f"teachers/baseline/iresnet18_split{k}" for k in range(4)]
+JOBS = 29
 
 
-def _pipeline(out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _pipeline(out: Path, *extra: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    completed = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                               timeout=timeout)
+    if check:
+        assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     return completed
+
+
+def _plan(out: Path, *extra: str) -> dict[str, list[str]]:
+    """The printed plan of a pipeline call: job lines that run and job lines that are skipped."""
+    lines = [line for line in _pipeline(out, *extra, "--plan-only").stdout.splitlines() if line.startswith("[")]
+    assert len(lines) == JOBS, lines
+    return {"run": [line for line in lines if " -- run: " in line],
+            "skip": [line for line in lines if " -- skip: " in line]}
+
+
+def _stages(lines: list[str]) -> list[str]:
+    return [re.match(r"\[\d+/\d+\] (\w+):", line).group(1) for line in lines]  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("pipeline") / "work"
+    return out, _pipeline(out)
+
+
+@pytest.fixture
+def finished_copy(finished, tmp_path) -> Path:
+    out = tmp_path / "work"
+    shutil.copytree(finished[0], out)
+    return out
 
 
 def test_plan_covers_the_paper():
@@ -41,10 +74,11 @@ def test_plan_covers_the_paper():
     assert STAGES[-1] == "report"
 
 
-def test_tiny_pipeline_end_to_end_then_skips_everything(tmp_path):
-    out = tmp_path / "work"
-    first = _pipeline(out)
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_then_skips_everything(finished):
+    out, first = finished
     assert "Summary (mean over 6 students per teacher set" in first.stdout
+    assert first.stdout.count(" -- run: ") == JOBS
     report = out / "report"
     rows = json.loads((report / "results.json").read_text())
     text = json.dumps(rows)
@@ -59,38 +93,118 @@ def test_tiny_pipeline_end_to_end_then_skips_everything(tmp_path):
             assert image.size[0] > 100
     for run in TEACHER_RUNS:
         assert json.loads((out / run / "history.json").read_text())["complete"]
+        assert json.loads((out / run / "provenance.json").read_text())["stage"] == "teacher"
     for adaptor in ("SL", "DuL", "DLDPO"):
         assert json.loads((out / "adaptors/specialized_iresnet18" / adaptor / "targets.json").read_text())["complete"]
 
     report_mtime = (report / "results.json").stat().st_mtime_ns
     again = _pipeline(out)
-    assert again.stdout.count("complete, skipped") == 29
+    assert again.stdout.count(" -- skip: ") == JOBS and " -- running" not in again.stdout
     # Nothing changed, so the report is reused, not recomputed, and prints the same table.
     assert (report / "results.json").stat().st_mtime_ns == report_mtime
     assert first.stdout[first.stdout.index("Model"):first.stdout.index("Summary")] in again.stdout
 
 
-def test_pipeline_from_released_teacher_weights(tmp_path):
-    """Teacher folders holding only weights (as the authors released them) feed extraction, adaptors, students."""
-    trained = tmp_path / "trained"
-    _pipeline(trained, "--only", "split", "teachers")
-    released = tmp_path / "released"
-    for run in TEACHER_RUNS:
-        (released / run).mkdir(parents=True)
-        shutil.copy(trained / run / "best_backbone.pth", released / run / "best_backbone.pth")
-    result = _pipeline(released, "--from", "extract")
-    rows = json.loads((released / "report" / "results.json").read_text())["rows"]
-    assert len(rows) == 6 + 12  # adaptor spaces (over the released teachers) and students; no teacher runs
+@pytest.mark.slow
+@pytest.mark.parametrize("override,runs,reason", [
+    ("num_epoch=2", {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}, "key num_epoch: 1 -> 2"),
+    ("loss='CosFace'", {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}, "key loss: "),
+    ("lr=0.05", {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}, "key lr: 0.1 -> 0.05"),
+    ("width=16", {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}, "key width: 8 -> 16"),
+    ("lr_fc=0.5", {"adaptors": 6, "students": 12}, "key lr_fc: 1.0 -> 0.5"),
+    ("loss_lambda=100.0", {"students": 12}, "key loss_lambda: 10000.0 -> 100.0"),
+    ("log_every=1", {}, None),
+    ("num_workers=1", {}, None),
+])
+def test_a_key_that_matters_reruns_its_jobs_and_everything_below(finished, override, runs, reason):
+    plan = _plan(finished[0], override)
+    stages = _stages(plan["run"])
+    assert {stage: stages.count(stage) for stage in set(stages)} == runs
+    if reason:
+        direct = [line for line in plan["run"] if "upstream" not in line]
+        assert direct and all(reason in line for line in direct), direct
+
+
+@pytest.mark.slow
+def test_seed_reruns_everything(finished_copy):
+    """seed=1 also regenerates the preset's synthetic data, so it works on a copy."""
+    plan = _plan(finished_copy, "seed=1")
+    assert len(plan["run"]) == JOBS
+    assert all("key seed: 0 -> 1" in line for line in plan["run"] if "upstream" not in line)
+
+
+@pytest.mark.slow
+def test_run_name_keeps_an_ablation_beside_the_first_run(finished):
+    plan = _plan(finished[0], "run_name='abl'", "lr=0.05")
+    assert len(plan["run"]) == JOBS and all("not trained yet" in line or "upstream" in line or "no split" in line
+                                            for line in plan["run"])
+    assert len(_plan(finished[0])["skip"]) == JOBS  # the first run is untouched
+
+
+@pytest.mark.slow
+def test_changed_training_data_or_rfw_files_rerun_what_read_them(finished_copy):
+    image = next((finished_copy / "data" / "train" / "Indian").rglob("*.jpg"))
+    image.write_bytes(image.read_bytes() + b"\0")  # same path, other bytes
+    plan = _plan(finished_copy)
+    direct = [line for line in plan["run"] if "upstream" not in line]
+    assert "teachers: train.py teacher_set=specialized ethnicity=Indian" in direct[0]
+    assert all("input data" in line for line in direct)
+    assert not any("ethnicity=African" in line for line in plan["run"])  # the African teacher read no Indian image
+    assert _stages(plan["run"]).count("extract") == 2
+
+    image.write_bytes(image.read_bytes()[:-1])
+    assert len(_plan(finished_copy)["skip"]) == JOBS
+    rfw = finished_copy / "data" / "rfw" / "Asian_test.bin"
+    rfw.write_bytes(rfw.read_bytes() + b"\0")
+    plan = _plan(finished_copy)
+    assert len(plan["run"]) == JOBS - 1 and "input rfw" in plan["run"][0]  # the split does not read RFW
+
+
+@pytest.mark.slow
+def test_swapped_adaptor_weights_rewrite_its_targets_and_rerun_its_students(finished_copy):
+    weights = finished_copy / "adaptors/specialized_iresnet18/SL/best_adaptor.pth"
+    state = torch.load(weights, weights_only=True)
+    torch.save({name: value * 1.5 for name, value in state.items()}, weights)
+    plan = _plan(finished_copy)
+    assert _stages(plan["run"]) == ["adaptors", "students", "students"]
+    assert "KD targets made with other settings or inputs (input adaptor_weights:" in plan["run"][0]
+
+
+@pytest.mark.slow
+def test_released_teachers_flow_through_and_a_swapped_checkpoint_rebuilds_what_read_it(finished_copy):
+    """Specialized teacher folders that hold only weights (as the authors released them) count as done; a
+    swapped checkpoint rebuilds its store, the adaptors' targets and the students of that teacher set."""
+    for eth in ("African", "Asian", "Caucasian", "Indian"):
+        run = finished_copy / f"teachers/specialized/iresnet18_{eth}"
+        for path in run.iterdir():
+            if path.name != "best_backbone.pth":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert len(_plan(finished_copy)["skip"]) == JOBS  # same weights: nothing to redo
+    asian = finished_copy / "teachers/specialized/iresnet18_Asian/best_backbone.pth"
+    shutil.copy(finished_copy / "teachers/specialized/iresnet18_African/best_backbone.pth", asian)
+    result = _pipeline(finished_copy)
+    ran = [line for line in result.stdout.splitlines() if " -- run: " in line]
+    assert _stages(ran) == ["extract"] + ["adaptors"] * 3 + ["students"] * 6
+    assert "Asian store made with other settings or inputs (input teacher:" in ran[0]
+    stores = finished_copy / "embeddings/specialized_iresnet18"
+    assert (json.loads((stores / "Asian.json").read_text())["checkpoint"]["sha256"]
+            == json.loads((stores / "African.json").read_text())["checkpoint"]["sha256"])
+    # The old adaptor and student runs are kept aside, never mixed into the new ones or the report.
+    assert len(list((finished_copy / "adaptors/specialized_iresnet18").glob("SL.replaced-*"))) == 1
+    assert len(list((finished_copy / "students/specialized_iresnet18").glob("*.replaced-*"))) == 6
+    rows = json.loads((finished_copy / "report" / "results.json").read_text())["rows"]
+    assert len(rows) == 4 + 6 + 12  # the released teachers have no run config; the baseline teachers do
     assert "Summary (mean over 6 students per teacher set" in result.stdout
+    assert len(_plan(finished_copy)["skip"]) == JOBS
 
 
+@pytest.mark.slow
 def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     out = tmp_path / "work"
     command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}",
                "num_epoch=3", "milestones=[3]"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     first_teacher = out / TEACHER_RUNS[0]
     second_teacher = out / TEACHER_RUNS[1]
     try:
@@ -108,7 +222,8 @@ def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     assert not history["complete"]
     result = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers")
     african = [line for line in result.stdout.splitlines() if "ethnicity=African" in line]
-    assert len(african) == 1 and african[0].endswith("complete, skipped")
+    assert len(african) == 1 and " -- skip: complete" in african[0]
+    assert any("ethnicity=Asian -- run: interrupted" in line for line in result.stdout.splitlines())
     assert (first_teacher / "best_backbone.pth").stat().st_mtime_ns == finished_mtime
     resumed = (second_teacher / "train.log").read_text()
     assert "resumed from" in resumed
@@ -117,6 +232,6 @@ def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     # A kill between a run's last checkpoint and its history.json (here: history.json lost): the rerun rewrites it
     # from the checkpoint, trains nothing, and the pipeline ends with exit code 0 (issue 14).
     (out / TEACHER_RUNS[-1] / "history.json").unlink()
-    repaired = _pipeline(out, "num_epoch=3", "milestones=[2]", "--only", "split", "teachers")
-    assert repaired.stdout.count("complete, skipped") == 8 and "rewritten from the checkpoint" in repaired.stdout
+    repaired = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers")
+    assert repaired.stdout.count(" -- skip: ") == 8 and "rewritten from the checkpoint" in repaired.stdout
     assert json.loads((out / TEACHER_RUNS[-1] / "history.json").read_text())["complete"]

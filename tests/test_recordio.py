@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from utils import recordio
-from utils.dataset import decode_image
+from utils.image import decode_image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

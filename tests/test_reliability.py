@@ -24,15 +24,17 @@ from config.config import load_config
 from helpers import ROOT, tiny_overrides
 from utils.distributed import DistInfo
 from utils.embedding_store import (
-    array_file_problem, checked_rows, member_files, open_targets, read_manifest, target_files, targets_complete,
-    teacher_store_complete, write_rows_sharded)
-from utils.engine import CHECKPOINT_NAME, HISTORY_NAME, TrainingTask, is_run_complete, train
+    array_file_problem, checked_rows, member_files, open_targets, read_manifest, target_files, manifest_problem,
+    write_rows_sharded)
+from utils import artifacts
+from utils.artifacts import CHECKPOINT_FILE as CHECKPOINT_NAME, HISTORY_FILE as HISTORY_NAME, is_run_complete
+from utils.engine import TrainingTask, train
+from utils.stage_parts import train_options
 from utils.io import atomic_torch_save, atomic_write_json
 from utils.locks import FolderLocked, LOCK_NAME, acquire, is_locked, release
 from utils.numerics import NonFiniteError
 from utils.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
@@ -58,7 +60,8 @@ def regression_loss(model, header, batch):
 def tiny_task(run_dir: Path, loss_fn=regression_loss, epochs: int = 2) -> TrainingTask:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    return TrainingTask(stage="teacher", run_dir=run_dir, model=model, model_name="backbone", dataset=Points(),
+    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance={"stage": "teacher"}, model=model,
+                        model_name="backbone", dataset=Points(),
                         loss_fn=loss_fn, lr=0.05, num_epochs=epochs, milestones=[], batch_size=8, flip=False)
 
 
@@ -68,7 +71,7 @@ def tiny_cfg(tmp_path: Path, **extra):
 
 def fit(tmp_path: Path, run_dir: Path, loss_fn=regression_loss, epochs: int = 2):
     """The engine on the tiny task (resume=True, a log line every 2 steps), on this process."""
-    return train(tiny_cfg(tmp_path), tiny_task(run_dir, loss_fn, epochs), ONE_PROCESS)
+    return train(tiny_task(run_dir, loss_fn, epochs), train_options(tiny_cfg(tmp_path)), ONE_PROCESS)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +116,7 @@ def fake_teachers(cfg) -> None:
 
     for seed, member in enumerate(teacher_members(cfg.teacher_set)):
         torch.manual_seed(seed)
-        run_dir = cfg.teacher_dir(member)
+        run_dir = artifacts.teacher_dir(cfg, member)
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.save(build_backbone(cfg).state_dict(), run_dir / "best_backbone.pth")
 
@@ -134,8 +137,8 @@ def test_second_training_and_second_extraction_refuse_at_once_and_the_first_ones
     try:
         wait_locked(first_train)
         wait_locked(first_extract)
-        for main, args, folder in ((train_script.main, train_args, load_config(train_args).teacher_dir()),
-                                   (extract_all.main, extract_args, cfg.store_dir)):
+        for main, args, folder in ((train_script.main, train_args, artifacts.teacher_dir(load_config(train_args))),
+                                   (extract_all.main, extract_args, artifacts.store_dir(cfg))):
             started = time.perf_counter()
             with pytest.raises(FolderLocked) as refused:
                 run_stage(main, args)
@@ -148,7 +151,7 @@ def test_second_training_and_second_extraction_refuse_at_once_and_the_first_ones
     finally:
         for process in (first_train, first_extract):
             process.kill()
-    run_dir = load_config(train_args).teacher_dir()
+    run_dir = artifacts.teacher_dir(load_config(train_args))
     history = json.loads((run_dir / HISTORY_NAME).read_text())
     assert history["complete"] and len(history["epochs"]) == 1
     best = weights(run_dir / "best_backbone.pth")
@@ -157,8 +160,8 @@ def test_second_training_and_second_extraction_refuse_at_once_and_the_first_ones
     assert (run_dir / "train.log").read_text().count("teacher run in") == 1
     index_hash = load_index(cfg).digest()
     for member in ("Asian", "African", "Caucasian", "Indian"):
-        assert teacher_store_complete(cfg, member, index_hash)
-        rows = np.load(member_files(cfg.store_dir, member).array)
+        assert read_manifest(member_files(artifacts.store_dir(cfg), member).manifest)["complete"]
+        rows = np.load(member_files(artifacts.store_dir(cfg), member).array)
         np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)  # no zeroed rows
 
 
@@ -172,8 +175,8 @@ def test_lock_of_a_dead_process_is_taken_over_and_locks_nest(tmp_path):
         acquire(tmp_path)
     import run_pipeline  # a second pipeline on one output_root stops before it writes anything
 
-    with pytest.raises(SystemExit, match=f"pipeline output_root {tmp_path} is being written .*pid {holder.pid}"):
-        run_pipeline.main(["--preset", "tiny", f"output_root={str(tmp_path)!r}"])
+    with pytest.raises(FolderLocked, match=f"pipeline output_root {tmp_path} is being written .*pid {holder.pid}"):
+        run_pipeline.run(["--preset", "tiny", f"output_root={str(tmp_path)!r}"])
     assert not (tmp_path / "data").exists()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -249,11 +252,11 @@ def test_nan_teacher_leaves_its_store_incomplete(tiny_synthetic, tmp_path):
     args = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian")
     cfg = load_config(args)
     fake_teachers(cfg)
-    path = cfg.teacher_dir("Asian") / "best_backbone.pth"
+    path = artifacts.teacher_dir(cfg, "Asian") / "best_backbone.pth"
     torch.save({k: v * float("nan") if v.is_floating_point() else v for k, v in weights(path).items()}, path)
     with pytest.raises(NonFiniteError, match=r"non-finite embedding for row 0 of .*Asian\.npy"):
         run_stage(extract_all.main, args)
-    assert read_manifest(member_files(cfg.store_dir, "Asian").manifest)["complete"] is False
+    assert read_manifest(member_files(artifacts.store_dir(cfg), "Asian").manifest)["complete"] is False
 
 
 def test_target_rows_are_checked_before_they_are_written(tmp_path):
@@ -286,7 +289,7 @@ def test_degenerate_evaluation_is_reported_as_such_not_as_fair(tmp_path, embeddi
 
 def test_summary_leaves_degenerate_students_out_by_name():
     from eval.report import ResultRow
-    from utils.pipeline import summary_line
+    from eval.report import summary_line
 
     def student(name, teacher_set, acc, degenerate=""):
         extra = {"stage": "student", "teacher_set": teacher_set, "degenerate": degenerate}
@@ -338,7 +341,7 @@ def test_damaged_store_array_is_refused_naming_the_file(tmp_path, damage):
         files.array.write_bytes(data + b"\0" * 16)
     problem = array_file_problem(files.array, manifest)
     assert problem is not None and str(files.array) in problem
-    assert not targets_complete(tmp_path, "h")  # the pipeline's completion check sees the same problem
+    assert manifest_problem(manifest, files, "h") is not None  # what the pipeline's completion check asks
     with pytest.raises(RuntimeError, match=str(files.array).replace(".", r"\.")):
         open_targets(tmp_path, "h")
 
@@ -476,7 +479,7 @@ def test_corrupt_image_fails_before_training_by_name(train_tree, tmp_path):
     args = tiny_overrides(train_tree.parent, tmp_path / "out", ethnicity="Indian", check_images=-1)
     with pytest.raises(ValueError, match=f"cannot decode image {victim}"):
         run_stage(train_script.main, args)
-    assert not (load_config(args).teacher_dir() / CHECKPOINT_NAME).exists()
+    assert not (artifacts.teacher_dir(load_config(args)) / CHECKPOINT_NAME).exists()
 
 
 @pytest.mark.parametrize("issame, message", [
@@ -486,7 +489,7 @@ def test_corrupt_image_fails_before_training_by_name(train_tree, tmp_path):
 def test_unusable_rfw_pair_sets_name_file_and_ethnicity(tiny_synthetic, tmp_path, issame, message):
     import shutil
 
-    from eval.rfw_data import write_bin
+    from utils.binfile import write_bin
     from eval.verification import RFWEvaluator
 
     root = Path(shutil.copytree(tiny_synthetic / "rfw", tmp_path / "rfw"))

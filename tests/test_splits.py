@@ -9,9 +9,10 @@ import pytest
 
 import baseline_data_split
 from config.config import ETHNICITIES, load_config
-from tests.test_dataset import make_tree
+from helpers import make_tree
 from utils.cli import run_stage
 from utils.splits import load_split_manifest, make_baseline_split, save_split_manifest
+from utils import artifacts
 
 BUPT_SIZES = {"African": 7000, "Asian": 7000, "Caucasian": 7000, "Indian": 6997}
 
@@ -79,17 +80,17 @@ def test_stage_script_writes_refuses_overwrites_and_materializes(tmp_path):
 
     stage()
     cfg = load_config(args)
-    splits = load_split_manifest(cfg.split_manifest)
-    assert [len(s["African"]) for s in splits] == [2, 1, 1, 1] and (cfg.split_manifest.parent / "config.json").is_file()
+    splits = load_split_manifest(artifacts.split_manifest(cfg))
+    assert [len(s["African"]) for s in splits] == [2, 1, 1, 1] and artifacts.split_config_file(cfg).is_file()
 
-    written = cfg.split_manifest.read_bytes(), cfg.split_manifest.stat().st_mtime_ns
+    written = artifacts.split_manifest(cfg).read_bytes(), artifacts.split_manifest(cfg).stat().st_mtime_ns
     stage()  # same split: accepted, the file is left alone
-    assert (cfg.split_manifest.read_bytes(), cfg.split_manifest.stat().st_mtime_ns) == written
+    assert (artifacts.split_manifest(cfg).read_bytes(), artifacts.split_manifest(cfg).stat().st_mtime_ns) == written
     with pytest.raises(FileExistsError, match="split_overwrite=True"):
         stage("seed=7")
-    assert load_split_manifest(cfg.split_manifest) == splits
+    assert load_split_manifest(artifacts.split_manifest(cfg)) == splits
     stage("seed=7", "split_overwrite=True", "split_materialize=True")
-    splits7 = load_split_manifest(cfg.split_manifest)
+    splits7 = load_split_manifest(artifacts.split_manifest(cfg))
     assert splits7 == make_baseline_split({e: sorted(n for s in splits for n in s[e]) for e in ETHNICITIES}, seed=7)
 
     out = tmp_path / "work" / "splits"

@@ -22,6 +22,8 @@ from utils.distill import akd_loss, build_kd_dataset, build_student_task, eafkd_
 from utils.distributed import init_distributed
 from utils.embedding_store import target_files
 from utils.engine import Batch, seed_everything, train
+from utils.stage_parts import train_options
+from utils import artifacts
 
 # Students learn faster than the teachers' default lr allows in a dozen steps.
 STUDENT = {"lr": 1.0, "batch_size": 16}
@@ -44,7 +46,7 @@ def chain(tiny_synthetic, tmp_path_factory) -> list[str]:
 
 def fresh_work(chain: list[str], dest: Path, **extra) -> list[str]:
     """The chain's targets in a new work folder, so each student run has its own run directory."""
-    shutil.copytree(load_config(chain).work_root, dest, ignore=shutil.ignore_patterns("students"))
+    shutil.copytree(artifacts.work_root(load_config(chain)), dest, ignore=shutil.ignore_patterns("students"))
     return chain + [f"{key}={value!r}" for key, value in {"output_root": str(dest), **STUDENT, **extra}.items()]
 
 
@@ -105,7 +107,7 @@ def test_akd_never_uses_identity_labels(chain, akd_run, tmp_path):
     info = init_distributed()
     seed_everything(cfg.seed)  # what utils.cli.run_stage does before every stage
     task = build_student_task(cfg, info)
-    result = train(cfg, dataclasses.replace(task, dataset=GarbageLabels(task.dataset)), info)
+    result = train(dataclasses.replace(task, dataset=GarbageLabels(task.dataset)), train_options(cfg), info)
     step = result.history[0]["global_step"]
     # Same seed, same first epoch: garbage labels give bit-identical weights to the real-label run.
     assert same_weights(load(result.run_dir / f"{step}backbone.pth"), load(akd_run.run_dir / f"{step}backbone.pth"))
@@ -161,8 +163,8 @@ def test_losses_follow_their_formulas():
 def test_flip_consistent_pairs_flipped_images_with_flipped_targets(chain, tmp_path):
     cfg = load_config(chain + ["kd_flip_consistent=True"])
     dataset, _ = build_kd_dataset(cfg)
-    targets = np.load(target_files(cfg.adaptor_dir).array)
-    flipped_targets = np.load(target_files(cfg.adaptor_dir).flipped)
+    targets = np.load(target_files(artifacts.adaptor_dir(cfg)).array)
+    flipped_targets = np.load(target_files(artifacts.adaptor_dir(cfg)).flipped)
     rows = [3, 40, 71, 90]
     items = [dataset[r] for r in rows]
     assert all(len(item) == 5 for item in items)
@@ -194,7 +196,7 @@ def test_flip_consistent_pairs_flipped_images_with_flipped_targets(chain, tmp_pa
 
 def test_flip_consistent_needs_flipped_targets(chain, tmp_path):
     overrides = fresh_work(chain, tmp_path / "work", kd_flip_consistent=True)
-    files = target_files(load_config(overrides).adaptor_dir)
+    files = target_files(artifacts.adaptor_dir(load_config(overrides)))
     manifest = json.loads(files.manifest.read_text())
     files.manifest.write_text(json.dumps({**manifest, "flipped": False}))
     files.flipped.unlink()
@@ -216,7 +218,7 @@ def test_target_store_problems_are_named(chain, tmp_path):
         student(KD_alone, other_index)
 
     incomplete = fresh_work(chain, tmp_path / "incomplete")
-    files = target_files(load_config(incomplete).adaptor_dir)
+    files = target_files(artifacts.adaptor_dir(load_config(incomplete)))
     files.manifest.write_text(json.dumps({**json.loads(files.manifest.read_text()), "complete": False}))
     with pytest.raises(RuntimeError, match="incomplete"):
         student(KD_alone, incomplete)
@@ -232,5 +234,5 @@ def test_two_rank_student_ends_with_identical_weights(chain, tmp_path):
     rank0, rank1 = load(dump / "rank0.pt"), load(dump / "rank1.pt")
     assert same_weights(rank0, rank1)
     cfg = load_config(args)
-    assert same_weights(load(cfg.student_dir / "best_backbone.pth"), rank0)
-    assert json.loads((cfg.student_dir / "config.json").read_text())["derived"]["world_size"] == 2
+    assert same_weights(load(artifacts.student_dir(cfg) / "best_backbone.pth"), rank0)
+    assert json.loads((artifacts.student_dir(cfg) / "config.json").read_text())["derived"]["world_size"] == 2

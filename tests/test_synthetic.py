@@ -16,7 +16,8 @@ import torch
 from config.config import ETHNICITIES
 from eval.rfw_data import load_bin
 from utils import synthetic
-from utils.dataset import normalize_images, scan_image_folder
+from utils.dataset import scan_image_folder
+from utils.image import normalize_images
 
 TINY = dict(ids_per_ethnicity=3, images_per_id=2, pairs_per_ethnicity=6, image_size=16)
 

@@ -11,9 +11,11 @@ import torch
 from config.config import load_config
 from helpers import run_torchrun, tiny_overrides
 from utils.cli import run_stage
-from utils.engine import is_run_complete, step_decay
+from utils.artifacts import is_run_complete
+from utils.engine import step_decay
 
 import train
+from utils import artifacts
 
 
 def _train(data: Path, out: Path, **extra):
@@ -53,7 +55,7 @@ def test_teacher_run_writes_every_file_and_learns(tiny_synthetic, tmp_path):
     result = _train(tiny_synthetic, tmp_path, ethnicity="Asian", num_epoch=3, milestones=[3], lr=0.2,
                     rfw_root=str(tiny_synthetic / "rfw"))
     cfg = load_config(tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian"))
-    run_dir = cfg.teacher_dir()
+    run_dir = artifacts.teacher_dir(cfg)
     assert result.run_dir == run_dir and result.complete and is_run_complete(run_dir)
     history = json.loads((run_dir / "history.json").read_text())
     epochs = history["epochs"]
@@ -123,7 +125,7 @@ def test_two_rank_training_ends_with_identical_weights(tiny_synthetic, tmp_path)
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     cfg = load_config(args)
-    saved = _load(cfg.teacher_dir() / "best_backbone.pth")
+    saved = _load(artifacts.teacher_dir(cfg) / "best_backbone.pth")
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
-    log = (cfg.teacher_dir() / "config.json").read_text()
+    log = (artifacts.teacher_dir(cfg) / "config.json").read_text()
     assert json.loads(log)["derived"]["world_size"] == 2

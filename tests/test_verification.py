@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.model_selection import KFold
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,27 +15,7 @@ from eval.verification import (
     verify,
     verify_distances,
 )
-
-
-def _reference_accuracy(threshold, dist, actual):
-    predict = np.less(dist, threshold)
-    tp = np.sum(np.logical_and(predict, actual))
-    tn = np.sum(np.logical_and(np.logical_not(predict), np.logical_not(actual)))
-    return float(tp + tn) / dist.size
-
-
-def _reference_verify(distances, issame, nfolds=10):
-    """The plain insightface loop: 400 thresholds per training split. The oracle for the vectorised code."""
-    thresholds = np.arange(0, 4, 0.01)
-    accuracies, chosen = [], []
-    for train, test in KFold(n_splits=nfolds, shuffle=False).split(np.arange(len(distances))):
-        acc_train = np.zeros(len(thresholds))
-        for i, threshold in enumerate(thresholds):
-            acc_train[i] = _reference_accuracy(threshold, distances[train], issame[train])
-        best = np.argmax(acc_train)
-        accuracies.append(_reference_accuracy(thresholds[best], distances[test], issame[test]))
-        chosen.append(thresholds[best])
-    return np.array(accuracies), np.array(chosen)
+from eval.reference_verification import reference_verify as _reference_verify
 
 
 def random_pairs(seed, n_pairs, dim=64, noise=1.2):

@@ -4,16 +4,14 @@ The adaptor learns, with an ElasticArcFace head over every identity, to map the 
 teachers' stored embeddings (``teacher_members`` order; Asian, African, Caucasian, Indian for specialized
 teachers) to one embedding. Inputs come from the embedding store, never from images. The epoch with the
 lowest summed training loss is kept, and its L2-normalised eval-mode outputs for every image, in index order,
-become the KD target store in ``cfg.adaptor_dir``.
+become the KD target store in the run folder (``artifacts.adaptor_dir``).
 
-Reruns: a finished run trained on the same teacher stores is not trained again; its targets are written if
-they are missing or stale, else the stage does nothing. ``teacher_stores.json`` records which stores (index
-hash and teacher checkpoints) a run was trained on; to retrain on the same stores, delete the folder.
+Reruns: a finished run with the same provenance (settings and teacher stores) is not trained again; its targets
+are written if they are missing or stale (another best weights file, other stores), else the stage does
+nothing. A folder holding a run of other settings or stores is refused unless ``replace=True``.
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,16 +23,16 @@ from torch.utils.data import Dataset
 
 from backbones import build_adaptor, load_weights
 from config.config import Config
-from utils.callbacks import LOGGER_NAME, setup_logging
+from utils import artifacts
 from utils.distributed import DistInfo, barrier, broadcast_object
 from utils.embedding_store import (
-    TeacherStores, checked_rows, file_fingerprint, manifest_problem, open_teacher_stores, read_manifest, target_files,
-    write_rows_sharded)
-from utils.engine import HISTORY_NAME, TrainingTask, classification_loss, is_run_complete, make_header, train
-from utils.io import atomic_write_json
+    TeacherStores, checked_rows, manifest_problem, open_teacher_stores, read_manifest, write_rows_sharded)
+from utils.engine import TrainingTask, train
+from utils.errors import ProvenanceError
 from utils.locks import rank0_folder_lock
-
-INPUTS_NAME = "teacher_stores.json"
+from utils.logs import get_logger, setup_logging
+from utils.provenance import Record, adaptor_record, claim_run_dir, file_fingerprint, run_matches, targets_record
+from utils.stage_parts import classification_loss, make_header, train_options
 # Share of the available RAM the in-memory copies of the stores (one per local rank) may take.
 MEMORY_FRACTION = 0.8
 
@@ -120,23 +118,25 @@ def load_in_memory(cfg: Config, stores: TeacherStores) -> bool:
         return False
     needed = sum(a.nbytes for a in stores.arrays) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if needed > MEMORY_FRACTION * available_memory():
-        logging.getLogger(LOGGER_NAME).warning(
+        get_logger().warning(
             f"store_in_memory=True but the teacher stores need {needed / 2**30:.1f} GiB on this node and "
             f"{available_memory() / 2**30:.1f} GiB are available: reading them from the memory map")
         return False
     return True
 
 
-def build_adaptor_task(cfg: Config, stores: TeacherStores) -> TrainingTask:
+def build_adaptor_task(cfg: Config, stores: TeacherStores, record: Record | None = None) -> TrainingTask:
     """The engine task of cfg.adaptor: ElasticArcFace (adaptor std) over every identity, lowest-loss epoch."""
     in_memory = load_in_memory(cfg, stores)
-    logging.getLogger(LOGGER_NAME).info(
+    get_logger().info(
         f"adaptor inputs: {len(stores.members)} teacher stores ({', '.join(stores.members)}) read "
         f"{'into RAM' if in_memory else 'from the memory map'}")
     dataset = ConcatStoreDataset(stores.arrays, stores.index.labels, in_memory=in_memory)
     return TrainingTask(
         stage="adaptor",
-        run_dir=cfg.adaptor_dir,
+        run_dir=artifacts.adaptor_dir(cfg),
+        config=cfg.to_dict(),
+        provenance=record or adaptor_record(cfg, stores.records),
         model=build_adaptor(cfg),
         model_name="adaptor",
         dataset=dataset,
@@ -156,30 +156,33 @@ def build_adaptor_task(cfg: Config, stores: TeacherStores) -> TrainingTask:
 
 def best_record(run_dir: Path) -> dict[str, Any]:
     """The history record of the selected epoch of a finished run."""
-    path = Path(run_dir) / HISTORY_NAME
-    best = json.loads(path.read_text()).get("best")
+    best = (artifacts.read_history(run_dir) or {}).get("best")
     if not best:
-        raise RuntimeError(f"{path} names no best epoch")
+        raise ProvenanceError(f"{artifacts.history_file(run_dir)} names no best epoch")
     return best
 
 
-def targets_current(cfg: Config, inputs: dict[str, Any], weights: Path, flipped: bool) -> bool:
-    """True when the target store was written from ``weights`` for these teacher stores."""
-    files = target_files(cfg.adaptor_dir)
-    manifest = read_manifest(files.manifest)
-    if manifest_problem(manifest, files, inputs["index_hash"], flipped=flipped) is not None:
-        return False
-    return (manifest.get("teachers") == inputs["teachers"]  # type: ignore[union-attr]
-            and manifest.get("checkpoint", {}).get("sha256") == file_fingerprint(weights)["sha256"])  # type: ignore[union-attr]
+def expected_targets_record(run_dir: Path, record: Record) -> Record:
+    """The record the KD targets of a finished run with ``record`` must carry (its current best weights)."""
+    weights = artifacts.best_weights(run_dir, "adaptor")
+    return targets_record(record, file_fingerprint(weights)["sha256"])
 
 
-def write_targets(cfg: Config, stores: TeacherStores, inputs: dict[str, Any], info: DistInfo) -> Path:
+def targets_current(run_dir: Path, record: Record, index_hash: str, flipped: bool) -> bool:
+    """True when the run's target store was written from its current best weights for these teacher stores."""
+    files = artifacts.target_files(run_dir)
+    return manifest_problem(read_manifest(files.manifest), files, index_hash, flipped=flipped,
+                            record=expected_targets_record(run_dir, record)) is None
+
+
+def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: DistInfo) -> Path:
     """Write the KD targets of the run's best epoch; every rank computes its own rows."""
-    weights = cfg.adaptor_dir / "best_adaptor.pth"
-    best = best_record(cfg.adaptor_dir)
+    run_dir = artifacts.adaptor_dir(cfg)
+    weights = artifacts.best_weights(run_dir, "adaptor")
+    best = best_record(run_dir)
     model = load_weights(build_adaptor(cfg), weights, what="best adaptor weights").to(info.device).eval()
     sources = {"array": stores.arrays, "flipped": stores.flipped}
-    files = target_files(cfg.adaptor_dir)
+    files = artifacts.target_files(run_dir)
 
     def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
         with torch.inference_mode():
@@ -190,36 +193,30 @@ def write_targets(cfg: Config, stores: TeacherStores, inputs: dict[str, Any], in
                     out[chunk] = checked_rows(F.normalize(model(x).float(), dim=1).cpu().numpy(),
                                               np.arange(chunk.start, chunk.stop), getattr(files, name), weights)
 
+    checkpoint = file_fingerprint(weights)
     manifest = {"adaptor": cfg.adaptor, "teacher_set": cfg.teacher_set, "network": cfg.network,
-                "N": len(stores.index), "dim": cfg.embedding_size, "index_hash": inputs["index_hash"],
-                "checkpoint": file_fingerprint(weights), "best_epoch": best["epoch"],
-                "best_step": best["global_step"], "flipped": stores.flipped is not None,
-                "teachers": inputs["teachers"]}
+                "N": len(stores.index), "dim": cfg.embedding_size, "index_hash": stores.index.digest(),
+                "checkpoint": checkpoint, "best_epoch": best["epoch"], "best_step": best["global_step"],
+                "flipped": stores.flipped is not None, "teachers": stores.checkpoints,
+                "provenance": targets_record(record, checkpoint["sha256"])}
     write_rows_sharded(files, manifest, info, fill)
     return files.array
 
 
-def _decide(cfg: Config, inputs: dict[str, Any], flipped: bool) -> tuple[str | None, bool, bool]:
-    """Rank 0's view of the run folder: (error, training finished on these stores, targets current too).
+def _decide(cfg: Config, record: Record, index_hash: str, flipped: bool) -> tuple[str | None, bool, bool]:
+    """Rank 0's view of the run folder: (error, training finished with this record, targets current too).
 
-    Before a (re)training it records the stores and marks stale targets incomplete, so they cannot pass for
-    this run's while it trains.
+    A folder of another record is refused (or moved aside with replace=True) before anything is written.
     """
-    run_dir = cfg.adaptor_dir
-    inputs_path = run_dir / INPUTS_NAME
-    recorded = json.loads(inputs_path.read_text()) if inputs_path.is_file() else None
-    if recorded is not None and recorded != inputs and cfg.resume:
-        return (f"{run_dir} was trained on other teacher stores ({inputs_path}); delete the folder to train on "
-                "the current ones, or run without resume=True to start over", False, False)
-    trained = recorded == inputs and is_run_complete(run_dir)
-    done = trained and targets_current(cfg, inputs, run_dir / "best_adaptor.pth", flipped)
-    if not trained:
-        atomic_write_json(inputs_path, inputs)
-        files = target_files(run_dir)
-        manifest = read_manifest(files.manifest)
-        if manifest is not None:
-            atomic_write_json(files.manifest, {**manifest, "complete": False})
-    return None, trained, done
+    run_dir = artifacts.adaptor_dir(cfg)
+    trained = run_matches(run_dir, record)
+    if trained:
+        return None, True, targets_current(run_dir, record, index_hash, flipped)
+    try:
+        claim_run_dir(run_dir, record, replace=cfg.replace)
+    except ProvenanceError as exc:
+        return str(exc), False, False
+    return None, False, False
 
 
 def run_adaptor_stage(cfg: Config, info: DistInfo) -> Path | None:
@@ -228,33 +225,32 @@ def run_adaptor_stage(cfg: Config, info: DistInfo) -> Path | None:
     Returns the target array, or None when training stopped early (``stop_after_epoch``). The run folder is
     locked for the training and the targets together.
     """
-    with rank0_folder_lock(cfg.adaptor_dir, info.is_main, what="adaptor run folder"):
+    with rank0_folder_lock(artifacts.adaptor_dir(cfg), info.is_main, what="adaptor run folder"):
         return _train_and_write_targets(cfg, info)
 
 
 def _train_and_write_targets(cfg: Config, info: DistInfo) -> Path | None:
-    run_dir = cfg.adaptor_dir
-    logger = setup_logging(run_dir, info.is_main)
+    run_dir = artifacts.adaptor_dir(cfg)
     stores = open_teacher_stores(cfg)
-    inputs = {"index_hash": stores.index.digest(), "teacher_set": cfg.teacher_set, "teachers": stores.checkpoints}
+    record = adaptor_record(cfg, stores.records)
+    index_hash = stores.index.digest()
     flipped = stores.flipped is not None
-    decision = None
-    if info.is_main:
-        decision = _decide(cfg, inputs, flipped)
+    decision = _decide(cfg, record, index_hash, flipped) if info.is_main else None
     error, trained, done = broadcast_object(decision)  # type: ignore[misc]
     if error:
-        raise RuntimeError(error)
+        raise ProvenanceError(error)
+    logger = setup_logging(artifacts.log_file(run_dir), info.is_main)
     if done:
         logger.info(f"{run_dir}: training and KD targets are complete for these teacher stores; nothing to do")
-        return target_files(run_dir).array
+        return artifacts.target_files(run_dir).array
     if trained:
         logger.info(f"{run_dir}: training is complete; writing its KD targets")
     else:
-        result = train(cfg, build_adaptor_task(cfg, stores), info)
+        result = train(build_adaptor_task(cfg, stores, record), train_options(cfg), info)
         if not result.complete:
             logger.info("training stopped before its last epoch; the KD targets are written once it completes")
             return None
     barrier()
-    path = write_targets(cfg, stores, inputs, info)
+    path = write_targets(cfg, stores, record, info)
     logger.info(f"KD targets of epoch {best_record(run_dir)['epoch']} written to {path}")
     return path

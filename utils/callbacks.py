@@ -1,4 +1,4 @@
-"""Logging, progress and verification callbacks of the training engine (rank 0 does the talking)."""
+"""Progress and verification callbacks of the training engine (rank 0 does the talking)."""
 from __future__ import annotations
 
 import logging
@@ -11,34 +11,7 @@ import torch
 from tqdm import tqdm
 
 from eval.fairness import fairness_metrics
-
-LOGGER_NAME = "mstkd"
-
-
-def setup_logging(run_dir: Path | None, is_main: bool) -> logging.Logger:
-    """Log to stdout and ``run_dir/train.log`` on rank 0; other ranks only report warnings."""
-    logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    logger.propagate = False
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(formatter)
-    logger.addHandler(stream)
-    if is_main and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(run_dir / "train.log")
-        file_handler.setFormatter(formatter)
-        logger.addHandler(file_handler)
-    return logger
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours:d}:{rest // 60:02d}:{rest % 60:02d}"
+from utils.logs import format_duration
 
 
 class TrainingMonitor:
@@ -48,7 +21,7 @@ class TrainingMonitor:
     step never waits for the device.
     """
 
-    def __init__(self, logger: logging.Logger, run_dir: Path, *, is_main: bool, log_every: int,
+    def __init__(self, logger: logging.Logger, tensorboard_dir: Path, *, is_main: bool, log_every: int,
                  samples_per_step: int, total_steps: int, start_step: int) -> None:
         self.logger = logger
         self.is_main = is_main
@@ -60,7 +33,7 @@ class TrainingMonitor:
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step)
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=start_step)
         self.bar: tqdm | None = None
         self._window: dict[str, torch.Tensor] = {}
         self._window_steps = 0

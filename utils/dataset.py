@@ -21,14 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from config.config import ETHNICITIES, Config
-from utils import recordio
+from utils import artifacts, recordio
+from utils.errors import InvalidInputError, MissingInputError
+from utils.image import decode_image, normalize_array, to_tensor
 from utils.io import atomic_write_text
+from utils.splits import load_split_manifest
 
 # A child of the project logger ("mstkd", set up by utils.callbacks), named here so data imports no training code.
 DATA_LOGGER = "mstkd.data"
@@ -75,6 +77,18 @@ class ImageIndex:
     def num_classes(self) -> int:
         return len(self.identities)
 
+    def file_sizes(self) -> np.ndarray:
+        """Bytes of every row's image file (RecordIO rows: of the record file), read once per index."""
+        if getattr(self, "_file_sizes", None) is None:
+            root = str(self.root)
+            if self.kind == "recordio":
+                size = os.stat(os.path.join(root, REC_NAME)).st_size
+                self._file_sizes = np.full(len(self.paths), size, dtype=np.int64)
+            else:
+                self._file_sizes = np.array([os.stat(os.path.join(root, p)).st_size for p in self.paths],
+                                            dtype=np.int64)
+        return self._file_sizes
+
     def digest(self) -> str:
         """sha256 of the (path, label) rows: the identity of this index for the embedding store."""
         text = "".join(f"{path}\t{label}\n" for path, label in zip(self.paths, self.labels.tolist()))
@@ -93,7 +107,7 @@ class ImageIndex:
     def load(cls, path: str | Path) -> "ImageIndex":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"image index file not found: {path}")
+            raise MissingInputError(f"image index file not found: {path}")
         with open(path, encoding="utf-8") as handle:
             header = handle.readline().rstrip("\n").split("\t")
             if header[0] != _INDEX_HEADER:
@@ -191,7 +205,7 @@ def scan_image_folder(root: str | Path, cache_path: str | Path | None = None) ->
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"training data folder not found: {root}")
+        raise MissingInputError(f"training data folder not found: {root}")
     fingerprint = _folder_fingerprint(root)
     cached = _read_cache(cache_path, fingerprint)
     if cached is not None:
@@ -201,7 +215,7 @@ def scan_image_folder(root: str | Path, cache_path: str | Path | None = None) ->
         eth_dir = root / eth
         if not eth_dir.is_dir():
             found = sorted(e.name for e in os.scandir(root) if e.is_dir())
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"ethnicity folder {eth_dir} is missing: expected {root}/<Ethnicity>/<identity>/<image> "
                 f"with Ethnicity in {', '.join(ETHNICITIES)}; found folders {found[:8]}")
         count = 0
@@ -301,24 +315,18 @@ def scan_recordio(root: str | Path, cache_path: str | Path | None = None) -> Ima
 # ---- the run's universe and its subsets --------------------------------------------------------------
 
 
-def index_cache_path(cfg: Config) -> Path:
-    """Where load_index caches the scan of cfg.data_root (one file per data root)."""
-    key = hashlib.sha256(str(Path(cfg.data_root).resolve()).encode()).hexdigest()[:16]
-    return cfg.work_root / "index" / f"{key}.tsv"
-
-
 def load_index(cfg: Config) -> ImageIndex:
     """The run's training images: all of cfg.data_root, or cfg.ids_per_ethnicity identities per
     ethnicity drawn with cfg.seed (the same on every call), labels renumbered 0..K-1."""
     if cfg.data_root is None:
-        raise ValueError("config key data_root is not set: point it at the training images")
+        raise InvalidInputError("config key data_root is not set: point it at the training images")
     root = Path(cfg.data_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data_root {root} is not a folder")
+        raise MissingInputError(f"data_root {root} is not a folder")
     if (root / REC_NAME).is_file():
-        index = scan_recordio(root, index_cache_path(cfg))
+        index = scan_recordio(root, artifacts.index_cache_file(cfg))
     else:
-        index = scan_image_folder(root, index_cache_path(cfg))
+        index = scan_image_folder(root, artifacts.index_cache_file(cfg))
     if cfg.ids_per_ethnicity is None:
         return index
     return restrict_identities(index, cfg.ids_per_ethnicity, cfg.seed)
@@ -379,37 +387,7 @@ def select_rows(
     return rows, labels.astype(np.int64).reshape(-1)
 
 
-# ---- decoding and tensors ----------------------------------------------------------------------------
-
-
-def decode_image(data: bytes | np.ndarray, input_size: int, name: str) -> np.ndarray:
-    """Encoded image -> RGB uint8 [S, S, 3]; ``name`` (file or record) appears in decoding errors."""
-    buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
-    if image is None:
-        raise ValueError(f"cannot decode image {name}: corrupt, truncated or not an image")
-    if image.shape[0] != input_size or image.shape[1] != input_size:
-        shrink = image.shape[0] > input_size or image.shape[1] > input_size
-        image = cv2.resize(image, (input_size, input_size),
-                           interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """RGB uint8 [H, W, 3] -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB images -> float (x / 255 - 0.5) / 0.5, the network input of every stage."""
-    return (images.float() / 255.0 - 0.5) / 0.5
-
-
-def random_horizontal_flip(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each image of a [B, 3, H, W] batch with probability 0.5; returns the batch and the flags."""
-    flags = torch.rand(images.shape[0], generator=generator, device=generator.device) < 0.5
-    flags = flags.to(images.device)
-    return torch.where(flags[:, None, None, None], images.flip(3), images), flags
+# ---- datasets -----------------------------------------------------------------------------------------
 
 
 class FaceDataset(Dataset):
@@ -457,10 +435,7 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         data, name = self._read(i)
-        image = decode_image(data, self.input_size, name).transpose(2, 0, 1).astype(np.float32)
-        # normalize_images in numpy (bit-identical float32 ops): per-item torch ops would go through
-        # the intra-op thread pool, which is slow in a busy main process (num_workers=0).
-        image = (image / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+        image = normalize_array(decode_image(data, self.input_size, name).transpose(2, 0, 1))
         return torch.from_numpy(image), int(self.labels[i]), int(self.rows[i])
 
 
@@ -477,30 +452,33 @@ class RecordDataset(FaceDataset):
 PROTOCOLS = ("ethnicity", "all", "split")
 
 
-def build_training_dataset(cfg: Config, protocol: str) -> tuple[FaceDataset, int]:
-    """The dataset a training stage uses and its number of classes.
+def training_rows(cfg: Config, index: ImageIndex, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``index`` a training stage reads, and their labels 0..k-1.
 
     ``ethnicity``: identities of cfg.ethnicity (``all`` = every identity); ``all``: every identity;
-    ``split``: balanced baseline split cfg.split from cfg.split_manifest.
+    ``split``: balanced baseline split cfg.split from the split manifest.
     """
-    from utils.splits import load_split_manifest
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    index = load_index(cfg)
     if protocol == "ethnicity" and cfg.ethnicity != "all":
-        rows, labels = select_rows(index, ethnicity=cfg.ethnicity)
-    elif protocol == "split":
-        splits = load_split_manifest(cfg.split_manifest)
+        return select_rows(index, ethnicity=cfg.ethnicity)
+    if protocol == "split":
+        manifest = artifacts.split_manifest(cfg)
+        splits = load_split_manifest(manifest)
         if not 0 <= cfg.split < len(splits):
-            raise ValueError(f"split={cfg.split} but {cfg.split_manifest} holds {len(splits)} splits")
-        rows, labels = select_rows(index, identities=splits[cfg.split])
-    else:
-        rows, labels = np.arange(len(index)), index.labels
+            raise InvalidInputError(f"split={cfg.split} but {manifest} holds {len(splits)} splits")
+        return select_rows(index, identities=splits[cfg.split])
+    return np.arange(len(index)), index.labels
+
+
+def build_training_dataset(cfg: Config, protocol: str) -> tuple[FaceDataset, int]:
+    """The dataset a training stage uses (rows as in :func:`training_rows`) and its number of classes."""
+    index = load_index(cfg)
+    rows, labels = training_rows(cfg, index, protocol)
     num_classes = int(labels.max()) + 1
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ValueError(f"config key num_classes={cfg.num_classes} but the {protocol} data of {cfg.data_root} "
-                         f"has {num_classes} identities")
+        raise InvalidInputError(f"config key num_classes={cfg.num_classes} but the {protocol} data of "
+                                f"{cfg.data_root} has {num_classes} identities")
     dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
     dataset = dataset_cls(index, rows, labels, cfg.input_size)
     check_images(dataset, cfg.check_images, seed=cfg.seed, workers=cfg.num_workers)

@@ -24,12 +24,14 @@ from torch.utils.data import Dataset
 
 from backbones import build_backbone
 from config.config import ADAPTOR_SCRIPTS, KD_SCRIPTS, Config
+from utils import artifacts
 from utils.dataset import FaceDataset, build_training_dataset
 from utils.distributed import DistInfo
-from utils.embedding_store import open_targets
-from utils.engine import (
-    Batch, LossFn, TrainingResult, TrainingTask, backbone_evaluator, make_header, train)
-
+from utils.embedding_store import open_targets, read_manifest
+from utils.engine import Batch, LossFn, TrainingResult, TrainingTask, train
+from utils.errors import InvalidInputError, MissingInputError, ProvenanceError
+from utils.provenance import data_fingerprint, record_digest, student_record
+from utils.stage_parts import backbone_evaluator, make_header, train_options
 
 
 class KDTargetDataset(Dataset):
@@ -59,11 +61,12 @@ class KDTargetDataset(Dataset):
             return (targets,)
         try:
             flipped = open_targets(self.adaptor_dir, self.index_hash, flipped=True)
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise RuntimeError(
+        except (FileNotFoundError, ProvenanceError) as exc:
+            raise ProvenanceError(
                 f"kd_flip_consistent=True needs the targets of flipped images in {self.adaptor_dir}: {exc}. "
                 "Run extract_all.py with extract_flipped=True for the four teachers, then retrain the adaptor "
-                "so it writes targets_flip.npy (or set kd_flip_consistent=False, as released)") from exc
+                f"so it writes {artifacts.target_files(self.adaptor_dir).flipped.name} (or set "
+                "kd_flip_consistent=False, as released)") from exc
         return targets, flipped
 
     def _stores(self) -> tuple[np.ndarray, ...]:
@@ -134,16 +137,17 @@ def build_kd_dataset(cfg: Config) -> tuple[KDTargetDataset, int]:
     """Every training image with its KD target(s), and the number of identities of the index."""
     base, num_classes = build_training_dataset(cfg, "all")
     try:
-        dataset = KDTargetDataset(base, cfg.adaptor_dir, base.index.digest(), flip_consistent=cfg.kd_flip_consistent)
+        dataset = KDTargetDataset(base, artifacts.adaptor_dir(cfg), base.index.digest(),
+                                  flip_consistent=cfg.kd_flip_consistent)
     except FileNotFoundError as exc:
         script, flags = ADAPTOR_SCRIPTS[cfg.adaptor]
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{exc}. These targets (adaptor={cfg.adaptor} over the {cfg.teacher_set} {cfg.network} teachers) "
             f"come from: python {' '.join((script, *flags))} teacher_set={cfg.teacher_set} "
             f"network={cfg.network}") from exc
     if dataset.target_dim != cfg.embedding_size:
-        raise ValueError(
-            f"KD targets in {cfg.adaptor_dir} are {dataset.target_dim}-D but the student {cfg.student_network} "
+        raise InvalidInputError(
+            f"KD targets in {artifacts.adaptor_dir(cfg)} are {dataset.target_dim}-D but the student {cfg.student_network} "
             f"embeds to embedding_size={cfg.embedding_size}: set embedding_size={dataset.target_dim}")
     return dataset, num_classes
 
@@ -151,12 +155,17 @@ def build_kd_dataset(cfg: Config) -> tuple[KDTargetDataset, int]:
 def build_student_task(cfg: Config, info: DistInfo) -> TrainingTask:
     """The student run of ``cfg``: a-KD or EAF-KD (``cfg.kd``) from ``cfg.adaptor``'s targets."""
     dataset, num_classes = build_kd_dataset(cfg)
+    targets = read_manifest(artifacts.target_files(artifacts.adaptor_dir(cfg)).manifest) or {}
+    record = student_record(cfg, data_fingerprint(dataset.base.index, dataset.base.rows),
+                            record_digest(targets.get("provenance") or {}))
     evaluate = backbone_evaluator(cfg, info.device)
     model = build_backbone(cfg, student=True)
     header = make_header(cfg, num_classes) if cfg.kd == "EAFKD" else None
     return TrainingTask(
         stage="student",
-        run_dir=cfg.student_dir,
+        run_dir=artifacts.student_dir(cfg),
+        config=cfg.to_dict(),
+        provenance=record,
         model=model,
         model_name="backbone",
         dataset=dataset,
@@ -176,6 +185,6 @@ def build_student_task(cfg: Config, info: DistInfo) -> TrainingTask:
 def run_student(cfg: Config, info: DistInfo, kd: str) -> TrainingResult:
     """Train the student of a stage script that trains ``kd`` students (it refuses the other kind)."""
     if cfg.kd != kd:
-        raise ValueError(f"{KD_SCRIPTS[kd]} trains kd={kd} students but the config says kd={cfg.kd}; "
+        raise InvalidInputError(f"{KD_SCRIPTS[kd]} trains kd={kd} students but the config says kd={cfg.kd}; "
                          f"use {KD_SCRIPTS[cfg.kd]} for kd={cfg.kd}")
-    return train(cfg, build_student_task(cfg, info), info)
+    return train(build_student_task(cfg, info), train_options(cfg), info)

@@ -1,25 +1,18 @@
 """The embedding store: per-teacher embeddings (stage 3) and adaptor KD targets (stage 4), one row per image.
 
-Layout of a teacher store, ``cfg.store_dir`` (``work_dirs/embeddings/<teacher_set>_<network>/``)::
-
-    index.tsv              the image index the rows follow (ImageIndex.save)
-    <member>.npy           [N, E] float32, L2-normalised teacher embeddings of the unflipped images
-    <member>_flip.npy      the same for horizontally flipped images (only with extract_flipped=True)
-    <member>.json          manifest
-
-and of a target store, ``cfg.adaptor_dir``: ``targets.npy``, ``targets_flip.npy``, ``targets.json``.
+A teacher store (``artifacts.store_dir``) holds the image index the rows follow, and per teacher an [N, E]
+float32 array of L2-normalised embeddings of the unflipped images, optionally one of the flipped images, and a
+manifest; the adaptor's target store (in its run folder) has the same shape. File names: ``utils/artifacts.py``.
 
 A manifest holds N, dim, the index hash (``ImageIndex.digest()``), the checkpoint the rows came from
 (absolute path, size and the sha256 of the whole file: a few hundred ms for an iResNet, and unlike an mtime it
-survives copying ``work_dirs`` to another machine), ``flipped`` and ``complete``. Writers mark a manifest
-incomplete before touching the arrays and complete only after every rank flushed its rows, so a crash never
-leaves a store that reads as complete.
+survives copying ``work_dirs`` to another machine), ``flipped``, ``complete`` and ``provenance`` (the record
+of what determines the rows, ``utils/provenance.py``). Writers mark a manifest incomplete before touching the
+arrays and complete only after every rank flushed its rows, so a crash never leaves a store that reads as
+complete. A store whose record differs from the one asked for is rewritten as a whole.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,73 +26,37 @@ from tqdm import tqdm
 
 from backbones import build_backbone, load_weights
 from config.config import Config, teacher_members
+from utils import artifacts
+from utils.artifacts import StoreFiles, member_files, target_files
 from utils.dataset import FaceDataset, ImageIndex, check_images, load_index
 from utils.distributed import DistInfo, barrier, broadcast_object, shard_range
-from utils.callbacks import LOGGER_NAME
-from utils.engine import is_run_complete
+from utils.errors import IncompatibleInputError, InvalidInputError, MissingInputError, ProvenanceError
 from utils.io import atomic_write_json, reserve_disk_space
+from utils.logs import get_logger
 from utils.numerics import NonFiniteError, first_nonfinite_row
-
-INDEX_NAME = "index.tsv"
-TARGETS_NAME = "targets"
-CHECKPOINT_NAME = "best_backbone.pth"
-_HASH_CHUNK = 1 << 24
-
-
-@dataclass(frozen=True)
-class StoreFiles:
-    """The files of one stored array: rows, flipped-image rows and manifest."""
-
-    array: Path
-    flipped: Path
-    manifest: Path
-
-    @classmethod
-    def named(cls, folder: str | Path, name: str) -> "StoreFiles":
-        folder = Path(folder)
-        return cls(folder / f"{name}.npy", folder / f"{name}_flip.npy", folder / f"{name}.json")
-
-
-def member_files(store_dir: str | Path, member: str) -> StoreFiles:
-    return StoreFiles.named(store_dir, member)
-
-
-def target_files(adaptor_dir: str | Path) -> StoreFiles:
-    return StoreFiles.named(adaptor_dir, TARGETS_NAME)
-
-
-def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Absolute path, size and sha256 of a checkpoint file (the identity a manifest records)."""
-    path = Path(path).resolve()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return {"path": str(path), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+from utils.provenance import Record, data_fingerprint, describe_changes, file_fingerprint, record_digest, store_record
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     """The manifest at ``path``, or None when there is none; unreadable JSON is an error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RuntimeError(f"embedding store manifest {path} is not valid JSON ({exc}); delete it and rerun "
-                           "the stage that writes it") from exc
-    if not isinstance(data, dict):
-        raise RuntimeError(f"embedding store manifest {path} should hold a JSON object")
+    data = artifacts.read_json(Path(path), "embedding store manifest")
+    if data is not None and not isinstance(data, dict):
+        raise InvalidInputError(f"embedding store manifest {path} should hold a JSON object")
     return data
 
 
 def manifest_problem(manifest: dict[str, Any] | None, files: StoreFiles, index_hash: str, *,
-                     checkpoint_sha256: str | None = None, flipped: bool = False) -> str | None:
-    """Why a store does not serve ``index_hash`` (and ``checkpoint_sha256``, ``flipped``); None if it does."""
+                     checkpoint_sha256: str | None = None, flipped: bool = False,
+                     record: Record | None = None) -> str | None:
+    """Why a store does not serve ``index_hash`` (and ``checkpoint_sha256``, ``flipped``, the provenance
+    ``record``); None if it does."""
     if manifest is None:
         return f"no manifest {files.manifest}"
     if not manifest.get("complete"):
         return f"{files.array} is incomplete (interrupted write; {files.manifest} has complete=false)"
+    if record is not None and manifest.get("provenance") != record:
+        changes = describe_changes(manifest.get("provenance") or {}, record)
+        return f"{files.array} was made from other settings or inputs ({'; '.join(changes)})"
     if manifest.get("index_hash") != index_hash:
         return (f"{files.array} was built from another image index (index hash {manifest.get('index_hash')}, "
                 f"expected {index_hash})")
@@ -146,10 +103,10 @@ def load_array(path: str | Path, manifest: dict[str, Any], *, in_memory: bool = 
     """The [N, dim] rows at ``path`` (read-only memory map unless ``in_memory``), checked against the manifest."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"embedding array not found: {path}")
+        raise MissingInputError(f"embedding array not found: {path}")
     problem = array_file_problem(path, manifest)
     if problem is not None:
-        raise RuntimeError(f"{problem}; rerun the stage that writes it")
+        raise IncompatibleInputError(f"{problem}; rerun the stage that writes it")
     return np.load(path, mmap_mode=None if in_memory else "r")
 
 
@@ -206,32 +163,41 @@ def train_command(teacher_set: str, member: str) -> str:
 def teacher_ready(run_dir: Path) -> bool:
     """A teacher folder is usable when its training finished, or when it holds weights put there by hand
     (the authors' released teachers come without a training history)."""
-    return not (run_dir / "history.json").exists() or is_run_complete(run_dir)
+    return artifacts.is_weights_only(run_dir, "teacher") or artifacts.is_run_complete(run_dir)
 
 
 def teacher_checkpoint(cfg: Config, member: str) -> Path:
-    """``best_backbone.pth`` of a finished teacher run; errors name the file or run that is not ready."""
-    run_dir = cfg.teacher_dir(member)
-    path = run_dir / CHECKPOINT_NAME
+    """The best weights of a finished teacher run; errors name the file or run that is not ready."""
+    run_dir = artifacts.teacher_dir(cfg, member)
+    path = artifacts.best_weights(run_dir, "teacher")
     if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint not found: {path} (train it: python train.py "
+        raise MissingInputError(f"teacher checkpoint not found: {path} (train it: python train.py "
                                 f"{train_command(cfg.teacher_set, member)} network={cfg.network})")
     if not teacher_ready(run_dir):
-        raise RuntimeError(f"teacher run {run_dir} is not finished ({run_dir / 'history.json'} lacks "
-                           f"complete=true); finish it with train.py {train_command(cfg.teacher_set, member)} "
-                           "resume=True before extracting")
+        raise ProvenanceError(f"teacher run {run_dir} is not finished ({artifacts.history_file(run_dir)} lacks "
+                              f"complete=true); finish it with train.py {train_command(cfg.teacher_set, member)} "
+                              "resume=True before extracting")
     return path
 
 
-def teacher_store_complete(cfg: Config, member: str, index_hash: str) -> bool:
-    """True when ``member``'s store is complete for ``index_hash`` and the teacher's current checkpoint."""
-    run_dir = cfg.teacher_dir(member)
-    checkpoint = run_dir / CHECKPOINT_NAME
+def expected_store_record(cfg: Config, member: str, data: str) -> Record | None:
+    """The record ``member``'s store must have for the teacher's current weights; None if it is not ready."""
+    run_dir = artifacts.teacher_dir(cfg, member)
+    checkpoint = artifacts.best_weights(run_dir, "teacher")
     if not checkpoint.is_file() or not teacher_ready(run_dir):
+        return None
+    return store_record(cfg, member, data, file_fingerprint(checkpoint)["sha256"])
+
+
+def teacher_store_complete(cfg: Config, member: str, index_hash: str, data: str) -> bool:
+    """True when ``member``'s store is complete for the index ``index_hash``, the images of fingerprint ``data``
+    and the teacher's current checkpoint."""
+    record = expected_store_record(cfg, member, data)
+    if record is None:
         return False
-    files = member_files(cfg.store_dir, member)
-    problem = manifest_problem(read_manifest(files.manifest), files, index_hash,
-                               checkpoint_sha256=file_fingerprint(checkpoint)["sha256"], flipped=cfg.extract_flipped)
+    files = member_files(artifacts.store_dir(cfg), member)
+    problem = manifest_problem(read_manifest(files.manifest), files, index_hash, flipped=cfg.extract_flipped,
+                               record=record)
     return problem is None
 
 
@@ -244,13 +210,13 @@ def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
     """The run's image index, written to the store folder by rank 0 and read from there by the other ranks,
     so every rank embeds exactly the same rows. Every image is decoded once first (each rank its own rows), so a
     corrupt file fails now, by name, not hours into the extraction."""
-    path = cfg.store_dir / INDEX_NAME
+    path = artifacts.store_index_file(artifacts.store_dir(cfg))
     if info.is_main:
         index = load_index(cfg)
         stored = ImageIndex.load(path).digest() if path.is_file() else None
         if stored != index.digest():
             if stored is not None:
-                logging.getLogger(LOGGER_NAME).warning(
+                get_logger().warning(
                     f"{path} described another image index: replacing it; stores built from it must be redone")
             index.save(path)
     barrier()
@@ -266,15 +232,16 @@ def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageInde
 
     Eval mode, unflipped (and, with cfg.extract_flipped, flipped) images, L2-normalised float32 rows.
     """
-    logger = logging.getLogger(LOGGER_NAME)
-    files = member_files(cfg.store_dir, member)
+    logger = get_logger()
+    files = member_files(artifacts.store_dir(cfg), member)
     index_hash = index.digest()
     if info.is_main:
         fingerprint = file_fingerprint(checkpoint)
-        problem = manifest_problem(read_manifest(files.manifest), files, index_hash,
-                                   checkpoint_sha256=fingerprint["sha256"], flipped=cfg.extract_flipped)
-        decision = (fingerprint, problem)
-    fingerprint, problem = broadcast_object(decision if info.is_main else None)  # type: ignore[misc]
+        record = store_record(cfg, member, data_fingerprint(index), fingerprint["sha256"])
+        problem = manifest_problem(read_manifest(files.manifest), files, index_hash, flipped=cfg.extract_flipped,
+                                   record=record)
+        decision = (fingerprint, record, problem)
+    fingerprint, record, problem = broadcast_object(decision if info.is_main else None)  # type: ignore[misc]
     if problem is None:
         logger.info(f"{member}: {files.array} is complete for this index and checkpoint; skipping")
         return False
@@ -298,7 +265,7 @@ def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageInde
 
     manifest = {"member": member, "teacher_set": cfg.teacher_set, "network": cfg.network, "N": len(index),
                 "dim": cfg.embedding_size, "index_hash": index_hash, "checkpoint": fingerprint,
-                "flipped": cfg.extract_flipped}
+                "flipped": cfg.extract_flipped, "provenance": record}
     write_rows_sharded(files, manifest, info, fill)
     logger.info(f"{member}: wrote {files.array}")
     return True
@@ -313,18 +280,19 @@ class TeacherStores:
     arrays: list[np.ndarray]  # read-only memory maps [N, E]
     flipped: list[np.ndarray] | None  # flipped-image rows, when every store has them
     checkpoints: dict[str, str]  # member -> sha256 of the teacher checkpoint the rows came from
+    records: dict[str, str]  # member -> digest of the store's provenance record (what the adaptor records)
 
 
 def open_teacher_stores(cfg: Config) -> TeacherStores:
-    """Open the stores of ``cfg.teacher_set`` in ``cfg.store_dir`` for the adaptor stage.
+    """Open the stores of ``cfg.teacher_set`` in ``artifacts.store_dir(cfg)`` for the adaptor stage.
 
     Every teacher must have its checkpoint, and a complete store built from ``index.tsv`` of the store folder
-    and from that very checkpoint; otherwise one RuntimeError lists every problem.
+    and from that very checkpoint; otherwise one ProvenanceError lists every problem.
     """
-    store_dir = cfg.store_dir
-    index_path = store_dir / INDEX_NAME
+    store_dir = artifacts.store_dir(cfg)
+    index_path = artifacts.store_index_file(store_dir)
     if not index_path.is_file():
-        raise FileNotFoundError(f"image index of the teacher stores not found: {index_path} (run extract_all.py "
+        raise MissingInputError(f"image index of the teacher stores not found: {index_path} (run extract_all.py "
                                 f"teacher_set={cfg.teacher_set} ethnicity=all first)")
     index = ImageIndex.load(index_path)
     index_hash = index.digest()
@@ -333,7 +301,7 @@ def open_teacher_stores(cfg: Config) -> TeacherStores:
     manifests: dict[str, dict[str, Any]] = {}
     checkpoints: dict[str, str] = {}
     for member in members:
-        checkpoint = cfg.teacher_dir(member) / CHECKPOINT_NAME
+        checkpoint = artifacts.best_weights(artifacts.teacher_dir(cfg, member), "teacher")
         if not checkpoint.is_file():
             problems.append(f"{member}: teacher checkpoint {checkpoint} is missing")
             continue
@@ -348,7 +316,7 @@ def open_teacher_stores(cfg: Config) -> TeacherStores:
         else:
             manifests[member] = manifest  # type: ignore[assignment]
     if problems:
-        raise RuntimeError(
+        raise ProvenanceError(
             f"the adaptor needs {len(members)} complete teacher stores in {store_dir} (index {index_path}), "
             f"{len(manifests)} are usable:\n  " + "\n  ".join(problems)
             + f"\nrerun extract_all.py teacher_set={cfg.teacher_set} ethnicity=all network={cfg.network}")
@@ -356,7 +324,8 @@ def open_teacher_stores(cfg: Config) -> TeacherStores:
     flipped = None
     if all(manifests[m].get("flipped") for m in members):
         flipped = [load_array(member_files(store_dir, m).flipped, manifests[m]) for m in members]
-    return TeacherStores(index, members, arrays, flipped, checkpoints)
+    records = {m: record_digest(manifests[m].get("provenance") or {}) for m in members}
+    return TeacherStores(index, members, arrays, flipped, checkpoints, records)
 
 
 # ---- KD targets (what the students read) ----------------------------------------------------------------
@@ -367,20 +336,14 @@ def open_targets(adaptor_dir: Path, index_hash: str, *, flipped: bool = False,
     """The adaptor's KD targets ``[N, E]`` in index order (``flipped``: those of the flipped images).
 
     A read-only memory map unless ``in_memory``. Raises FileNotFoundError naming the missing file, and
-    RuntimeError naming the store when it is incomplete, built from another index, or lacks flipped rows.
+    ProvenanceError naming the store when it is incomplete, built from another index, or lacks flipped rows.
     """
     files = target_files(adaptor_dir)
     manifest = read_manifest(files.manifest)
     if manifest is None:
-        raise FileNotFoundError(f"KD target manifest not found: {files.manifest} (train the adaptor with "
+        raise MissingInputError(f"KD target manifest not found: {files.manifest} (train the adaptor with "
                                 "fc_EArc.py or dual_layer_EAF-Fusion.py first)")
     problem = manifest_problem(manifest, files, index_hash, flipped=flipped)
     if problem is not None:
-        raise RuntimeError(f"KD targets unusable: {problem}")
+        raise ProvenanceError(f"KD targets unusable: {problem}")
     return load_array(files.flipped if flipped else files.array, manifest, in_memory=in_memory)
-
-
-def targets_complete(adaptor_dir: Path, index_hash: str) -> bool:
-    """True when ``adaptor_dir`` holds complete KD targets for the index ``index_hash``."""
-    files = target_files(adaptor_dir)
-    return manifest_problem(read_manifest(files.manifest), files, index_hash) is None

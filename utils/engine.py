@@ -1,8 +1,9 @@
 """The one training loop of the project, shared by teachers, adaptors and students.
 
-A stage describes *what* to train as a :class:`TrainingTask` (model, optional margin header, data, loss) and
-:func:`train` does the rest: DDP, SGD with the paper's lr rule and step schedule, clipping, mixed precision,
-seeding, logging, verification, checkpoints and resume.
+A stage describes *what* to train as a :class:`TrainingTask` (model, optional margin header, data, loss, run
+folder, the record of what determines the run) and the loop's settings as :class:`TrainOptions`;
+:func:`train` does the rest: DDP, SGD with the step schedule, clipping, mixed precision, seeding, logging,
+verification, checkpoints and resume. The loop knows no config and no stage.
 """
 from __future__ import annotations
 
@@ -21,18 +22,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from config.config import Config
-from utils.callbacks import TrainingMonitor, VerificationCallback, setup_logging
-from utils.dataset import random_horizontal_flip
+from backbones import load_weights
+from utils import artifacts
+from utils.callbacks import TrainingMonitor, VerificationCallback
 from utils.distributed import (
     DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_buffers, broadcast_object)
+from utils.errors import InvalidInputError, ProvenanceError
+from utils.image import random_horizontal_flip
 from utils.io import atomic_torch_save, atomic_write_json
 from utils.locks import rank0_folder_lock
+from utils.logs import setup_logging
 from utils.numerics import NonFiniteError, nonfinite_entries
+from utils.provenance import Record, claim_run_dir
 from utils.signals import StopRequest, TrainingInterrupted, stop_on_signals
-
-CHECKPOINT_NAME = "checkpoint_last.pt"
-HISTORY_NAME = "history.json"
 
 
 @dataclass
@@ -50,10 +52,32 @@ class Batch:
 LossFn = Callable[[nn.Module, "nn.Module | None", Batch], dict[str, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """The loop's settings that are the same for every stage (built once from the config by the stage)."""
+
+    seed: int
+    momentum: float
+    weight_decay: float
+    lr_decay: float
+    grad_clip: float
+    amp: str = "none"  # none | bf16 | fp16
+    log_every: int = 50
+    verify_every: int = 1
+    resume: bool = False
+    resume_same_world_size: bool = False
+    init_weights: str | None = None
+    stop_after_epoch: int | None = None
+    keep_epoch_weights: bool = True
+    replace: bool = False  # move a run folder of another provenance aside instead of refusing
+
+
 @dataclass
 class TrainingTask:
     stage: str  # teacher | adaptor | student: recorded in config.json for the evaluation and the pipeline
     run_dir: Path
+    config: Mapping[str, Any]  # the resolved config, saved as the run's config.json
+    provenance: Record  # what determines this run's outputs; a folder holding another run is refused
     model: nn.Module  # the backbone or adaptor: clipped, and saved as `{step}{model_name}.pth`
     model_name: str  # "backbone" | "adaptor": the release's weights-file naming
     dataset: Dataset  # yields (inputs, label, row, *extras)
@@ -141,10 +165,6 @@ def step_decay(milestones: Sequence[int], decay: float) -> Callable[[int], float
     return lambda epoch: decay ** bisect.bisect_right(ordered, epoch + 1)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 def _check_labels(task: TrainingTask) -> None:
     if task.header is None:
         return
@@ -154,34 +174,35 @@ def _check_labels(task: TrainingTask) -> None:
         return
     low, high = int(np.min(labels)), int(np.max(labels))
     if low < 0 or high >= num_classes:
-        raise ValueError(f"{task.stage} data has labels in [{low}, {high}] but the header has {num_classes} "
+        raise InvalidInputError(f"{task.stage} data has labels in [{low}, {high}] but the header has {num_classes} "
                          f"classes (expected labels in [0, {num_classes}))")
 
 
 class _Trainer:
-    def __init__(self, cfg: Config, task: TrainingTask, info: DistInfo) -> None:
-        self.cfg, self.task, self.info = cfg, task, info
+    def __init__(self, task: TrainingTask, options: TrainOptions, info: DistInfo) -> None:
+        self.options, self.task, self.info = options, task, info
         self.run_dir = Path(task.run_dir)
-        self.logger = setup_logging(self.run_dir, info.is_main)
         self.device = info.device
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
         if self.amp_dtype is not None and self.device.type != "cuda":
-            raise ValueError(f"amp={cfg.amp} needs a GPU; use amp=none on the CPU")
+            raise InvalidInputError(f"amp={options.amp} needs a GPU; use amp=none on the CPU")
         _check_labels(task)
+        aside = self._claim_run_dir()
+        self.logger = setup_logging(artifacts.log_file(self.run_dir), info.is_main)
+        if aside is not None:
+            self.logger.warning(f"replace=True: the run made with other settings was moved to {aside}")
 
         self.model = task.model.to(self.device)
         self.header = task.header.to(self.device) if task.header is not None else None
-        if cfg.init_weights and not cfg.resume:
-            from backbones import load_weights
-
-            load_weights(self.model, cfg.init_weights, what="init_weights")
-            self.logger.info(f"initialised {task.model_name} from {cfg.init_weights}")
+        if options.init_weights and not options.resume:
+            load_weights(self.model, options.init_weights, what="init_weights")
+            self.logger.info(f"initialised {task.model_name} from {options.init_weights}")
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         if self.header is not None:
             groups.append({"params": list(self.header.parameters())})
-        self.optimizer = torch.optim.SGD(groups, lr=task.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, step_decay(task.milestones, cfg.lr_decay))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.optimizer = torch.optim.SGD(groups, lr=task.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, step_decay(task.milestones, options.lr_decay))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -191,15 +212,15 @@ class _Trainer:
         self._resume()
 
         self.sampler = _SkippingSampler(task.dataset, num_replicas=info.world_size, rank=info.rank,
-                                          shuffle=True, seed=cfg.seed)
+                                        shuffle=True, seed=options.seed)
         self.loader = DataLoader(task.dataset, batch_size=task.batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=task.num_workers, pin_memory=self.device.type == "cuda",
                                  persistent_workers=task.num_workers > 0, worker_init_fn=_seed_worker,
                                  collate_fn=task.collate_fn)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{task.stage}: {len(task.dataset)} samples give no full batch of {task.batch_size} "  # type: ignore[arg-type]
-                             f"per rank x {info.world_size} ranks; lower the batch size")
+            raise InvalidInputError(f"{task.stage}: {len(task.dataset)} samples give no full batch of "  # type: ignore[arg-type]
+                                    f"{task.batch_size} per rank x {info.world_size} ranks; lower the batch size")
         self.train_model: nn.Module = self.model
         self.train_header = self.header
         if info.distributed:
@@ -210,9 +231,23 @@ class _Trainer:
         self.verify = VerificationCallback(task.evaluate, self.logger) if task.evaluate is not None else None
 
     # ---- persistence ----------------------------------------------------------------------------------------
+    def _claim_run_dir(self) -> Path | None:
+        """Rank 0 checks the folder's provenance against this run's; every rank learns the verdict."""
+        verdict: tuple[str | None, str | None] = (None, None)
+        if self.info.is_main:
+            try:
+                aside = claim_run_dir(self.run_dir, self.task.provenance, replace=self.options.replace)
+                verdict = (None, str(aside) if aside else None)
+            except ProvenanceError as exc:
+                verdict = (str(exc), None)
+        error, aside = broadcast_object(verdict)  # type: ignore[misc]
+        if error:
+            raise ProvenanceError(error)
+        return Path(aside) if aside else None
+
     def _resume(self) -> None:
-        path = self.run_dir / CHECKPOINT_NAME
-        if not self.cfg.resume:
+        path = artifacts.checkpoint_file(self.run_dir)
+        if not self.options.resume:
             return
         if not path.is_file():
             self.logger.info(f"resume=True: no {path} yet, starting from scratch")
@@ -220,12 +255,12 @@ class _Trainer:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:
-            raise RuntimeError(f"cannot read resume checkpoint {path}: {exc}") from exc
+            raise InvalidInputError(f"cannot read resume checkpoint {path}: {exc}") from exc
         saved_world = int(state["world_size"])
         if saved_world != self.info.world_size:
             message = f"{path} was written with world size {saved_world}, this run has {self.info.world_size}"
-            if self.cfg.resume_same_world_size:
-                raise RuntimeError(message + " (resume_same_world_size=True)")
+            if self.options.resume_same_world_size:
+                raise InvalidInputError(message + " (resume_same_world_size=True)")
             self.logger.warning(message + ": continuing; the lr follows the new world size")
         self.model.load_state_dict(state["model"])
         if self.header is not None:
@@ -235,25 +270,25 @@ class _Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.scheduler.base_lrs = [self.task.lr] * len(self.optimizer.param_groups)
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = lr * step_decay(self.task.milestones, self.cfg.lr_decay)(int(state["epoch"]))
+            group["lr"] = lr * step_decay(self.task.milestones, self.options.lr_decay)(int(state["epoch"]))
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = json.loads(state["history"])
         self.best = json.loads(state["best"]) if state["best"] else None
         self.mid_epoch = state.get("mid_epoch")
         if self.mid_epoch is not None and saved_world != self.info.world_size:
-            raise RuntimeError(f"{path} was saved in the middle of an epoch by {saved_world} ranks; resume it with "
+            raise InvalidInputError(f"{path} was saved in the middle of an epoch by {saved_world} ranks; resume it with "
                                f"the same world size (this run has {self.info.world_size})")
         where = f", {self.mid_epoch['step']} steps into epoch {self.epoch + 1}" if self.mid_epoch else ""
         self.logger.info(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}{where}")
 
     def _save_config(self) -> None:
-        data = self.cfg.to_dict()
-        data["derived"].update(stage=self.task.stage, model_name=self.task.model_name, lr=self.task.lr,
-                               num_epochs=self.task.num_epochs, milestones=list(self.task.milestones))
-        atomic_write_json(self.run_dir / "config.json", data)
+        data = dict(self.task.config)
+        data["derived"] = dict(data.get("derived", {}), stage=self.task.stage, model_name=self.task.model_name,
+                               lr=self.task.lr, num_epochs=self.task.num_epochs, milestones=list(self.task.milestones))
+        atomic_write_json(artifacts.config_file(self.run_dir), data)
 
     def _weights_path(self, prefix: str | int, name: str) -> Path:
-        return self.run_dir / f"{prefix}{'_' if isinstance(prefix, str) else ''}{name}.pth"
+        return artifacts.weights_file(self.run_dir, prefix, name)
 
     def _save_epoch(self, is_best: bool, complete: bool) -> None:
         model_state = self.model.state_dict()
@@ -266,7 +301,7 @@ class _Trainer:
             atomic_torch_save(model_state, self._weights_path("best", self.task.model_name))
             if header_state is not None:
                 atomic_torch_save(header_state, self._weights_path("best", "header"))
-        if not self.cfg.keep_epoch_weights and previous is not None:
+        if not self.options.keep_epoch_weights and previous is not None:
             for name in (self.task.model_name, "header"):
                 self._weights_path(previous, name).unlink(missing_ok=True)
         self._save_checkpoint(None)
@@ -290,7 +325,7 @@ class _Trainer:
             "best": json.dumps(self.best) if self.best else "",
             "mid_epoch": mid_epoch,  # None at the end of an epoch; see _save_mid_epoch
         }
-        atomic_torch_save(checkpoint, self.run_dir / CHECKPOINT_NAME)
+        atomic_torch_save(checkpoint, artifacts.checkpoint_file(self.run_dir))
 
     # ---- training -------------------------------------------------------------------------------------------
     def _is_better(self, record: dict[str, Any]) -> bool:
@@ -307,8 +342,8 @@ class _Trainer:
         raise ValueError(f"unknown selection rule {selection!r}")
 
     def _train_epoch(self, monitor: TrainingMonitor) -> dict[str, float]:
-        task, cfg = self.task, self.cfg
-        seed = derive_seed(cfg.seed, self.epoch, self.info.rank)
+        task, options = self.task, self.options
+        seed = derive_seed(options.seed, self.epoch, self.info.rank)
         seed_everything(seed)
         flip_generator = torch.Generator().manual_seed(seed + 1)
         self.sampler.set_epoch(self.epoch)
@@ -340,7 +375,7 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(losses["loss"]).backward()
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.global_step += 1
@@ -348,7 +383,7 @@ class _Trainer:
             for name, value in losses.items():
                 totals[name] = totals[name] + value.detach().float() if name in totals else value.detach().float()
             monitor.step(self.global_step, self.epoch, losses, lr)
-            at_log_step = self.global_step % max(1, cfg.log_every) == 0 or steps == self.steps_per_epoch
+            at_log_step = self.global_step % max(1, options.log_every) == 0 or steps == self.steps_per_epoch
             if at_log_step:
                 self._check_finite_loss(totals["loss"])
             if steps < self.steps_per_epoch and self._stop_requested(agree=at_log_step):
@@ -376,7 +411,7 @@ class _Trainer:
         self._check_finite_weights()
         mid_epoch = {"step": steps, "totals": {name: value.cpu() for name, value in totals.items()},
                      "rng": all_gather_object(_rng_state(flip_generator, self.device))}
-        path = self.run_dir / CHECKPOINT_NAME
+        path = artifacts.checkpoint_file(self.run_dir)
         if self.info.is_main:
             self._save_checkpoint(mid_epoch)
         barrier()
@@ -384,13 +419,13 @@ class _Trainer:
 
     def _interrupted(self, where: str) -> None:
         message = (f"{self.stop.name or 'a stop signal on another rank'}: {self.task.stage} stopped after step "
-                   f"{self.global_step} ({where}) and saved {self.run_dir / CHECKPOINT_NAME}; run the same command "
+                   f"{self.global_step} ({where}) and saved {artifacts.checkpoint_file(self.run_dir)}; run the same command "
                    "with resume=True to continue")
         self.logger.warning(message)
         raise TrainingInterrupted(message)
 
     def _last_good_checkpoint(self) -> str:
-        path = self.run_dir / CHECKPOINT_NAME
+        path = artifacts.checkpoint_file(self.run_dir)
         return f"{path} (end of epoch {self.epoch})" if self.epoch > 0 and path.is_file() else "none"
 
     def _check_finite_loss(self, loss_sum: torch.Tensor) -> None:
@@ -414,26 +449,26 @@ class _Trainer:
                 f"saved; last good checkpoint: {self._last_good_checkpoint()}")
 
     def _write_history(self, complete: bool) -> None:
-        atomic_write_json(self.run_dir / HISTORY_NAME,
+        atomic_write_json(artifacts.history_file(self.run_dir),
                           {"epochs": self.history, "best": self.best, "complete": complete,
                            "num_epochs": self.task.num_epochs})
 
     def run(self) -> TrainingResult:
-        task, cfg, info = self.task, self.cfg, self.info
+        task, options, info = self.task, self.options, self.info
         if info.is_main:
             self._save_config()
             self.logger.info(f"{task.stage} run in {self.run_dir}: {len(task.dataset)} samples, "  # type: ignore[arg-type]
                              f"{len(self.loader)} steps/epoch x {task.num_epochs} epochs, world size "
                              f"{info.world_size}, lr {task.lr:g}, milestones {list(task.milestones)}")
-            self.logger.info("config: " + json.dumps(cfg.to_dict(), sort_keys=True))
-        monitor = TrainingMonitor(self.logger, self.run_dir, is_main=info.is_main, log_every=cfg.log_every,
+            self.logger.info("config: " + json.dumps(task.config, sort_keys=True))
+        monitor = TrainingMonitor(self.logger, artifacts.tensorboard_dir(self.run_dir), is_main=info.is_main, log_every=options.log_every,
                                   samples_per_step=task.batch_size * info.world_size,
                                   total_steps=len(self.loader) * task.num_epochs, start_step=self.global_step)
         resumed_complete = self.epoch == task.num_epochs
         try:
             while self.epoch < task.num_epochs:
-                if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch:
-                    self.logger.info(f"stop_after_epoch={cfg.stop_after_epoch}: stopping; resume=True continues")
+                if options.stop_after_epoch is not None and self.epoch >= options.stop_after_epoch:
+                    self.logger.info(f"stop_after_epoch={options.stop_after_epoch}: stopping; resume=True continues")
                     break
                 start = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -449,7 +484,7 @@ class _Trainer:
                     "seconds": time.perf_counter() - start,
                 }
                 last_epoch = self.epoch + 1 == task.num_epochs
-                if self.verify is not None and ((self.epoch + 1) % cfg.verify_every == 0 or last_epoch):
+                if self.verify is not None and ((self.epoch + 1) % options.verify_every == 0 or last_epoch):
                     # Rank 0 evaluates while the others wait in the broadcast, then all agree on the result.
                     summary = self.verify(self.model, self.epoch) if info.is_main else None
                     record["rfw"] = broadcast_object(summary)
@@ -469,7 +504,7 @@ class _Trainer:
         complete = self.epoch == task.num_epochs
         if resumed_complete and info.is_main:
             self._write_history(complete=True)
-            self.logger.info(f"all {task.num_epochs} epochs were already done: {self.run_dir / HISTORY_NAME} "
+            self.logger.info(f"all {task.num_epochs} epochs were already done: {artifacts.history_file(self.run_dir)} "
                              "rewritten from the checkpoint")
         best_epoch = self.best["epoch"] if self.best else 0
         if info.is_main and complete:
@@ -479,54 +514,10 @@ class _Trainer:
                               self.history, complete, self.model)
 
 
-def train(cfg: Config, task: TrainingTask, info: DistInfo) -> TrainingResult:
-    """Train ``task`` under ``cfg`` on this rank; returns where the best weights are."""
+def train(task: TrainingTask, options: TrainOptions, info: DistInfo) -> TrainingResult:
+    """Train ``task`` with ``options`` on this rank; returns where the best weights are."""
     with rank0_folder_lock(task.run_dir, info.is_main, what=f"{task.stage} run folder"), \
             stop_on_signals() as stop:
-        trainer = _Trainer(cfg, task, info)
+        trainer = _Trainer(task, options, info)
         trainer.stop = stop
         return trainer.run()
-
-
-def is_run_complete(run_dir: Path) -> bool:
-    """True when a run finished every epoch (its history says so and its best weights exist)."""
-    path = Path(run_dir) / HISTORY_NAME
-    if not path.is_file():
-        return False
-    try:
-        history = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return bool(history.get("complete"))
-
-
-def classification_loss(model: nn.Module, header: nn.Module | None, batch: Batch) -> dict[str, torch.Tensor]:
-    """Margin-softmax cross-entropy: the loss of teachers and adaptors."""
-    if header is None:
-        raise ValueError("classification_loss needs a margin header")
-    logits = header(model(batch.inputs), batch.labels)
-    return {"loss": nn.functional.cross_entropy(logits.float(), batch.labels)}
-
-
-def make_header(cfg: Config, num_classes: int, adaptor_stage: bool = False) -> nn.Module:
-    """The configured margin head over ``num_classes`` identities found in the data."""
-    from utils.losses import build_head
-
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ValueError(f"config key num_classes={cfg.num_classes} but the training data has {num_classes} "
-                         f"identities")
-    return build_head(cfg, num_classes, adaptor_stage=adaptor_stage)
-
-
-def backbone_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module], Mapping[str, Any]] | None:
-    """Per-epoch RFW verification of a backbone (flip TTA), or None when no RFW root is configured."""
-    if cfg.rfw_root is None:
-        return None
-    from eval.verification import RFWEvaluator, backbone_embed_fn
-
-    rfw_root = Path(cfg.rfw_root)
-    if not rfw_root.is_dir():
-        raise FileNotFoundError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files)")
-    evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
-    return lambda model: evaluator(backbone_embed_fn(model), device)
-

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
+from utils.errors import IncompatibleInputError, MissingInputError, UserError
 from utils.numerics import json_safe
 
 TEMP_GLOB = ".*.tmp"
@@ -51,16 +52,19 @@ def os_errors_named(path: str | Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if getattr(exc, "named", False):
+        if isinstance(exc, WriteError):
             raise
         raise named_os_error(exc, path) from exc
 
 
+class WriteError(UserError, OSError):
+    """A write failed for a reason of the file system (full, read-only, not a folder, name too long)."""
+
+
 def named_os_error(exc: OSError, path: str | Path) -> OSError:
-    """An ``OSError`` with the one-line message of :func:`describe_os_error` and the same ``errno``."""
-    error = OSError(describe_os_error(exc, path))
+    """A :class:`WriteError` with the one-line message of :func:`describe_os_error` and the same ``errno``."""
+    error = WriteError(describe_os_error(exc, path))
     error.errno = exc.errno
-    error.named = True  # type: ignore[attr-defined]
     return error
 
 
@@ -132,15 +136,15 @@ def load_state_dict_file(path: str | Path, what: str = "weights") -> dict[str, t
     """Load a plain state_dict with ``weights_only=True``; errors name the file and what was expected."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise MissingInputError(f"{what} file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise RuntimeError(f"cannot read {what} file {path}: {exc}") from exc
+        raise IncompatibleInputError(f"cannot read {what} file {path}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RuntimeError(f"{what} file {path} is not a plain state_dict of tensors")
+        raise IncompatibleInputError(f"{what} file {path} is not a plain state_dict of tensors")
     # Checkpoints saved from a DDP-wrapped model carry a `module.` prefix on every key.
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}

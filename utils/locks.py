@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from utils.errors import UserError
 from utils.io import os_errors_named, remove_temp_files
 
 LOCK_NAME = ".lock"
@@ -25,7 +26,7 @@ LOCK_NAME = ".lock"
 _held: dict[Path, list[int]] = {}
 
 
-class FolderLocked(RuntimeError):
+class FolderLocked(UserError, RuntimeError):
     """Another process writes into the folder."""
 
 
@@ -65,6 +66,18 @@ def acquire(folder: str | Path, what: str = "folder") -> None:
     _held[key] = [fd, 1]
     # The holder owns the folder's temp files: those left now are from writes a kill interrupted.
     remove_temp_files(folder)
+
+
+def relock(folder: str | Path) -> None:
+    """Take the lock of ``folder`` again after the folder was moved aside with the lock file in it (a run of
+    other settings replaced with replace=True): the new, empty folder at the same path gets its own lock."""
+    key = Path(folder).resolve()
+    entry = _held.pop(key, None)
+    if entry is None:
+        return
+    os.close(entry[0])
+    acquire(folder)
+    _held[key][1] = entry[1]
 
 
 def release(folder: str | Path) -> None:

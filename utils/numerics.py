@@ -7,8 +7,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from utils.errors import UserError
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(UserError, RuntimeError):
     """Training or extraction produced NaN or infinite values; nothing of them was written."""
 
 

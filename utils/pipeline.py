@@ -1,27 +1,32 @@
-"""The paper's whole pipeline as a list of jobs: which script, which overrides, and how to tell it is done.
+"""The paper's whole pipeline as a list of jobs: which script, which overrides, what it depends on, and
+whether it has to run.
 
-``run_pipeline.py`` is the command-line front end. Completion checks read the outputs' own markers (history
-``complete`` flags and store manifests), so a finished job is skipped without starting Python again and an
-interrupted one is rerun with ``resume=True``.
+A job is done only when its outputs are complete *and* their provenance record (``utils/provenance.py``)
+matches the one the current config and the current upstream outputs call for; a job whose upstream job runs
+runs too. :func:`plan` decides every job before anything runs and says why; each job then runs as its own
+process (python, or torchrun with several processes per node) with ``resume=True`` (an interrupted run with
+the same record continues) and ``replace=True`` (a run of other settings or inputs is moved aside). The
+pipeline reads artifacts only; it imports no training code.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tqdm import tqdm
-
 from config.config import (
     ADAPTOR_SCRIPTS, ADAPTORS, ETHNICITIES, KD_KINDS, KD_SCRIPTS, TEACHER_SETS, Config, load_config, teacher_members)
-from utils.io import atomic_write_json
+from utils import artifacts
+from utils.dataset import ImageIndex, load_index, training_rows
+from utils.errors import InvalidInputError
+from utils.provenance import (
+    Record, adaptor_record, data_fingerprint, describe_changes, file_sha256, identities_fingerprint, read_record,
+    record_digest, split_record, store_record, student_record, targets_record, teacher_record)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("split", "teachers", "extract", "adaptors", "students", "report")
@@ -60,72 +65,216 @@ PRESETS: dict[str, Preset] = {
 @dataclass
 class Job:
     stage: str
-    script: str  # a stage script, or "" for the in-process report
+    script: str
     overrides: list[str]
-    done: Callable[[], bool]
+    key: str  # unique name, used for the dependencies
+    upstream: list[str]  # keys of the jobs whose outputs this job reads
+    check: Callable[[], "Verdict"]  # is it done, given the current outputs of its upstream jobs?
     distributed: bool = True  # launched under torchrun when more than one process is asked for
-    label: str = field(default="")
 
     def describe(self) -> str:
-        return self.label or f"{self.script} {' '.join(self.overrides)}".strip()
+        return f"{self.script} {' '.join(self.overrides)}".strip()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    done: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Step:
+    job: Job
+    run: bool
+    reason: str
 
 
 def _cfg(base: Sequence[str], extra: Sequence[str]) -> Config:
     return load_config(list(base) + list(extra))
 
 
-def _stores_complete(cfg: Config, index_hash: str) -> bool:
-    from utils.embedding_store import teacher_store_complete
-
-    return all(teacher_store_complete(cfg, member, index_hash) for member in teacher_members(cfg.teacher_set))
+def _changed(what: str, recorded: Record, wanted: Record) -> Verdict:
+    return Verdict(False, f"{what} made with other settings or inputs ({'; '.join(describe_changes(recorded, wanted))})")
 
 
-def _adaptor_done(cfg: Config, index_hash: str) -> bool:
-    from utils.embedding_store import targets_complete
-    from utils.engine import is_run_complete
+def _run_verdict(run_dir: Path, wanted: Record) -> Verdict:
+    """A training run is done when it finished with the wanted record."""
+    recorded = read_record(run_dir)
+    if recorded is None:
+        if not (artifacts.history_file(run_dir).exists() or artifacts.checkpoint_file(run_dir).exists()):
+            return Verdict(False, "not trained yet")
+        return Verdict(False, "run without a provenance record (older version): kept aside, trained anew")
+    if recorded != wanted:
+        return _changed("run", recorded, wanted)
+    if not artifacts.is_run_complete(run_dir):
+        return Verdict(False, "interrupted: resumes from its last epoch")
+    return Verdict(True, "complete, same settings and inputs")
 
-    return is_run_complete(cfg.adaptor_dir) and targets_complete(cfg.adaptor_dir, index_hash)
+
+def _store_verdict(manifest_path: Path, wanted: Record, what: str) -> Verdict:
+    manifest = artifacts.read_json(manifest_path, "store manifest")
+    if manifest is None:
+        return Verdict(False, f"{what} not written yet")
+    if manifest.get("provenance") != wanted:
+        return _changed(what, manifest.get("provenance") or {}, wanted)
+    if not manifest.get("complete"):
+        return Verdict(False, f"{what} interrupted")
+    return Verdict(True, "complete, same settings and inputs")
+
+
+class _Inputs:
+    """What the checks share, computed once per plan: the image index, data and RFW fingerprints, hashes."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._data: dict[tuple[str, str], str] = {}
+
+    @functools.cached_property
+    def index(self) -> ImageIndex:
+        return load_index(self.cfg)
+
+    def data(self, cfg: Config, protocol: str) -> str:
+        """Fingerprint of the rows a stage of ``cfg`` reads under ``protocol`` (cached per teacher member)."""
+        key = (protocol, cfg.teacher_member if protocol != "all" else "")
+        if key not in self._data:
+            rows, _ = training_rows(cfg, self.index, protocol)
+            self._data[key] = data_fingerprint(self.index, rows)
+        return self._data[key]
+
+    @functools.cache
+    def sha256(self, path: Path) -> str:
+        return file_sha256(path)
+
+    def teacher_weights(self, cfg: Config, member: str) -> str | None:
+        """sha256 of a finished (or released) teacher's best weights; None when there are none."""
+        run_dir = artifacts.teacher_dir(cfg, member)
+        weights = artifacts.best_weights(run_dir, "teacher")
+        ready = artifacts.is_weights_only(run_dir, "teacher") or artifacts.is_run_complete(run_dir)
+        return self.sha256(weights) if ready and weights.is_file() else None
+
+    def store_records(self, cfg: Config) -> dict[str, Record] | None:
+        records = {}
+        for member in teacher_members(cfg.teacher_set):
+            sha = self.teacher_weights(cfg, member)
+            if sha is None:
+                return None
+            records[member] = store_record(cfg, member, self.data(cfg, "all"), sha)
+        return records
+
+    def adaptor_record(self, cfg: Config) -> Record | None:
+        stores = self.store_records(cfg)
+        return None if stores is None else adaptor_record(cfg, {m: record_digest(r) for m, r in stores.items()})
+
+    def targets_record(self, cfg: Config) -> Record | None:
+        record = self.adaptor_record(cfg)
+        weights = artifacts.best_weights(artifacts.adaptor_dir(cfg), "adaptor")
+        if record is None or not weights.is_file():
+            return None
+        return targets_record(record, self.sha256(weights))
+
+
+def _teacher_check(cfg: Config, inputs: _Inputs) -> Verdict:
+    run_dir = artifacts.teacher_dir(cfg)
+    if artifacts.is_weights_only(run_dir, "teacher"):
+        return Verdict(True, "weights put there by hand (released teacher): used as they are")
+    protocol = "split" if cfg.teacher_set == "baseline" else "ethnicity"
+    if protocol == "split" and not artifacts.split_manifest(cfg).is_file():
+        return Verdict(False, "no split manifest yet")
+    return _run_verdict(run_dir, teacher_record(cfg, inputs.data(cfg, protocol)))
+
+
+def _extract_check(cfg: Config, inputs: _Inputs) -> Verdict:
+    records = inputs.store_records(cfg)
+    if records is None:
+        return Verdict(False, "a teacher has no finished weights yet")
+    for member, record in records.items():
+        verdict = _store_verdict(artifacts.member_files(artifacts.store_dir(cfg), member).manifest, record,
+                                 f"{member} store")
+        if not verdict.done:
+            return verdict
+    return Verdict(True, "complete, same teachers and images")
+
+
+def _adaptor_check(cfg: Config, inputs: _Inputs) -> Verdict:
+    record = inputs.adaptor_record(cfg)
+    if record is None:
+        return Verdict(False, "teacher stores not ready")
+    verdict = _run_verdict(artifacts.adaptor_dir(cfg), record)
+    if not verdict.done:
+        return verdict
+    return _store_verdict(artifacts.target_files(artifacts.adaptor_dir(cfg)).manifest,
+                          inputs.targets_record(cfg), "KD targets")  # type: ignore[arg-type]
+
+
+def _student_check(cfg: Config, inputs: _Inputs) -> Verdict:
+    targets = inputs.targets_record(cfg)
+    if targets is None:
+        return Verdict(False, "KD targets not ready")
+    return _run_verdict(artifacts.student_dir(cfg), student_record(cfg, inputs.data(cfg, "all"),
+                                                                   record_digest(targets)))
+
+
+def _split_check(cfg: Config, inputs: _Inputs) -> Verdict:
+    if not artifacts.split_manifest(cfg).is_file():
+        return Verdict(False, "no split yet")
+    wanted = split_record(cfg, identities_fingerprint(inputs.index))
+    recorded = artifacts.read_json(artifacts.split_provenance_file(cfg), "split provenance record")
+    if recorded != wanted:
+        return _changed("split", recorded or {}, wanted)
+    return Verdict(True, "complete, same seed and data")
 
 
 def plan_jobs(base: Sequence[str]) -> list[Job]:
     """Every job of the paper, in order, for the config ``base`` (a list of ``key=value`` overrides)."""
-    from utils.engine import is_run_complete
-
-    jobs: list[Job] = []
     cfg = _cfg(base, [])
+    inputs = _Inputs(cfg)
+    jobs: list[Job] = [Job("split", "baseline_data_split.py", [], "split", [],
+                           lambda: _split_check(cfg, inputs), distributed=False)]
 
-    @functools.cache
-    def index_hash() -> str:
-        """Every job shares the data, so the (possibly 1.25 M-line) index is read once per pipeline run, and
-        only when a check needs it (the data set may not exist before the first job)."""
-        from utils.dataset import load_index
+    def add(stage: str, script: str, extra: list[str], key: str, upstream: list[str],
+            check: Callable[[Config, _Inputs], Verdict]) -> None:
+        job_cfg = _cfg(base, extra)
+        jobs.append(Job(stage, script, extra, key, upstream, lambda: check(job_cfg, inputs)))
 
-        return load_index(cfg).digest()
-
-    jobs.append(Job("split", "baseline_data_split.py", [], lambda: cfg.split_manifest.is_file(), distributed=False))
     for ethnicity in ETHNICITIES:
-        extra = ["teacher_set=specialized", f"ethnicity={ethnicity}", "resume=True"]
-        run_dir = _cfg(base, extra).teacher_dir()
-        jobs.append(Job("teachers", "train.py", extra, lambda d=run_dir: is_run_complete(d)))
+        add("teachers", "train.py", ["teacher_set=specialized", f"ethnicity={ethnicity}"],
+            f"teacher/specialized/{ethnicity}", [], _teacher_check)
     for split in range(4):
-        extra = ["teacher_set=baseline", f"split={split}", "resume=True"]
-        run_dir = _cfg(base, extra).teacher_dir()
-        jobs.append(Job("teachers", "train.py", extra, lambda d=run_dir: is_run_complete(d)))
+        add("teachers", "train.py", ["teacher_set=baseline", f"split={split}"], f"teacher/baseline/split{split}",
+            ["split"], _teacher_check)
     for teacher_set in TEACHER_SETS:
-        extra = [f"teacher_set={teacher_set}", "ethnicity=all"]
-        jobs.append(Job("extract", "extract_all.py", extra, lambda c=_cfg(base, extra): _stores_complete(c, index_hash())))
+        members = teacher_members(teacher_set)
+        add("extract", "extract_all.py", [f"teacher_set={teacher_set}", "ethnicity=all"], f"extract/{teacher_set}",
+            [f"teacher/{teacher_set}/{member}" for member in members], _extract_check)
     for teacher_set in TEACHER_SETS:
         for adaptor in ADAPTORS:
             script, flags = ADAPTOR_SCRIPTS[adaptor]
-            extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", *flags, "resume=True"]
-            jobs.append(Job("adaptors", script, extra, lambda c=_cfg(base, extra): _adaptor_done(c, index_hash())))
+            add("adaptors", script, [f"teacher_set={teacher_set}", f"adaptor={adaptor}", *flags],
+                f"adaptor/{teacher_set}/{adaptor}", [f"extract/{teacher_set}"], _adaptor_check)
     for teacher_set in TEACHER_SETS:
         for adaptor in ADAPTORS:
             for kd in KD_KINDS:
-                extra = [f"teacher_set={teacher_set}", f"adaptor={adaptor}", f"kd={kd}", "resume=True"]
-                run_dir = _cfg(base, extra).student_dir
-                jobs.append(Job("students", KD_SCRIPTS[kd], extra, lambda d=run_dir: is_run_complete(d)))
+                add("students", KD_SCRIPTS[kd], [f"teacher_set={teacher_set}", f"adaptor={adaptor}", f"kd={kd}"],
+                    f"student/{teacher_set}/{adaptor}/{kd}", [f"adaptor/{teacher_set}/{adaptor}"], _student_check)
     return jobs
+
+
+def plan(jobs: Sequence[Job]) -> list[Step]:
+    """Decide, before anything runs, which jobs run and why: a job runs when its check fails or when a job it
+    reads from runs (jobs not in ``jobs`` are taken as they are on disk)."""
+    steps: list[Step] = []
+    running: set[str] = set()
+    for job in jobs:
+        upstream = [key for key in job.upstream if key in running]
+        if upstream:
+            step = Step(job, True, f"upstream {', '.join(upstream)} runs")
+        else:
+            verdict = job.check()
+            step = Step(job, not verdict.done, verdict.reason)
+        if step.run:
+            running.add(job.key)
+        steps.append(step)
+    return steps
 
 
 def select_jobs(jobs: list[Job], only: Sequence[str] | None, start: str | None) -> list[Job]:
@@ -140,10 +289,14 @@ def select_jobs(jobs: list[Job], only: Sequence[str] | None, start: str | None) 
     return jobs
 
 
+# The pipeline continues interrupted runs and moves runs of other settings or inputs aside (the plan says so).
+JOB_FLAGS = ("resume=True", "replace=True")
+
+
 def launch_command(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[str]) -> list[str]:
     """The command line of a job: plain python, or torchrun when several processes are asked for."""
     script = str(REPO / job.script)
-    args = [*base, *job.overrides]
+    args = [*base, *job.overrides, *JOB_FLAGS]
     if nproc > 1 and job.distributed:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *torchrun_args]
         if not any(arg.startswith(("--rdzv", "--nnodes", "--master")) for arg in torchrun_args):
@@ -152,112 +305,29 @@ def launch_command(job: Job, base: Sequence[str], nproc: int, torchrun_args: Seq
     return [sys.executable, script, *args]
 
 
-def run_in_process(job: Job, base: Sequence[str]) -> None:
-    """Run a stage script's ``main`` in this interpreter: saves the start-up of a process per job."""
-    path = REPO / job.script
-    spec = importlib.util.spec_from_file_location(f"stage_{path.stem.replace('-', '_')}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from utils.cli import run_stage
+class StageFailed(Exception):
+    """A stage's process ended with a non-zero exit code; it printed its own error."""
 
-    run_stage(module.main, [*base, *job.overrides])
+    def __init__(self, what: str, returncode: int) -> None:
+        super().__init__(f"{what} failed with exit code {returncode} (its output is above)")
+        self.returncode = returncode
+
+
+def run_command(command: Sequence[str], what: str) -> None:
+    """Run one stage as its own process; a failure stops the pipeline."""
+    print("$ " + shlex.join(command), flush=True)
+    completed = subprocess.run(list(command), cwd=REPO, env=os.environ.copy())
+    if completed.returncode != 0:
+        raise StageFailed(what, completed.returncode)
 
 
 def run_job(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[str]) -> None:
-    if nproc > 1 and job.distributed:
-        command = launch_command(job, base, nproc, torchrun_args)
-        print("$ " + shlex.join(command), flush=True)
-        completed = subprocess.run(command, cwd=REPO, env=os.environ.copy())
-        if completed.returncode != 0:
-            raise RuntimeError(f"{job.describe()} failed with exit code {completed.returncode}")
-    else:
-        run_in_process(job, base)
+    run_command(launch_command(job, base, nproc, torchrun_args), job.describe())
 
 
-# ---- the report -------------------------------------------------------------------------------------------
-
-def display_name(stage: str, cfg: Config) -> str:
-    """Paper-style row names: which teacher set, which member / adaptor / KD kind."""
-    teachers = "specialized" if cfg.teacher_set == "specialized" else "balanced"
-    if stage == "teacher":
-        return f"teacher {teachers} {cfg.teacher_member} ({cfg.network})"
-    if stage == "adaptor":
-        return f"{cfg.adaptor}-EAF-Fusion {teachers} (4x {cfg.network})"
-    kd = {"aKD": "a-KD", "EAFKD": "EAF-KD"}[cfg.kd]
-    return f"student {kd} {cfg.adaptor} {teachers} ({cfg.student_network})"
-
-
-def _row_order(stage: str, cfg: Config) -> tuple[int, ...]:
-    """Paper order: teachers, adaptor spaces, students; specialized before balanced; SL, DuL, DLDPO; a-KD first."""
-    member = 0
-    if stage == "teacher":
-        member = ETHNICITIES.index(cfg.ethnicity) if cfg.teacher_set == "specialized" else cfg.split
-    return (("teacher", "adaptor", "student").index(stage), TEACHER_SETS.index(cfg.teacher_set), member,
-            ADAPTORS.index(cfg.adaptor) if stage != "teacher" else 0, KD_KINDS.index(cfg.kd) if stage == "student" else 0)
-
-
-def _sources(runs: Sequence[tuple[Path, Config, str]]) -> list[list[Any]]:
-    """What a report was computed from: each run's evaluated weights file with its size and mtime."""
-    from eval.evaluate import WEIGHTS_FILE
-
-    sources = []
-    for run_dir, _, stage in runs:
-        weights = run_dir / WEIGHTS_FILE[stage]
-        stat = weights.stat() if weights.is_file() else None
-        sources.append([str(weights), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
-    return sources
-
-
-def build_report(cfg: Config, out_dir: Path | None = None) -> tuple[str, Path]:
-    """Evaluate every run under ``cfg.output_root`` on RFW; write the report; return (text, report dir).
-
-    A report whose runs' weights have not changed since it was written is reused without evaluating again.
-    """
-    from eval.evaluate import evaluate_run, find_runs
-    from eval.report import read_report_rows, results_table, write_report
-    from eval.verification import RFWEvaluator
-
+def report_command(cfg: Config) -> list[str]:
+    """The report of the runs of this config's run_name: ``python -m eval.evaluate --work-dir ...``."""
     if cfg.rfw_root is None:
-        raise ValueError("the report needs rfw_root=<folder with <Ethnicity>_test.bin>")
-    out_dir = out_dir or cfg.work_root / "report"
-    runs = sorted(find_runs(cfg.work_root), key=lambda run: _row_order(run[2], run[1]))
-    sources, sources_path = _sources(runs), out_dir / "sources.json"
-    if sources_path.is_file() and json.loads(sources_path.read_text()) == sources:
-        rows = read_report_rows(out_dir / "results.json")
-    else:
-        evaluator = RFWEvaluator(cfg.rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
-        rows = []
-        for run_dir, run_cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
-            row = evaluate_run(run_dir, run_cfg, stage, evaluator, name=display_name(stage, run_cfg))
-            row.extra.update(run_dir=str(run_dir), teacher_set=run_cfg.teacher_set)
-            rows.append(row)
-        write_report(rows, out_dir, stem="results")
-        atomic_write_json(sources_path, sources)
-    text = results_table(rows) + "\n\n" + summary_line(rows)
-    return text, out_dir
-
-
-def summary_line(rows: Sequence[Any]) -> str:
-    """Whether students of specialized teachers beat students of balanced teachers, from these numbers only."""
-    groups: dict[str, list[dict[str, float]]] = {"specialized": [], "baseline": []}
-    # A degenerate evaluation (constant or non-finite embeddings) measures nothing: it is left out, by name.
-    degenerate = [row.name for row in rows if row.extra.get("stage") == "student" and row.extra.get("degenerate")]
-    left_out = f" Left out as degenerate: {', '.join(degenerate)}." if degenerate else ""
-    for row in rows:
-        if row.extra.get("stage") == "student" and row.name not in degenerate:
-            groups[row.extra["teacher_set"]].append(row.metrics())
-    if not groups["specialized"] or not groups["baseline"]:
-        return "Summary: students of both teacher sets are needed to compare them." + left_out
-    mean = {name: {key: sum(m[key] for m in group) / len(group) for key in ("avg", "std", "ser")}
-            for name, group in groups.items()}
-    spec, base = mean["specialized"], mean["baseline"]
-    verdicts = [
-        f"Avg {'higher' if spec['avg'] > base['avg'] else 'not higher'} ({spec['avg']:.2f} vs {base['avg']:.2f})",
-        f"STD {'lower' if spec['std'] < base['std'] else 'not lower'} ({spec['std']:.2f} vs {base['std']:.2f})",
-        f"SER {'lower' if spec['ser'] < base['ser'] else 'not lower'} ({spec['ser']:.3f} vs {base['ser']:.3f})",
-    ]
-    wins = sum(("not" not in verdict) for verdict in verdicts)
-    return (f"Summary (mean over {len(groups['specialized'])} students per teacher set, this run only): students of "
-            f"specialized teachers vs students of balanced teachers: {'; '.join(verdicts)} -> better on "
-            f"{wins} of 3.{left_out}")
+        raise InvalidInputError("the report needs rfw_root=<folder with <Ethnicity>_test.bin>")
+    return [sys.executable, "-m", "eval.evaluate", "--work-dir", str(artifacts.work_root(cfg)), "--rfw-root",
+            str(cfg.rfw_root), "--run-name", cfg.run_name, "--batch-size", str(cfg.extract_batch_size)]

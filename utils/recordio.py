@@ -26,6 +26,8 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+from utils.errors import MissingInputError
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
@@ -137,7 +139,7 @@ class RecordReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"RecordIO file not found: {self.path}")
+            raise MissingInputError(f"RecordIO file not found: {self.path}")
         self._handle: BinaryIO | None = None
         self._pid: int | None = None
 
@@ -180,7 +182,7 @@ class IndexedRecordReader(RecordReader):
         super().__init__(rec_path)
         self.idx_path = Path(idx_path)
         if not self.idx_path.is_file():
-            raise FileNotFoundError(f"RecordIO index file not found: {self.idx_path}")
+            raise MissingInputError(f"RecordIO index file not found: {self.idx_path}")
         self.offsets: dict[int, int] = {}
         self.keys: list[int] = []
         with open(self.idx_path) as handle:

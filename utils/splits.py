@@ -7,7 +7,6 @@ per-split folder trees with hard links (symlinks where hard links are impossible
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,8 +14,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from config.config import ETHNICITIES
-from utils.callbacks import LOGGER_NAME
+from utils.errors import ExistingOutputError, MissingInputError
 from utils.io import atomic_write_json
+from utils.logs import get_logger
 
 MANIFEST_VERSION = 1
 Split = dict[str, list[str]]
@@ -67,7 +67,7 @@ def load_split_manifest(path: str | Path) -> list[Split]:
     """The splits of a manifest; errors name the file when it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"baseline split manifest not found: {path} (run baseline_data_split.py first)")
+        raise MissingInputError(f"baseline split manifest not found: {path} (run baseline_data_split.py first)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -115,14 +115,14 @@ def materialize_split(index, splits: Sequence[Mapping[str, Sequence[str]]], out_
                     src, dst = index.root / rel, Path(out_root) / f"split{k}" / rel
                     if dst.exists() or dst.is_symlink():
                         if not (dst.exists() and os.path.samefile(src, dst)):
-                            raise FileExistsError(f"{dst} exists and is not a link to {src}")
+                            raise ExistingOutputError(f"{dst} exists and is not a link to {src}")
                         continue
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     try:
                         os.link(src, dst)
                     except OSError as exc:
                         if not warned:
-                            logging.getLogger(LOGGER_NAME).warning("hard links impossible under %s (%s); making symlinks", out_root, exc)
+                            get_logger().warning("hard links impossible under %s (%s); making symlinks", out_root, exc)
                             warned = True
                         os.symlink(src.resolve(), dst)
                     made += 1

@@ -40,7 +40,8 @@ import cv2
 import numpy as np
 
 from config.config import ETHNICITIES
-from eval.rfw_data import write_bin
+from utils.binfile import write_bin
+from utils.errors import ExistingOutputError
 from utils.io import atomic_write_json
 
 BASES_PER_ETHNICITY = 12
@@ -232,7 +233,7 @@ def generate_synthetic(out_dir: str | Path, *, ids_per_ethnicity: int = 50, imag
         return {**summary, "reused": True}
     if train.exists() or rfw.exists() or manifest.exists():
         if not overwrite:
-            raise FileExistsError(f"{out} already holds a different or incomplete synthetic set; "
+            raise ExistingOutputError(f"{out} already holds a different or incomplete synthetic set; "
                                   "pass overwrite=True (--overwrite) to replace it")
         manifest.unlink(missing_ok=True)
         for folder in (train, rfw):

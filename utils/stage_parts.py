@@ -1,0 +1,51 @@
+"""Parts every training stage builds from the config: loop options, the margin header, the RFW evaluator for
+best-epoch selection and the classification loss."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from config.config import Config
+from eval.verification import RFWEvaluator, backbone_embed_fn
+from utils.engine import Batch, TrainOptions
+from utils.errors import InvalidInputError, MissingInputError
+from utils.losses import build_head
+
+
+def train_options(cfg: Config) -> TrainOptions:
+    """The loop's settings, read once from the config."""
+    return TrainOptions(
+        seed=cfg.seed, momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay,
+        grad_clip=cfg.grad_clip, amp=cfg.amp, log_every=cfg.log_every, verify_every=cfg.verify_every,
+        resume=cfg.resume, resume_same_world_size=cfg.resume_same_world_size, init_weights=cfg.init_weights,
+        stop_after_epoch=cfg.stop_after_epoch, keep_epoch_weights=cfg.keep_epoch_weights, replace=cfg.replace)
+
+
+def classification_loss(model: nn.Module, header: nn.Module | None, batch: Batch) -> dict[str, torch.Tensor]:
+    """Margin-softmax cross-entropy: the loss of teachers and adaptors."""
+    if header is None:
+        raise ValueError("classification_loss needs a margin header")
+    logits = header(model(batch.inputs), batch.labels)
+    return {"loss": nn.functional.cross_entropy(logits.float(), batch.labels)}
+
+
+def make_header(cfg: Config, num_classes: int, adaptor_stage: bool = False) -> nn.Module:
+    """The configured margin head over ``num_classes`` identities found in the data."""
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise InvalidInputError(f"config key num_classes={cfg.num_classes} but the training data has "
+                                f"{num_classes} identities")
+    return build_head(cfg, num_classes, adaptor_stage=adaptor_stage)
+
+
+def backbone_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module], Mapping[str, Any]] | None:
+    """Per-epoch RFW verification of a backbone (flip TTA), or None when no RFW root is configured."""
+    if cfg.rfw_root is None:
+        return None
+    rfw_root = Path(cfg.rfw_root)
+    if not rfw_root.is_dir():
+        raise MissingInputError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files)")
+    evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size)
+    return lambda model: evaluator(backbone_embed_fn(model), device)
