@@ -276,8 +276,8 @@ class _Trainer:
         self.best = json.loads(state["best"]) if state["best"] else None
         self.mid_epoch = state.get("mid_epoch")
         if self.mid_epoch is not None and saved_world != self.info.world_size:
-            raise InvalidInputError(f"{path} was saved in the middle of an epoch by {saved_world} ranks; resume it with "
-                               f"the same world size (this run has {self.info.world_size})")
+            raise InvalidInputError(f"{path} was saved in the middle of an epoch by {saved_world} ranks; resume it "
+                                    f"with the same world size (this run has {self.info.world_size})")
         where = f", {self.mid_epoch['step']} steps into epoch {self.epoch + 1}" if self.mid_epoch else ""
         self.logger.info(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}{where}")
 
