@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,11 @@ demo: $(STAMP)
 	$(PY) run_pipeline.py --preset demo
 
 bench: $(STAMP)
-	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
+	for script in $(filter-out benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)); do $(PY) $$script || exit 1; done
+
+# On a GPU node: trains in fp32/bf16/fp16 under torchrun and prints the throughput table (ARGS="--quick" etc.).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) work_dirs

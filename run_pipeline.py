@@ -4,6 +4,7 @@
     python run_pipeline.py --preset paper data_root=/data/BUPT rfw_root=/data/RFW --nproc-per-node 8
     python run_pipeline.py --from students teacher_set=...  # pick up at a stage
     python run_pipeline.py lr=0.05 run_name=lr005           # an ablation beside the first run
+    python run_pipeline.py --sweep-shared 0 0.4 0.8         # the demo once per synthetic world, one table
 
 Before anything runs, the plan lists every job with whether it runs and why. A job is skipped only when its
 outputs are complete and were made with the same settings (the keys that matter to it) and the same inputs;
@@ -40,15 +41,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     parser.add_argument("--torchrun", nargs=argparse.REMAINDER, default=[],
                         help="the rest of the line goes to torchrun (multi-node rendezvous options)")
+    parser.add_argument("--shared-fraction", type=float, default=None,
+                        help="synthetic presets: share of identity directions shared by every ethnicity "
+                             "(default: the preset's; see utils/synthetic.py)")
+    parser.add_argument("--sweep-shared", type=float, nargs="+", metavar="F", default=None,
+                        help="synthetic presets: run the pipeline once per shared fraction F, in "
+                             "<output root>/shared_<F>, then print the specialized-vs-balanced comparison of each "
+                             "(key=value overrides go before this option)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
     return parser.parse_args(argv)
 
 
-def prepare_synthetic(sizes: dict[str, int], data_dir: Path, seed: int) -> None:
+def prepare_synthetic(sizes: dict[str, float], data_dir: Path, seed: int) -> None:
     """Generate the preset's synthetic data; a complete identical set is reused, another one replaced."""
     from utils.synthetic import generate_synthetic
 
     generate_synthetic(data_dir, seed=seed, overwrite=True, **sizes)
+
+
+def sweep_shared(args: argparse.Namespace, preset_name: str, root: Path) -> int:
+    """The pipeline once per shared fraction (each in its own output root), then one comparison table."""
+    from eval.report import read_report_rows
+    from eval.shared_sweep import sweep_table
+
+    reports = {}
+    for fraction in args.sweep_shared:
+        out = root / f"shared_{fraction:g}"
+        overrides = [text for text in args.overrides if not text.startswith("output_root=")]
+        argv = ["--preset", preset_name, "--shared-fraction", str(fraction), *overrides,
+                format_override("output_root", str(out))]
+        if args.only:
+            argv[:0] = ["--only", *args.only]
+        print(f"\n==== shared_fraction={fraction:g}: {out} ====", flush=True)
+        run(argv)
+        report = artifacts.report_folder(out, _load(overrides).run_name)
+        reports[fraction] = read_report_rows(report / f"{artifacts.REPORT_STEM}.json")
+    print("\nShared-fraction study (students of specialized vs balanced teachers, per synthetic world):\n"
+          + sweep_table(reports))
+    return 0
 
 
 def _load(overrides: list[str]):
@@ -64,10 +94,18 @@ def run(argv: list[str] | None = None) -> int:
     preset_name = args.preset or ("paper" if user.data_root else "demo")
     preset = PRESETS[preset_name]
     base = [format_override(key, value) for key, value in preset.overrides.items()]
+    if preset.synthetic is None and (args.shared_fraction is not None or args.sweep_shared):
+        raise InvalidInputError(f"--shared-fraction and --sweep-shared need a synthetic preset (demo, tiny), "
+                                f"not {preset_name}")
     if preset.synthetic is not None:
         root = Path(_load(base + args.overrides).output_root)
         if not any(text.startswith("output_root=") for text in args.overrides):
             root = root / preset_name
+        if args.sweep_shared:
+            return sweep_shared(args, preset_name, root)
+        sizes = dict(preset.synthetic)
+        if args.shared_fraction is not None:
+            sizes["shared_fraction"] = args.shared_fraction
         data_dir = root / "data"
         base += [format_override("output_root", str(root)), format_override("data_root", str(data_dir / "train")),
                  format_override("rfw_root", str(data_dir / "rfw"))]
@@ -78,7 +116,7 @@ def run(argv: list[str] | None = None) -> int:
     # A second pipeline on the same output_root would rerun the same jobs into the same folders.
     with folder_lock(artifacts.work_root(cfg), what="pipeline output_root"), stop_on_signals() as stop:
         if preset.synthetic is not None:
-            prepare_synthetic(preset.synthetic, artifacts.work_root(cfg) / "data", user.seed)
+            prepare_synthetic(sizes, data_dir, user.seed)
         return run_steps(args, base, preset_name, stop)
 
 

@@ -106,7 +106,8 @@ class Config:
     extract_batch_size: int = 256  # images per rank and forward pass during extraction and evaluation
     # ---- run control ------------------------------------------------------------------------------------
     seed: int = 0  # seeds python, numpy, torch, the sampler, flips and margins (per rank)
-    amp: str = "none"  # none | bf16 | fp16 (GPU only; margin and loss maths stay fp32)
+    amp: str = "none"  # none | bf16 | fp16 autocast, on GPU and CPU (margin and loss maths stay fp32)
+    amp_init_scale: float = 65536.0  # fp16 only: the GradScaler's first loss scale (PyTorch's default, 2**16)
     log_every: int = 50  # steps between log lines and TensorBoard points
     verify_every: int = 1  # epochs between RFW verifications when rfw_root is set (the last epoch always)
     resume: bool = False  # continue from checkpoint_last.pt of this run
@@ -218,6 +219,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "loss_lambda": _NON_NEGATIVE, "extract_batch_size": _POSITIVE,
     "seed": (lambda v: 0 <= v < 2**32, "in 0..2**32-1"), "log_every": _POSITIVE, "verify_every": _POSITIVE,
     "stop_after_epoch": _NON_NEGATIVE, "num_classes": _POSITIVE, "output_root": (bool, "a folder name"),
+    "amp_init_scale": _POSITIVE,
 }
 
 

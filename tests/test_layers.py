@@ -19,11 +19,11 @@ LAYERS: list[tuple[str, list[str]]] = [
                                  "eval.report"]),
     ("training loop", ["utils.losses", "utils.callbacks", "utils.engine"]),
     ("stage logic", ["utils.stage_parts", "utils.embedding_store", "utils.adaptor", "utils.distill", "utils.cli"]),
-    ("evaluation and report", ["eval.evaluate"]),
+    ("evaluation and report", ["eval.evaluate", "eval.export", "eval.kd_targets", "eval.shared_sweep"]),
     ("pipeline", ["utils.pipeline"]),
     ("scripts", ["baseline_data_split", "train", "extract_all", "fc_EArc", "dual_layer_EAF-Fusion", "KD_alone",
                  "KD_CEL", "run_pipeline", "benchmarks.adaptor_input", "benchmarks.scan_folder",
-                 "benchmarks.train_step", "benchmarks.verification"]),
+                 "benchmarks.train_step", "benchmarks.verification", "benchmarks.gpu_check"]),
 ]
 LAYER_OF = {module: number for number, (_, modules) in enumerate(LAYERS) for module in modules}
 PACKAGES = ("config", "backbones", "utils", "eval", "benchmarks")

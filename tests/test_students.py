@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
 import shutil
 from pathlib import Path
@@ -236,3 +237,15 @@ def test_two_rank_student_ends_with_identical_weights(chain, tmp_path):
     cfg = load_config(args)
     assert same_weights(load(artifacts.student_dir(cfg) / "best_backbone.pth"), rank0)
     assert json.loads((artifacts.student_dir(cfg) / "config.json").read_text())["derived"]["world_size"] == 2
+
+
+@pytest.mark.parametrize(("script", "amp"), [(KD_alone, "bf16"), (KD_CEL, "fp16")])
+def test_students_train_under_cpu_autocast(chain, tmp_path, script, amp):
+    # fp16 from a loss scale of 1: lambda=1e4 makes the KD gradients large enough to overflow a bigger one.
+    result = student(script, fresh_work(chain, tmp_path / "work", amp=amp, amp_init_scale=1.0, num_epoch=1,
+                                        batch_size=8))
+    assert result.complete
+    assert f"precision {amp} autocast on cpu" in (result.run_dir / "train.log").read_text()
+    assert all(math.isfinite(value) for epoch in epoch_losses(result.run_dir) for value in epoch.values())
+    scaler = load(result.run_dir / "checkpoint_last.pt")["scaler"]
+    assert (scaler["scale"] > 0) if amp == "fp16" else scaler == {}

@@ -4,6 +4,7 @@ The demo-size speed (4 x 50 ids x 10 images, 300 pairs, 112x112 in well under 30
 asserted: wall-clock limits fail on a busy shared machine."""
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -137,3 +138,42 @@ def test_pixels_alone_do_not_solve_verification(tmp_path):
         # Genuine pairs look more alike than impostors, but raw pixels are far from solving it
         # (0.63-0.77 measured over seeds; a trained network reaches about 0.85-0.95).
         assert margin > 0.05 and accuracy < 0.85, (eth, accuracy, margin)
+
+
+def test_shared_fraction_zero_reproduces_the_v1_world(tmp_path):
+    """shared_fraction=0 must give the group-specific-only world of generator v1 byte for byte. The digest
+    was taken from v1 (commit 1ca1371) with the pinned opencv-python-headless; it covers the JPEGs only (the
+    .bin pickle bytes depend on the Python version)."""
+    synthetic.generate_synthetic(tmp_path, **TINY, seed=0, shared_fraction=0.0)
+    digest = hashlib.sha256()
+    for path in sorted(tmp_path.rglob("*.jpg")):
+        digest.update(str(path.relative_to(tmp_path)).encode())
+        digest.update(path.read_bytes())
+    assert digest.hexdigest() == "56d01ccc461a06adc3042c1db858980567bba12747b7dce239e2ba3288c44e31"
+
+
+def test_shared_fraction_mixes_shared_and_group_directions():
+    size, seed = 16, 0
+    specific = [synthetic._Renderer(size, seed, eth, 95, shared_fraction=0.0).basis for eth in ETHNICITIES]
+    mixed = [synthetic._Renderer(size, seed, eth, 95, shared_fraction=0.36).basis for eth in ETHNICITIES]
+    k, shared = synthetic.BASES_PER_ETHNICITY, synthetic.SHARED_BASES
+    for own, mix in zip(specific, mixed):
+        assert np.allclose(mix[:k], 0.8 * own[:k], atol=1e-4)  # sqrt(1 - 0.36): the group part
+        assert np.array_equal(mix[k + shared:], own[k:])  # the nuisance keeps its level
+    # The shared part is the same patterns for every ethnicity, with sqrt(0.36) of the energy.
+    assert all(np.array_equal(mix[k:k + shared], mixed[0][k:k + shared]) for mix in mixed)
+    energy = lambda rows: float(np.sum(rows.astype(np.float64) ** 2))  # noqa: E731
+    assert energy(mixed[0][k:k + shared]) / energy(specific[0][:k]) == pytest.approx(0.36, rel=0.15)
+    train = synthetic._identity(seed, 1, 0, held_out=False, shared_fraction=0.36)[0]
+    test = synthetic._identity(seed, 1, 0, held_out=True, shared_fraction=0.36)[0]
+    assert train.shape == test.shape == (k + shared,) and not np.allclose(train[k:], test[k:])
+
+
+def test_shared_fraction_is_recorded_and_checked(tmp_path):
+    synthetic.generate_synthetic(tmp_path, **TINY)
+    assert json.loads((tmp_path / "synthetic.json").read_text())["shared_fraction"] == synthetic.SHARED_FRACTION
+    with pytest.raises(FileExistsError):
+        synthetic.generate_synthetic(tmp_path, **TINY, shared_fraction=0.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="shared_fraction"):
+            synthetic.generate_synthetic(tmp_path / "bad", **TINY, shared_fraction=bad)

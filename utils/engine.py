@@ -62,6 +62,7 @@ class TrainOptions:
     lr_decay: float
     grad_clip: float
     amp: str = "none"  # none | bf16 | fp16
+    amp_init_scale: float = 65536.0  # fp16 GradScaler's first loss scale
     log_every: int = 50
     verify_every: int = 1
     resume: bool = False
@@ -183,9 +184,8 @@ class _Trainer:
         self.options, self.task, self.info = options, task, info
         self.run_dir = Path(task.run_dir)
         self.device = info.device
+        # The same autocast + GradScaler path runs on GPU and CPU, so CI exercises what clusters run.
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
-        if self.amp_dtype is not None and self.device.type != "cuda":
-            raise InvalidInputError(f"amp={options.amp} needs a GPU; use amp=none on the CPU")
         _check_labels(task)
         aside = self._claim_run_dir()
         self.logger = setup_logging(artifacts.log_file(self.run_dir), info.is_main)
@@ -202,7 +202,8 @@ class _Trainer:
             groups.append({"params": list(self.header.parameters())})
         self.optimizer = torch.optim.SGD(groups, lr=task.lr, momentum=options.momentum, weight_decay=options.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, step_decay(task.milestones, options.lr_decay))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=options.amp_init_scale,
+                                           enabled=options.amp == "fp16")
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -267,7 +268,10 @@ class _Trainer:
             self.header.load_state_dict(state["header"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.scaler.is_enabled() and not state["scaler"]:
+            self.logger.warning(f"{path} was written without fp16: the loss scale starts afresh")
+        else:
+            self.scaler.load_state_dict(state["scaler"])
         self.scheduler.base_lrs = [self.task.lr] * len(self.optimizer.param_groups)
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = lr * step_decay(self.task.milestones, self.options.lr_decay)(int(state["epoch"]))
@@ -353,6 +357,7 @@ class _Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         totals: dict[str, torch.Tensor] = {}
         steps = 0
+        skipped = torch.zeros((), device=self.device)  # fp16 steps the scaler skipped; read once per epoch
         resumed, self.mid_epoch = self.mid_epoch, None
         self.sampler.skip = resumed["step"] * task.batch_size if resumed else 0
         batches = iter(self.loader)  # draws the loader's seed from the epoch's stream, as an uninterrupted run does
@@ -375,6 +380,10 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(losses["loss"]).backward()
             self.scaler.unscale_(self.optimizer)
+            if self.scaler.is_enabled():
+                # The scaler skips the step exactly when a gradient is not finite, i.e. when their norm is not.
+                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                skipped += ~torch.isfinite(nn.utils.get_total_norm(grads))
             nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -384,16 +393,40 @@ class _Trainer:
                 totals[name] = totals[name] + value.detach().float() if name in totals else value.detach().float()
             monitor.step(self.global_step, self.epoch, losses, lr)
             at_log_step = self.global_step % max(1, options.log_every) == 0 or steps == self.steps_per_epoch
-            if at_log_step:
+            if at_log_step and self.options.amp != "fp16":  # fp16: the scaler skips such steps (_check_skipped)
                 self._check_finite_loss(totals["loss"])
             if steps < self.steps_per_epoch and self._stop_requested(agree=at_log_step):
                 self._save_mid_epoch(steps, totals, flip_generator)
         self.scheduler.step()
         names = sorted(totals)
         summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
-            float(steps), device=self.device)]))
-        total_steps = float(summed[-1])
-        return {name: float(value) for name, value in zip(names, summed[:-1])} | {"steps": total_steps}
+            float(steps), device=self.device), skipped]))
+        total_steps, total_skipped = float(summed[-2]), float(summed[-1])
+        return ({name: float(value) for name, value in zip(names, summed[:-2])}
+                | {"steps": total_steps, "skipped": total_skipped})
+
+    def _check_skipped(self, skipped: float, steps: float) -> int:
+        """Per-rank count of the epoch's fp16 steps skipped for non-finite gradients; stops when all were."""
+        if not self.scaler.is_enabled():
+            return 0
+        # DDP averages the gradients before the check, so every rank skips the same steps.
+        count, per_rank = round(skipped / self.info.world_size), round(steps / self.info.world_size)
+        scale = self.scaler.get_scale()
+        if self.info.is_main:
+            self.logger.info(f"epoch {self.epoch + 1} fp16: skipped {count} of {per_rank} steps "
+                             f"(non-finite gradients), loss scale now {scale:g}")
+        if count == per_rank:
+            raise RuntimeError(
+                f"amp=fp16: every one of the {per_rank} steps of epoch {self.epoch + 1} was skipped because the "
+                f"gradients were not finite (loss scale fell to {scale:g}); the weights did not change. "
+                f"Use amp=bf16 or amp=none, lower amp_init_scale, or check the lr and the data")
+        return count
+
+    def _precision(self) -> str:
+        if self.amp_dtype is None:
+            return f"fp32 on {self.device.type}"
+        scaler = f", GradScaler from scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
+        return f"{self.options.amp} autocast on {self.device.type}{scaler}"
 
     def _stop_requested(self, agree: bool) -> bool:
         """After a step: whether a stop signal arrived. Ranks agree only at logging steps (``agree``), so the loop
@@ -459,7 +492,8 @@ class _Trainer:
             self._save_config()
             self.logger.info(f"{task.stage} run in {self.run_dir}: {len(task.dataset)} samples, "  # type: ignore[arg-type]
                              f"{len(self.loader)} steps/epoch x {task.num_epochs} epochs, world size "
-                             f"{info.world_size}, lr {task.lr:g}, milestones {list(task.milestones)}")
+                             f"{info.world_size}, lr {task.lr:g}, milestones {list(task.milestones)}, "
+                             f"precision {self._precision()}")
             self.logger.info("config: " + json.dumps(task.config, sort_keys=True))
         monitor = TrainingMonitor(self.logger, artifacts.tensorboard_dir(self.run_dir), is_main=info.is_main, log_every=options.log_every,
                                   samples_per_step=task.batch_size * info.world_size,
@@ -474,6 +508,7 @@ class _Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 sums = self._train_epoch(monitor)
                 steps = sums.pop("steps")
+                skipped_steps = self._check_skipped(sums.pop("skipped"), steps)
                 broadcast_buffers(self.model)
                 if self.header is not None:
                     broadcast_buffers(self.header)
@@ -483,6 +518,8 @@ class _Trainer:
                     "loss_sum": sums["loss"], "losses": {k: v / steps for k, v in sums.items()},
                     "seconds": time.perf_counter() - start,
                 }
+                if self.scaler.is_enabled():
+                    record["skipped_steps"] = skipped_steps
                 last_epoch = self.epoch + 1 == task.num_epochs
                 if self.verify is not None and ((self.epoch + 1) % options.verify_every == 0 or last_epoch):
                     # Rank 0 evaluates while the others wait in the broadcast, then all agree on the result.

@@ -37,7 +37,7 @@ class Preset:
     """A named configuration of the whole pipeline; ``synthetic`` sizes mean "generate the data first"."""
 
     overrides: dict[str, Any]
-    synthetic: dict[str, int] | None = None
+    synthetic: dict[str, float] | None = None
     description: str = ""
 
 

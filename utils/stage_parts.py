@@ -19,7 +19,8 @@ def train_options(cfg: Config) -> TrainOptions:
     """The loop's settings, read once from the config."""
     return TrainOptions(
         seed=cfg.seed, momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay,
-        grad_clip=cfg.grad_clip, amp=cfg.amp, log_every=cfg.log_every, verify_every=cfg.verify_every,
+        grad_clip=cfg.grad_clip, amp=cfg.amp, amp_init_scale=cfg.amp_init_scale, log_every=cfg.log_every,
+        verify_every=cfg.verify_every,
         resume=cfg.resume, resume_same_world_size=cfg.resume_same_world_size, init_weights=cfg.init_weights,
         stop_after_epoch=cfg.stop_after_epoch, keep_epoch_weights=cfg.keep_epoch_weights, replace=cfg.replace)
 

@@ -1,7 +1,8 @@
 """Synthetic face-like data in the real layouts, for the demo, the tests and the benchmarks.
 
     python -m utils.synthetic --out DIR [--ids-per-ethnicity 50] [--images-per-id 10]
-        [--pairs-per-ethnicity 300] [--image-size 112] [--seed 0] [--jpeg-quality 95] [--overwrite]
+        [--pairs-per-ethnicity 300] [--image-size 112] [--seed 0] [--jpeg-quality 95]
+        [--shared-fraction 0.4] [--overwrite]
 
 writes ``DIR/train/<Ethnicity>/<identity>/<n>.jpg`` (BUPT layout, ``data_root=DIR/train``),
 ``DIR/rfw/<Ethnicity>_test.bin`` (RFW-style pairs, ``rfw_root=DIR/rfw``) and ``DIR/synthetic.json``
@@ -17,8 +18,15 @@ How images are made, and why:
   60 or 90 degrees from vertical, +-6) and whose frequency lies in a low or high band, alternating,
   so any two ethnicities differ by 60 degrees or in frequency. A few cycles per face keep them
   resolvable down to 32x32. Identity = identity-specific coefficients on its ethnicity's basis, so
-  identities of one ethnicity differ only along that ethnicity's directions, and a network that
+  identities of one ethnicity differ along that ethnicity's directions, and a network that
   learned one ethnicity's directions sees another's only partially.
+* ``shared_fraction`` (default 0.4) of each identity's pattern energy lies along identity directions
+  shared by every ethnicity (their own basis: any orientation, any colour), the rest along its
+  ethnicity's own: ``sqrt(f) * shared + sqrt(1 - f) * specific``, each part with unit energy. Real
+  face identity features are largely shared across groups, so a single-group model verifies other
+  groups a few points worse, not at chance; 0 gives group-specific directions only (the v1 world,
+  byte for byte), 1 removes the group-specific part. The README reports how the demo's specialized
+  teachers behave at each value.
 * Each image adds within-identity coefficient jitter (expression), a random similarity transform
   (shift, scale, rotation), illumination (gain, bias, linear gradient, colour cast), a random
   background level, uniform pixel noise and JPEG compression, so verification is neither trivial nor
@@ -63,18 +71,28 @@ COLOUR_DIRECTIONS = ((1.0, 1.0, -1.0), (1.0, -1.0, 1.0), (-1.0, 1.0, 1.0), (1.0,
 COLOUR_JITTER = 0.15  # per-pattern deviation from the ethnicity's colour direction
 NUISANCE_BASES = 16  # shared patterns mixed into every image with fresh coefficients
 NUISANCE_LEVEL = 0.6  # std of their coefficients (identity coefficients have std 1)
+SHARED_BASES = 12  # identity patterns shared by every ethnicity
+SHARED_FRACTION = 0.4  # default share of identity pattern energy along the shared patterns (see the module doc)
 _STREAM_BASIS, _STREAM_TRAIN_ID, _STREAM_TEST_ID, _STREAM_PAIRS = 0, 1, 2, 3
+_STREAM_SHARED_BASIS, _STREAM_TRAIN_SHARED, _STREAM_TEST_SHARED = 4, 5, 6
 
 
 def _rng(seed: int, eth_code: int, stream: int, item: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, eth_code, stream, item])
 
 
-def _identity(seed: int, eth_code: int, i: int, held_out: bool) -> tuple[np.ndarray, np.random.Generator]:
+def _identity(seed: int, eth_code: int, i: int, held_out: bool,
+              shared_fraction: float = 0.0) -> tuple[np.ndarray, np.random.Generator]:
     """Coefficients of training (or held-out test) identity ``i`` and the stream its images draw from.
-    Training and test identities come from separate streams, so they never coincide."""
+    Training and test identities come from separate streams, so they never coincide. With a shared part
+    the coefficients of the shared patterns follow those of the ethnicity's own, drawn from their own
+    stream so that the images' stream is the same as without."""
     rng = _rng(seed, eth_code, _STREAM_TEST_ID if held_out else _STREAM_TRAIN_ID, i)
-    return rng.normal(0, 1, BASES_PER_ETHNICITY), rng
+    coeffs = rng.normal(0, 1, BASES_PER_ETHNICITY)
+    if shared_fraction > 0:
+        shared = _rng(seed, eth_code, _STREAM_TEST_SHARED if held_out else _STREAM_TRAIN_SHARED, i)
+        coeffs = np.concatenate([coeffs, shared.normal(0, 1, SHARED_BASES)])
+    return coeffs, rng
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,9 +142,16 @@ def _basis(size: int, seed: int, eth_code: int) -> np.ndarray:
         for _ in range(BASES_PER_ETHNICITY)])
 
 
+def _shared_basis(size: int, seed: int) -> np.ndarray:
+    """Identity patterns shared by every ethnicity [KS, S, S, 3] (any orientation, any colour)."""
+    rng = _rng(seed, len(ETHNICITIES), _STREAM_SHARED_BASIS)
+    return np.stack([_pattern(rng, size, rng.uniform(0, 90), rng.normal(0, 1, size=3))
+                     for _ in range(SHARED_BASES)])
+
+
 def _nuisance_basis(size: int, seed: int) -> np.ndarray:
     """Patterns shared by every ethnicity [KN, S, S, 3] (any orientation, any colour), mixed afresh
-    into each image: a network learns to ignore whatever is not its training ethnicity's directions."""
+    into each image: a network learns to ignore whatever is not an identity direction."""
     rng = _rng(seed, len(ETHNICITIES), _STREAM_BASIS)
     return np.stack([_pattern(rng, size, rng.uniform(0, 90), rng.normal(0, 1, size=3))
                      for _ in range(NUISANCE_BASES)])
@@ -135,13 +160,19 @@ def _nuisance_basis(size: int, seed: int) -> np.ndarray:
 class _Renderer:
     """Renders images of one ethnicity at one size (float32 maths: the generator must stay fast)."""
 
-    def __init__(self, size: int, seed: int, eth: str, jpeg_quality: int):
-        self.size, self.jpeg_quality = size, jpeg_quality
+    def __init__(self, size: int, seed: int, eth: str, jpeg_quality: int, shared_fraction: float = 0.0):
+        self.size, self.jpeg_quality, self.shared_fraction = size, jpeg_quality, shared_fraction
         self.eth_code = ETHNICITIES.index(eth)
         mask, shading = _face_template(size)
         scale = PATTERN_AMPLITUDE / math.sqrt(BASES_PER_ETHNICITY)
-        basis = np.concatenate([_basis(size, seed, self.eth_code), _nuisance_basis(size, seed)])
-        self.basis = (basis * mask[None, ..., None] * scale).reshape(len(basis), -1).astype(np.float32)
+        # Identity coefficients have unit variance in each part, so a part's weight sqrt(share) gives it that
+        # share of the identity energy; the nuisance keeps its level whatever the share.
+        parts = [(_basis(size, seed, self.eth_code), math.sqrt(1.0 - shared_fraction))]
+        if shared_fraction > 0:
+            parts.append((_shared_basis(size, seed), math.sqrt(shared_fraction)))
+        parts.append((_nuisance_basis(size, seed), 1.0))
+        basis = np.concatenate([patterns * mask[None, ..., None] * scale * weight for patterns, weight in parts])
+        self.basis = basis.reshape(len(basis), -1).astype(np.float32)
         self.outside = (1 - mask)[..., None].astype(np.float32)
         self.face = (shading[..., None] * np.array(BASE_COLOURS[eth])).astype(np.float32)
         x, y = _grid(size)
@@ -175,11 +206,11 @@ class _Renderer:
 
 
 def _params(ids_per_ethnicity: int, images_per_id: int, pairs_per_ethnicity: int, image_size: int, seed: int,
-            jpeg_quality: int) -> dict:
-    return {"generator": "mst-kd synthetic v1", "ids_per_ethnicity": ids_per_ethnicity,
+            jpeg_quality: int, shared_fraction: float) -> dict:
+    return {"generator": "mst-kd synthetic v2", "ids_per_ethnicity": ids_per_ethnicity,
             "images_per_id": images_per_id, "pairs_per_ethnicity": pairs_per_ethnicity,
             "image_size": image_size, "seed": seed, "jpeg_quality": jpeg_quality,
-            "test_ids_per_ethnicity": _test_ids(ids_per_ethnicity)}
+            "shared_fraction": shared_fraction, "test_ids_per_ethnicity": _test_ids(ids_per_ethnicity)}
 
 
 def _test_ids(ids_per_ethnicity: int) -> int:
@@ -188,7 +219,7 @@ def _test_ids(ids_per_ethnicity: int) -> int:
 
 def _write_train(out: Path, renderer: _Renderer, eth: str, seed: int, ids: int, images_per_id: int) -> None:
     for i in range(ids):
-        coeffs, rng = _identity(seed, renderer.eth_code, i, held_out=False)
+        coeffs, rng = _identity(seed, renderer.eth_code, i, held_out=False, shared_fraction=renderer.shared_fraction)
         folder = out / eth / f"{eth.lower()}_{i:05d}"
         folder.mkdir(parents=True)
         for n in range(images_per_id):
@@ -197,7 +228,8 @@ def _write_train(out: Path, renderer: _Renderer, eth: str, seed: int, ids: int, 
 
 def _write_pairs(path: Path, renderer: _Renderer, seed: int, num_ids: int, pairs: int) -> None:
     """Alternating genuine/impostor pairs of held-out identities (every fold of 10 is balanced)."""
-    ids = [_identity(seed, renderer.eth_code, j, held_out=True)[0] for j in range(num_ids)]
+    ids = [_identity(seed, renderer.eth_code, j, held_out=True, shared_fraction=renderer.shared_fraction)[0]
+           for j in range(num_ids)]
     rng = _rng(seed, renderer.eth_code, _STREAM_PAIRS)
     images, issame = [], []
     for p in range(pairs):
@@ -212,7 +244,8 @@ def _write_pairs(path: Path, renderer: _Renderer, seed: int, num_ids: int, pairs
 
 def generate_synthetic(out_dir: str | Path, *, ids_per_ethnicity: int = 50, images_per_id: int = 10,
                        pairs_per_ethnicity: int = 300, image_size: int = 112, seed: int = 0,
-                       jpeg_quality: int = 95, overwrite: bool = False) -> dict:
+                       jpeg_quality: int = 95, shared_fraction: float = SHARED_FRACTION,
+                       overwrite: bool = False) -> dict:
     """Write the synthetic set under ``out_dir`` (see the module doc) and return its summary.
 
     A complete set with the same parameters is reused; a different or incomplete one is an error
@@ -223,7 +256,10 @@ def generate_synthetic(out_dir: str | Path, *, ids_per_ethnicity: int = 50, imag
                         ("pairs_per_ethnicity", pairs_per_ethnicity), ("image_size", image_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    params = _params(ids_per_ethnicity, images_per_id, pairs_per_ethnicity, image_size, seed, jpeg_quality)
+    if not 0.0 <= shared_fraction <= 1.0:
+        raise ValueError(f"shared_fraction must be in [0, 1], got {shared_fraction}")
+    params = _params(ids_per_ethnicity, images_per_id, pairs_per_ethnicity, image_size, seed, jpeg_quality,
+                     float(shared_fraction))
     manifest = out / "synthetic.json"
     train, rfw = out / "train", out / "rfw"
     summary = {"train_root": str(train), "rfw_root": str(rfw), **params,
@@ -242,7 +278,7 @@ def generate_synthetic(out_dir: str | Path, *, ids_per_ethnicity: int = 50, imag
     start = time.perf_counter()
     rfw.mkdir(parents=True)
     for eth in ETHNICITIES:
-        renderer = _Renderer(image_size, seed, eth, jpeg_quality)
+        renderer = _Renderer(image_size, seed, eth, jpeg_quality, shared_fraction)
         _write_train(train, renderer, eth, seed, ids_per_ethnicity, images_per_id)
         _write_pairs(rfw / f"{eth}_test.bin", renderer, seed, _test_ids(ids_per_ethnicity), pairs_per_ethnicity)
     atomic_write_json(manifest, params)
@@ -258,11 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--shared-fraction", type=float, default=SHARED_FRACTION,
+                        help="share of identity pattern energy shared by every ethnicity (0: none, the v1 world)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different existing set")
     args = parser.parse_args(argv)
     summary = generate_synthetic(args.out, ids_per_ethnicity=args.ids_per_ethnicity, images_per_id=args.images_per_id,
                                  pairs_per_ethnicity=args.pairs_per_ethnicity, image_size=args.image_size,
-                                 seed=args.seed, jpeg_quality=args.jpeg_quality, overwrite=args.overwrite)
+                                 seed=args.seed, jpeg_quality=args.jpeg_quality,
+                                 shared_fraction=args.shared_fraction, overwrite=args.overwrite)
     state = "reused" if summary["reused"] else f"written in {summary['seconds']:.1f} s"
     print(f"synthetic set {state}: {summary['num_images']} training images of {summary['num_identities']} "
           f"identities in {summary['train_root']}, {args.pairs_per_ethnicity} pairs per ethnicity in {summary['rfw_root']}")

@@ -1,0 +1,72 @@
+"""Mixed precision on the CPU: the same autocast + GradScaler path that runs on GPUs, exercised in CI."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_overrides
+from utils.cli import run_stage
+
+import train
+
+
+def _train(data: Path, out: Path, **extra):
+    return run_stage(train.main, tiny_overrides(data, out, ethnicity="Asian", **extra))
+
+
+def _checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "history.json").read_text())["epochs"]
+
+
+def test_teacher_trains_under_cpu_bf16_autocast(tiny_synthetic, tmp_path):
+    result = _train(tiny_synthetic, tmp_path, amp="bf16")
+    assert result.complete
+    epochs = _history(result.run_dir)
+    assert all(math.isfinite(e["losses"]["loss"]) for e in epochs)
+    assert "precision bf16 autocast on cpu" in (result.run_dir / "train.log").read_text()
+    # bf16 needs no loss scaling: the scaler stays off, its checkpointed state empty, no skipped-step count.
+    assert _checkpoint(result.run_dir)["scaler"] == {} and all("skipped_steps" not in e for e in epochs)
+
+
+def test_fp16_resume_matches_uninterrupted_run(tiny_synthetic, tmp_path):
+    # 2048 makes the first step overflow: the resumed run must carry the backed-off scale to match.
+    settings = {"amp": "fp16", "amp_init_scale": 2048.0}
+    straight = _train(tiny_synthetic, tmp_path / "straight", **settings)
+    _train(tiny_synthetic, tmp_path / "split", stop_after_epoch=1, **settings)
+    resumed = _train(tiny_synthetic, tmp_path / "split", resume=True, **settings)
+    assert resumed.complete
+    assert "precision fp16 autocast on cpu, GradScaler from scale 2048" in (straight.run_dir / "train.log").read_text()
+    assert all(math.isfinite(e["losses"]["loss"]) for e in _history(straight.run_dir))
+    a, b = _checkpoint(straight.run_dir), _checkpoint(resumed.run_dir)
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2048.0
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "fp16 resume differs"
+    untimed = [[{k: v for k, v in e.items() if k != "seconds"} for e in _history(r.run_dir)] for r in (straight, resumed)]
+    assert untimed[0] == untimed[1]
+
+
+def test_fp16_overflow_counts_skipped_steps(tiny_synthetic, tmp_path):
+    init_scale = 8192.0
+    result = _train(tiny_synthetic, tmp_path, amp="fp16", amp_init_scale=init_scale, batch_size=4, num_epoch=1)
+    log = (result.run_dir / "train.log").read_text()
+    counts = [(int(a), int(b)) for a, b in re.findall(r"epoch 1 fp16: skipped (\d+) of (\d+) steps", log)]
+    assert len(counts) == 1
+    skipped, steps = counts[0]
+    assert 0 < skipped < steps == 6
+    assert _history(result.run_dir)[0]["skipped_steps"] == skipped
+    # Every skipped step halves the scale (no growth within 2000 steps): the count is the scaler's own.
+    assert _checkpoint(result.run_dir)["scaler"]["scale"] == init_scale / 2**skipped
+
+
+def test_fp16_epoch_with_every_step_skipped_stops(tiny_synthetic, tmp_path):
+    with pytest.raises(RuntimeError, match="every one of the 3 steps of epoch 1 was skipped"):
+        _train(tiny_synthetic, tmp_path, amp="fp16", amp_init_scale=1e30)
