@@ -13,9 +13,11 @@ index and checkpoint is skipped; an interrupted one is redone.
 from __future__ import annotations
 
 from config.config import Config
+from utils import artifacts
 from utils.cli import run_stage
 from utils.distributed import DistInfo
 from utils.embedding_store import extract_teacher, extraction_members, prepare_index, teacher_checkpoint
+from utils.locks import rank0_folder_lock
 from utils.logs import setup_logging
 
 
@@ -24,9 +26,10 @@ def main(cfg: Config, info: DistInfo) -> list[str]:
     setup_logging(None, info.is_main)
     # Check every teacher before embedding anything, so a missing one fails in seconds, not hours.
     checkpoints = {member: teacher_checkpoint(cfg, member) for member in extraction_members(cfg)}
-    index = prepare_index(cfg, info)
-    return [member for member, checkpoint in checkpoints.items()
-            if extract_teacher(cfg, member, checkpoint, index, info)]
+    with rank0_folder_lock(artifacts.store_dir(cfg), info.is_main, what="embedding store"):
+        index = prepare_index(cfg, info)
+        return [member for member, checkpoint in checkpoints.items()
+                if extract_teacher(cfg, member, checkpoint, index, info)]
 
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ from pathlib import Path
 from config.config import format_override, load_config
 from utils import artifacts
 from utils.errors import EXIT_CODE, InvalidInputError, UserError
+from utils.locks import folder_lock
 from utils.logs import format_duration
 from utils.pipeline import (
     PRESETS, STAGES, TEACHER_SET_CHOICES, StageFailed, plan, plan_jobs, report_command, run_command, run_job,
     select_jobs)
+from utils.signals import INTERRUPTED_EXIT_CODE, StopRequest, stop_on_signals
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,7 +114,6 @@ def run(argv: list[str] | None = None) -> int:
         if args.shared_fraction is not None:
             sizes["shared_fraction"] = args.shared_fraction
         data_dir = root / "data"
-        prepare_synthetic(sizes, data_dir, user.seed)
         base += [format_override("output_root", str(root)), format_override("data_root", str(data_dir / "train")),
                  format_override("rfw_root", str(data_dir / "rfw"))]
     elif user.data_root is None:
@@ -140,7 +141,17 @@ def run(argv: list[str] | None = None) -> int:
 def run_once(args: argparse.Namespace, base: list[str], preset_name: str) -> Path | None:
     """Plan and run the selected jobs of one pipeline run, then its report (whose folder is returned)."""
     cfg = _load(base)
-    steps = plan(select_jobs(plan_jobs(base, TEACHER_SET_CHOICES[args.teacher_sets]), args.only, args.start))
+    # A second pipeline on the same output_root would rerun the same jobs into the same folders.
+    with folder_lock(artifacts.work_root(cfg), what="pipeline output_root"), stop_on_signals() as stop:
+        if preset.synthetic is not None:
+            prepare_synthetic(sizes, data_dir, user.seed)
+        return run_steps(args, base, preset_name, stop)
+
+
+def run_steps(args: argparse.Namespace, base: list[str], preset_name: str, stop: StopRequest) -> int:
+    cfg = _load(base)
+    steps = plan(select_jobs(plan_jobs(base, TEACHER_SET_CHOICES[args.teacher_sets]), args.only,
+                             args.start))
     run_report = args.only is None or "report" in args.only
     print(f"MST-KD pipeline, preset {preset_name}: {sum(s.run for s in steps)} of {len(steps)} jobs to run"
           f"{' + report' if run_report else ''}, outputs in {cfg.output_root}"
@@ -158,6 +169,10 @@ def run_once(args: argparse.Namespace, base: list[str], preset_name: str) -> Pat
         print(f"[{number}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- running "
               f"({format_duration(time.perf_counter() - started)} elapsed)", flush=True)
         run_job(step.job, base, args.nproc_per_node, args.torchrun)
+        if stop.signal is not None:  # the stage got the signal too, and ended resumable
+            print(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same command to continue",
+                  file=sys.stderr)
+            return INTERRUPTED_EXIT_CODE
         verdict = step.job.check()
         if not verdict.done:
             raise InvalidInputError(f"{step.job.describe()} ended without complete outputs ({verdict.reason}; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -61,6 +62,7 @@ class Config:
     input_size: int = 112  # square input side in pixels of the aligned crops
     allow_resize: bool = False  # resize images that are not input_size squares (default: refuse them as unaligned)
     num_workers: int = 4  # data-loader worker processes per rank
+    check_images: int = 1000  # images decoded as a sanity pass before training (0 = none, -1 = all; extraction: all)
     # ---- what to train ----------------------------------------------------------------------------------
     ethnicity: str = "African"  # specialized teacher / extraction target: African|Asian|Caucasian|Indian|all
     teacher_set: str = "specialized"  # specialized (one ethnicity each) | baseline (balanced splits)
@@ -205,7 +207,66 @@ def format_override(key: str, value: Any) -> str:
     return f"{key}={text}" if isinstance(value, str) and _parse_value(text) == value else f"{key}={value!r}"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Range of every numeric key: (test, what it must be). Keys absent here only need their type.
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)")
+_RANGES: dict[str, tuple[Any, str]] = {
+    "ids_per_ethnicity": _POSITIVE, "input_size": _POSITIVE, "num_workers": _NON_NEGATIVE,
+    "check_images": (lambda v: v >= -1, ">= -1"),
+    "split": (lambda v: 0 <= v < NUM_BASELINE_SPLITS, f"in 0..{NUM_BASELINE_SPLITS - 1}"),
+    "dropout": _PROBABILITY, "width": _POSITIVE, "embedding_size": _POSITIVE,
+    "batch_size": _POSITIVE, "lr": _POSITIVE, "momentum": _PROBABILITY, "weight_decay": _NON_NEGATIVE,
+    "num_epoch": _POSITIVE, "lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"), "grad_clip": _POSITIVE,
+    "s": _POSITIVE, "m": _NON_NEGATIVE, "std": _NON_NEGATIVE,
+    "lr_fc": _POSITIVE, "num_epoch_fc": _POSITIVE, "adaptor_std": _NON_NEGATIVE, "batch_size_fc": _POSITIVE,
+    "middle_layer_size": _POSITIVE, "adaptor_dropout": _PROBABILITY, "adaptor_negative_slope": _NON_NEGATIVE,
+    "loss_lambda": _NON_NEGATIVE, "extract_batch_size": _POSITIVE,
+    "seed": (lambda v: 0 <= v < 2**32, "in 0..2**32-1"), "log_every": _POSITIVE, "verify_every": _POSITIVE,
+    "stop_after_epoch": _NON_NEGATIVE, "num_classes": _POSITIVE, "output_root": (bool, "a folder name"),
+    "amp_init_scale": _POSITIVE, "bootstrap_resamples": _POSITIVE, "bootstrap_seed": _NON_NEGATIVE,
+    "confidence": (lambda v: 0 < v < 1, "in (0, 1)"), "fdr_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def _type_problem(annotation: str, value: Any) -> str | None:
+    """Why ``value`` does not fit the field annotation (``float``, ``int | None``, ``list[int]``...); None if it
+    does. Floats must be finite: ``nan`` and ``inf`` are never a valid setting."""
+    kinds = [part.strip() for part in annotation.split("|")]
+    if value is None:
+        return None if "None" in kinds else "must not be None"
+    kind = kinds[0]
+    if kind == "float":
+        if not _is_number(value) or not math.isfinite(value):
+            return "must be a finite number"
+    elif kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "must be a whole number"
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            return "must be True or False"
+    elif kind == "str":
+        if not isinstance(value, str):
+            return "must be a string (quote it if it looks like a number: key='123')"
+    elif kind == "list[int]":
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return "must be a list of whole numbers, e.g. [16, 28]"
+    return None
+
+
 def _validate(cfg: Config) -> None:
+    for name, f in _FIELDS.items():
+        value = getattr(cfg, name)
+        problem = _type_problem(str(f.type), value)
+        if problem is None and value is not None and name in _RANGES:
+            test, text = _RANGES[name]
+            problem = None if test(value) else f"must be {text}"
+        if problem is not None:
+            raise ValueError(f"config key {name}={value!r} {problem}")
     checks = [
         ("teacher_set", cfg.teacher_set, TEACHER_SETS),
         ("adaptor", cfg.adaptor, ADAPTORS),
@@ -227,22 +288,12 @@ def _validate(cfg: Config) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.+=-]*", cfg.run_name) or cfg.run_name.startswith("."):
         raise ValueError(f"config key run_name={cfg.run_name!r} may only hold letters, digits and _.+=- "
                          "(it becomes part of folder names)")
-    if not 0 <= cfg.split < NUM_BASELINE_SPLITS:
-        raise ValueError(f"config key split={cfg.split} must be in 0..{NUM_BASELINE_SPLITS - 1}")
     for key in ("milestones", "milestones_fc"):
         value = getattr(cfg, key)
-        if list(value) != sorted(value):
-            raise ValueError(f"config key {key}={value} must be sorted ascending")
-    for key in ("verify_every", "batch_size", "batch_size_fc", "num_epoch", "num_epoch_fc", "embedding_size", "input_size"):
-        if getattr(cfg, key) <= 0:
-            raise ValueError(f"config key {key}={getattr(cfg, key)} must be positive")
-    if cfg.bootstrap_resamples <= 0 or not 0 < cfg.confidence < 1 or not 0 <= cfg.fdr_alpha <= 1:
-        raise ValueError(f"config keys bootstrap_resamples={cfg.bootstrap_resamples} (> 0), confidence={cfg.confidence} "
-                         f"(in (0, 1)) and fdr_alpha={cfg.fdr_alpha} (in [0, 1]) are out of range")
-    if not cfg.fmr_targets or not all(0 < t < 1 for t in cfg.fmr_targets):
-        raise ValueError(f"config key fmr_targets={cfg.fmr_targets} needs target FMRs in (0, 1)")
-    if not 0 < cfg.amp_init_scale < float("inf"):
-        raise ValueError(f"config key amp_init_scale={cfg.amp_init_scale} must be a positive finite number")
+        if list(value) != sorted(value) or any(epoch < 1 for epoch in value):
+            raise ValueError(f"config key {key}={value} must be epochs >= 1, sorted ascending")
+    if not cfg.fmr_targets or not all(_is_number(t) and 0 < t < 1 for t in cfg.fmr_targets):
+        raise ValueError(f"config key fmr_targets={cfg.fmr_targets} must be a non-empty list of FMRs in (0, 1)")
 
 
 def load_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Config:

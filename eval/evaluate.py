@@ -55,6 +55,9 @@ def result_row(name: str, results: Mapping[str, VerificationResult],
     details: dict[str, Any] = dict(extra or {})
     for eth, result in results.items():
         details.update({f"{eth}/{key}": value for key, value in result.summary().items() if key != "accuracy"})
+    degenerate = [f"{eth}: {result.degenerate}" for eth, result in results.items() if result.degenerate]
+    if degenerate:
+        details["degenerate"] = "; ".join(degenerate)
     return ResultRow(
         name=name,
         accuracies={eth: 100.0 * result.accuracy for eth, result in results.items() if eth in ETHNICITIES},

@@ -84,7 +84,8 @@ def teacher_set_comparisons(rows: Sequence[Any], plan: Bootstrap) -> list[Compar
     students: dict[tuple[str, str, str], Any] = {}
     for row in rows:
         extra = row.extra
-        if extra.get("stage") == "student" and row.samples is not None and {"teacher_set", "adaptor", "kd"} <= set(extra):
+        usable = row.samples is not None and not row.degenerate
+        if extra.get("stage") == "student" and usable and {"teacher_set", "adaptor", "kd"} <= set(extra):
             students[(extra["teacher_set"], extra["adaptor"], extra["kd"])] = row
     # In the rows' order (the report's paper order), each adaptor and KD kind once.
     matched = list(dict.fromkeys((a, k) for (_, a, k) in students if ("specialized", a, k) in students

@@ -18,6 +18,7 @@ from eval.fairness_stats import (
     operating_point_markdown, save_pairs, teacher_set_comparisons)
 from eval.figures import plot_accuracy_heatmaps, plot_det_families, plot_operating_points, plot_teacher_set_comparison
 from utils.io import atomic_write_text
+from utils.numerics import json_safe
 
 COLUMNS = (*ETHNICITIES, "Avg", "STD", "SER")
 
@@ -40,10 +41,18 @@ class ResultRow:
     def metrics(self) -> dict[str, float]:
         return fairness_metrics(self.accuracies)
 
+    @property
+    def degenerate(self) -> str:
+        """Why this model's evaluation measures nothing (constant or non-finite embeddings), or ""."""
+        return str(self.extra.get("degenerate") or "")
+
     def cells(self) -> list[str]:
-        """The formatted table cells after the name, in ``COLUMNS`` order ("-" for a missing ethnicity)."""
+        """The formatted table cells after the name, in ``COLUMNS`` order ("-" for a missing ethnicity).
+        A degenerate evaluation shows no STD/SER: equal chance accuracies are not fairness."""
         summary = self.metrics()
         cells = [self._cell(eth, self.accuracies[eth]) if eth in self.accuracies else "-" for eth in ETHNICITIES]
+        if self.degenerate:
+            return cells + [self._cell("avg", summary["avg"]), "degenerate", "degenerate"]
         return cells + [self._cell("avg", summary["avg"]), self._cell("std", summary["std"]),
                         self._cell("ser", summary["ser"], _format_ser)]
 
@@ -83,7 +92,12 @@ def results_table(rows: Sequence[ResultRow]) -> str:
         return "  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])])
 
     rule = "-" * len(fmt(header))
-    return "\n".join([fmt(header), rule, *(fmt(line) for line in body)])
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in body), *_degenerate_notes(rows)])
+
+
+def _degenerate_notes(rows: Sequence[ResultRow]) -> list[str]:
+    return [f"DEGENERATE evaluation of {row.name} ({row.degenerate}): its accuracies are chance, not fairness"
+            for row in rows if row.degenerate]
 
 
 def _markdown_table(rows: Sequence[ResultRow]) -> str:
@@ -91,7 +105,7 @@ def _markdown_table(rows: Sequence[ResultRow]) -> str:
     columns = [*COLUMNS, *names]
     lines = ["| Model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += [f"| {row.name} | " + " | ".join(row.cells() + _benchmark_cells(row, names)) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"\n{note}" for note in _degenerate_notes(rows)])
 
 
 NOT_MEASURABLE = "n/m"
@@ -155,9 +169,9 @@ def _json_data(rows: Sequence[ResultRow], method: str | None = None) -> dict[str
                  "impostor pairs) (not measurable)",
         "interval_method": method,
         "rows": [
-            {"name": row.name, "accuracies": row.accuracies, **row.metrics(), "benchmarks": row.benchmarks,
-             "intervals": row.intervals,
-             "operating_points": [p.summary() for p in row.operating_points], "extra": row.extra}
+            json_safe({"name": row.name, "accuracies": row.accuracies, **row.metrics(), "benchmarks": row.benchmarks,
+                       "intervals": row.intervals, "operating_points": [p.summary() for p in row.operating_points],
+                       "extra": row.extra})
             for row in rows
         ],
     }
@@ -270,7 +284,7 @@ def write_report(rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "re
     data = _json_data(rows, plan.describe() if plan is not None else None)
     if comparisons:
         data["teacher_set_comparison"] = comparisons_json(comparisons, plan)
-    atomic_write_text(paths["json"], json.dumps(data, indent=2) + "\n")
+    atomic_write_text(paths["json"], json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
     plot_accuracy_heatmaps(_accuracy_panels(rows), paths["accuracy_png"])
     if plan is not None:
         paths["pairs"] = out_dir / f"{stem}_pairs.npz"
@@ -292,4 +306,7 @@ def summary_line(rows: Sequence[ResultRow], settings: StatsSettings | None = Non
     paired bootstrap intervals over the RFW pairs (eval/fairness_stats.py). Also gives rows read back from a
     report their intervals."""
     plan = annotate(rows, settings or StatsSettings())
-    return comparison_summary(teacher_set_comparisons(rows, plan) if plan is not None else [], plan)
+    summary = comparison_summary(teacher_set_comparisons(rows, plan) if plan is not None else [], plan)
+    # A degenerate evaluation (constant or non-finite embeddings) measures nothing: it is left out, by name.
+    degenerate = [row.name for row in rows if row.extra.get("stage") == "student" and row.degenerate]
+    return summary + (f"\nLeft out as degenerate: {', '.join(degenerate)}." if degenerate else "")

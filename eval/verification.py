@@ -20,7 +20,7 @@ from sklearn.metrics import auc, roc_curve
 from torch import nn
 
 from config.config import ETHNICITIES
-from eval.rfw_data import load_benchmarks, load_rfw
+from eval.rfw_data import find_rfw_source, load_benchmarks, load_rfw
 from utils.image import normalize_images
 
 # The protocol's threshold grid; `np.arange` is kept (not a linspace) so the floats equal the reference ones.
@@ -49,6 +49,9 @@ class VerificationResult:
     # The pairs themselves, for bootstrap intervals and operating-point rates (eval/bootstrap.py).
     distances: np.ndarray = field(repr=False)
     issame: np.ndarray = field(repr=False)
+    # Why the numbers measure nothing ("" when they do): e.g. every pair has the same score, so the accuracy is
+    # chance on every group and the groups look "perfectly fair" while the model is broken.
+    degenerate: str = ""
     min_far: float = 0.0  # 1 / (number of impostor pairs): the smallest FAR these pairs can measure
 
     def summary(self) -> dict[str, float | None]:
@@ -154,8 +157,6 @@ def pair_distances(embeddings: np.ndarray) -> np.ndarray:
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] % 2:
         raise ValueError(f"expected embeddings [2N, E] of N pairs, got shape {embeddings.shape}")
-    if not np.isfinite(embeddings).all():
-        raise ValueError("embeddings contain NaN or inf (diverged model?)")
     diff = embeddings[0::2].astype(np.float64) - embeddings[1::2].astype(np.float64)
     return np.einsum("ij,ij->i", diff, diff)
 
@@ -165,6 +166,25 @@ def fold_sizes(n: int, nfolds: int) -> np.ndarray:
     sizes = np.full(nfolds, n // nfolds, dtype=np.int64)
     sizes[: n % nfolds] += 1
     return sizes
+
+
+def pair_set_problem(issame: np.ndarray, nfolds: int) -> str | None:
+    """Why a pair set cannot give a meaningful k-fold accuracy (no pairs, fewer pairs than folds, a class
+    missing overall or in one fold, where a held-out accuracy of 0 would read as "below chance"); None if it can."""
+    issame = np.asarray(issame, dtype=bool)
+    n = len(issame)
+    if n == 0:
+        return "holds 0 pairs"
+    if n < nfolds:
+        return f"holds {n} pairs, fewer than the {nfolds} folds of the protocol"
+    bounds = np.concatenate([[0], np.cumsum(fold_sizes(n, nfolds))])
+    for f in range(nfolds):
+        fold = issame[bounds[f]:bounds[f + 1]]
+        if fold.all() or not fold.any():
+            kind = "genuine" if fold.all() else "impostor"
+            return (f"fold {f + 1} of {nfolds} (pairs {bounds[f]}..{bounds[f + 1] - 1}) holds only {kind} pairs; "
+                    "every fold needs both (folds are taken in file order)")
+    return None
 
 
 def kfold_accuracy(
@@ -212,6 +232,13 @@ def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10
     distances = np.asarray(distances, dtype=np.float64)
     if issame.all() or not issame.any():
         raise ValueError("verification needs both genuine and impostor pairs")
+    degenerate = ""
+    if not np.isfinite(distances).all():
+        degenerate = "non-finite embeddings"
+        # Scored as "no pair below any threshold": chance accuracy, flagged, never an error in the middle of a run.
+        distances = np.where(np.isfinite(distances), distances, THRESHOLDS[-1] + 1)
+    if np.ptp(distances) == 0:
+        degenerate = degenerate or "all pair scores equal (constant embeddings)"
     fold_acc, fold_thr = kfold_accuracy(distances, issame, nfolds)
     fpr, tpr, _ = roc_curve(issame, -distances, drop_intermediate=False)
     num_impostors = int((~issame).sum())
@@ -228,6 +255,7 @@ def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10
         min_far=1.0 / num_impostors,
         distances=distances,
         issame=issame,
+        degenerate=degenerate,
     )
 
 
@@ -266,6 +294,10 @@ class RFWEvaluator:
         self.batch_size = batch_size
         self.nfolds = nfolds
         self.data = load_rfw(self.rfw_root, input_size, ethnicities=tuple(ethnicities), allow_resize=allow_resize)
+        for eth, (_, issame) in self.data.items():
+            problem = pair_set_problem(issame, nfolds)
+            if problem is not None:
+                raise ValueError(f"{find_rfw_source(self.rfw_root, eth).path} ({eth}): {problem}")
         self.data.update(load_benchmarks(val_root, list(val_targets), input_size, allow_resize))
 
     def __call__(self, embed_fn: EmbedFn, device: str | torch.device = "cpu") -> dict[str, VerificationResult]:

@@ -21,7 +21,8 @@ from utils import artifacts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 def config(tmp_path: Path, **overrides) -> object:
-    return load_config({"data_root": str(tmp_path / "data"), "output_root": str(tmp_path / "work"), **overrides})
+    return load_config({"data_root": str(tmp_path / "data"), "output_root": str(tmp_path / "work"), "input_size": 8,
+                        **overrides})
 
 
 @pytest.fixture

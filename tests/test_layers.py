@@ -10,7 +10,8 @@ from helpers import ROOT
 # Bottom to top. A module may import modules of its own layer (without circles) or of lower layers.
 LAYERS: list[tuple[str, list[str]]] = [
     ("ground", ["config.config", "utils.errors", "utils.io", "utils.distributed", "utils.logs", "utils.image",
-                "utils.binfile", "utils.align", "utils.recordio", "eval.fairness"]),
+                "utils.binfile", "utils.align", "utils.recordio", "eval.fairness", "utils.locks", "utils.numerics",
+                "utils.signals"]),
     ("artifacts", ["utils.artifacts"]),
     ("models and data", ["backbones", "backbones.adaptors", "backbones.iresnet", "backbones.mobilefacenet",
                          "utils.splits", "utils.dataset", "utils.synthetic", "eval.rfw_data"]),

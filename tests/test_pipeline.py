@@ -232,3 +232,9 @@ def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     assert "resumed from" in resumed
     for run in TEACHER_RUNS:
         assert json.loads((out / run / "history.json").read_text())["complete"]
+    # A kill between a run's last checkpoint and its history.json (here: history.json lost): the rerun rewrites it
+    # from the checkpoint, trains nothing, and the pipeline ends with exit code 0 (issue 14).
+    (out / TEACHER_RUNS[-1] / "history.json").unlink()
+    repaired = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers")
+    assert repaired.stdout.count(" -- skip: ") == 8 and "rewritten from the checkpoint" in repaired.stdout
+    assert json.loads((out / TEACHER_RUNS[-1] / "history.json").read_text())["complete"]

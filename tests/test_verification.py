@@ -133,8 +133,8 @@ def test_input_errors():
         verify(emb, np.ones(20, dtype=bool))
     bad = emb.copy()
     bad[3, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        verify(bad, issame)
+    # A diverged model is reported as a degenerate evaluation (scored at chance), not a crash of the whole report.
+    assert verify(bad, issame).degenerate == "non-finite embeddings"
     with pytest.raises(ValueError, match="folds"):
         verify(emb[:16], issame[:8])
 

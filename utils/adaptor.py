@@ -25,9 +25,11 @@ from backbones import build_adaptor, load_weights
 from config.config import Config
 from utils import artifacts
 from utils.distributed import DistInfo, barrier, broadcast_object
-from utils.embedding_store import TeacherStores, manifest_problem, open_teacher_stores, read_manifest, write_rows_sharded
+from utils.embedding_store import (
+    TeacherStores, checked_rows, manifest_problem, open_teacher_stores, read_manifest, write_rows_sharded)
 from utils.engine import TrainingTask, train
 from utils.errors import ProvenanceError
+from utils.locks import rank0_folder_lock
 from utils.logs import get_logger, setup_logging
 from utils.provenance import Record, adaptor_record, claim_run_dir, file_fingerprint, run_matches, targets_record
 from utils.stage_parts import classification_loss, make_header, train_options
@@ -180,6 +182,7 @@ def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: Dist
     best = best_record(run_dir)
     model = load_weights(build_adaptor(cfg), weights, what="best adaptor weights").to(info.device).eval()
     sources = {"array": stores.arrays, "flipped": stores.flipped}
+    files = artifacts.target_files(run_dir)
 
     def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
         with torch.inference_mode():
@@ -187,7 +190,8 @@ def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: Dist
                 chunk = slice(start, min(start + cfg.extract_batch_size, rows.stop))
                 for name, out in arrays.items():
                     x = torch.from_numpy(concat_rows(sources[name], chunk)).to(info.device)  # type: ignore[arg-type]
-                    out[chunk] = F.normalize(model(x).float(), dim=1).cpu().numpy()
+                    out[chunk] = checked_rows(F.normalize(model(x).float(), dim=1).cpu().numpy(),
+                                              np.arange(chunk.start, chunk.stop), getattr(files, name), weights)
 
     checkpoint = file_fingerprint(weights)
     manifest = {"adaptor": cfg.adaptor, "teacher_set": cfg.teacher_set, "network": cfg.network,
@@ -195,7 +199,6 @@ def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: Dist
                 "checkpoint": checkpoint, "best_epoch": best["epoch"], "best_step": best["global_step"],
                 "flipped": stores.flipped is not None, "teachers": stores.checkpoints,
                 "provenance": targets_record(record, checkpoint["sha256"])}
-    files = artifacts.target_files(run_dir)
     write_rows_sharded(files, manifest, info, fill)
     return files.array
 
@@ -221,8 +224,14 @@ def _decide(cfg: Config, record: Record, index_hash: str, flipped: bool) -> tupl
 def run_adaptor_stage(cfg: Config, info: DistInfo) -> Path | None:
     """Train cfg.adaptor on the teacher stores (or reuse a finished run) and write its KD targets.
 
-    Returns the target array, or None when training stopped early (``stop_after_epoch``).
+    Returns the target array, or None when training stopped early (``stop_after_epoch``). The run folder is
+    locked for the training and the targets together.
     """
+    with rank0_folder_lock(artifacts.adaptor_dir(cfg), info.is_main, what="adaptor run folder"):
+        return _train_and_write_targets(cfg, info)
+
+
+def _train_and_write_targets(cfg: Config, info: DistInfo) -> Path | None:
     run_dir = artifacts.adaptor_dir(cfg)
     stores = open_teacher_stores(cfg)
     record = adaptor_record(cfg, stores.records)

@@ -200,8 +200,10 @@ def is_imported(run_dir: Path) -> bool:
 
 
 def is_weights_only(run_dir: Path, stage: str) -> bool:
-    """A folder holding best weights put there by hand (the authors' released teachers): no history."""
-    return best_weights(run_dir, stage).is_file() and not history_file(run_dir).exists()
+    """A folder holding best weights put there by hand (the authors' released teachers): no history, and no
+    training checkpoint (a trained run whose history.json was lost is repaired by its resume, issue 14)."""
+    return (best_weights(run_dir, stage).is_file() and not history_file(run_dir).exists()
+            and not checkpoint_file(run_dir).exists())
 
 
 # ---- stores ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from utils.errors import InvalidInputError
 from utils.io import atomic_path
 
 # (module, name) pairs a .bin may reference: numpy arrays and scalars (bool flags, uint8 image
@@ -30,7 +31,7 @@ _ALLOWED_GLOBALS = {
 _BIN_PROTOCOL = 4
 
 
-class RefusedPickleError(pickle.UnpicklingError):
+class RefusedPickleError(pickle.UnpicklingError, InvalidInputError):
     """A ``.bin`` named a global other than the few it may use; it was refused before anything ran."""
 
 

@@ -13,6 +13,7 @@ from config.config import Config, parse_cli
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.engine import seed_everything
 from utils.errors import EXIT_CODE, InvalidInputError, UserError
+from utils.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
 
 def _parse(argv: Sequence[str] | None, stage_defaults: dict[str, Any]) -> Config:
@@ -40,6 +41,11 @@ def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | Non
             return main(cfg, info)
         finally:
             cleanup_distributed()
+    except TrainingInterrupted as exc:
+        if argv is not None:
+            raise
+        print(f"interrupted (rank {rank}): {exc}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     except UserError as exc:
         if argv is not None:
             raise

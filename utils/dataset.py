@@ -15,6 +15,7 @@ unknown (-1) and only the ``all`` protocol works. Index paths of records read ``
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ from utils.errors import InvalidInputError, MissingInputError
 from utils.image import decode_image, normalize_array, to_tensor
 from utils.io import atomic_write_text
 from utils.splits import load_split_manifest
+
+# A child of the project logger ("mstkd", set up by utils.callbacks), named here so data imports no training code.
+DATA_LOGGER = "mstkd.data"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 UNKNOWN_ETHNICITY = "unknown"
@@ -161,6 +165,19 @@ def _folder_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_entry_name(entry: os.DirEntry) -> None:
+    """Refuse names the index cannot hold: tab/newline (its field and line separators) and bytes that are not
+    UTF-8 (the index and every log are text); a broken symbolic link is named as such."""
+    try:
+        entry.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{os.fsencode(entry.path)!r} is not a valid UTF-8 name; rename it") from None
+    if any(char in entry.name for char in "\t\n\r"):
+        raise ValueError(f"{entry.path!r} has a tab or line break in its name; rename it")
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        raise ValueError(f"broken symbolic link {entry.path} -> {os.readlink(entry.path)}")
+
+
 def _scan_identity(eth_dir: str, identity: str, eth: str) -> list[tuple[str, str, str, str]]:
     id_dir = os.path.join(eth_dir, identity)
     items = []
@@ -168,6 +185,7 @@ def _scan_identity(eth_dir: str, identity: str, eth: str) -> list[tuple[str, str
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            _check_entry_name(entry)
             if not entry.is_file():
                 raise ValueError(
                     f"unexpected folder {entry.path}: expected only images in identity folder {id_dir} "
@@ -205,12 +223,19 @@ def scan_image_folder(root: str | Path, cache_path: str | Path | None = None) ->
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
+                _check_entry_name(entry)
                 if not entry.is_dir():
                     raise ValueError(f"unexpected file {entry.path}: expected only identity folders in {eth_dir}")
                 items.extend(_scan_identity(str(eth_dir), entry.name, eth))
                 count += 1
         if count == 0:
             raise ValueError(f"ethnicity folder {eth_dir} is empty: expected identity folders with images")
+    with os.scandir(root) as entries:
+        unknown = sorted(e.name for e in entries
+                         if e.is_dir() and not e.name.startswith(".") and e.name not in ETHNICITIES)
+    if unknown:
+        logging.getLogger(DATA_LOGGER).warning(
+            f"{root}: ignoring folders that are not an ethnicity ({', '.join(ETHNICITIES)}): {', '.join(unknown)}")
     index = _build_index(root, items, "folder")
     _write_cache(cache_path, fingerprint, index)
     return index
@@ -456,4 +481,25 @@ def build_training_dataset(cfg: Config, protocol: str) -> tuple[FaceDataset, int
         raise InvalidInputError(f"config key num_classes={cfg.num_classes} but the {protocol} data of "
                                 f"{cfg.data_root} has {num_classes} identities")
     dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
-    return dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize), num_classes
+    dataset = dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize)
+    check_images(dataset, cfg.check_images, seed=cfg.seed, workers=cfg.num_workers)
+    return dataset, num_classes
+
+
+def check_images(dataset: FaceDataset, sample: int, *, seed: int = 0, workers: int = 1) -> int:
+    """Decode ``sample`` seeded-random images of ``dataset`` (all of them when ``sample`` < 0 or exceeds its
+    size), so a corrupt or unreadable file fails in seconds with its name, not hours into a run. Returns how many
+    were decoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if sample == 0 or len(dataset) == 0:
+        return 0
+    count = len(dataset) if sample < 0 else min(sample, len(dataset))
+    positions = np.random.default_rng(seed).choice(len(dataset), size=count, replace=False)
+    # cv2 decodes without the GIL: threads are enough, and errors arrive with their own message. A RecordIO
+    # reader is one file handle (seek, then read), so those records are read by one thread.
+    threads = 1 if dataset.index.kind == "recordio" else max(1, workers)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(dataset.read_uint8, positions.tolist()):
+            pass
+    return count

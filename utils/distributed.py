@@ -76,6 +76,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return holder[0]
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shard_range(n: int, rank: int, world_size: int) -> range:
     """Contiguous rows ``[start, stop)`` of ``n`` for one rank; shards differ in size by at most one."""
     base, extra = divmod(n, world_size)

@@ -28,11 +28,12 @@ from backbones import build_backbone, load_weights
 from config.config import Config, teacher_members
 from utils import artifacts
 from utils.artifacts import StoreFiles, member_files, target_files
-from utils.dataset import FaceDataset, ImageIndex, load_index
+from utils.dataset import FaceDataset, ImageIndex, check_images, load_index
 from utils.distributed import DistInfo, barrier, broadcast_object, shard_range
 from utils.errors import IncompatibleInputError, InvalidInputError, MissingInputError, ProvenanceError
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, reserve_disk_space
 from utils.logs import get_logger
+from utils.numerics import NonFiniteError, first_nonfinite_row
 from utils.provenance import Record, data_fingerprint, describe_changes, file_fingerprint, record_digest, store_record
 
 
@@ -66,8 +67,35 @@ def manifest_problem(manifest: dict[str, Any] | None, files: StoreFiles, index_h
     if flipped and not manifest.get("flipped"):
         return f"{files.array} has no flipped-image rows ({files.flipped}; extract with extract_flipped=True)"
     for path in (files.array, files.flipped) if flipped else (files.array,):
-        if not path.is_file():
-            return f"{path} is missing although {files.manifest} says complete"
+        problem = array_file_problem(path, manifest)
+        if problem is not None:
+            return f"{problem} although {files.manifest} says complete"
+    return None
+
+
+def array_file_problem(path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the ``.npy`` at ``path`` cannot hold the manifest's rows (missing, unreadable header, other shape or
+    dtype, truncated, trailing bytes); None if it can. Reads the header only, so it costs microseconds."""
+    try:
+        expected = (int(manifest["N"]), int(manifest["dim"]))
+    except (KeyError, TypeError, ValueError):
+        return f"the manifest of {path} has no valid N and dim"
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        return f"{path} is not a readable .npy file ({exc})"
+    if dtype != np.float32 or shape != expected or fortran:
+        return f"{path} holds {dtype} {shape}, its manifest says float32 {expected}"
+    size, needed = path.stat().st_size, offset + expected[0] * expected[1] * 4
+    if size != needed:
+        return f"{path} has {size} bytes, {needed} expected for float32 {expected} (truncated or damaged file)"
     return None
 
 
@@ -76,11 +104,20 @@ def load_array(path: str | Path, manifest: dict[str, Any], *, in_memory: bool = 
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"embedding array not found: {path}")
-    array = np.load(path, mmap_mode=None if in_memory else "r")
-    expected = (int(manifest["N"]), int(manifest["dim"]))
-    if array.shape != expected or array.dtype != np.float32:
-        raise IncompatibleInputError(f"{path} holds {array.dtype} {array.shape}, its manifest says float32 {expected}")
-    return array
+    problem = array_file_problem(path, manifest)
+    if problem is not None:
+        raise IncompatibleInputError(f"{problem}; rerun the stage that writes it")
+    return np.load(path, mmap_mode=None if in_memory else "r")
+
+
+def checked_rows(values: np.ndarray, rows: np.ndarray, path: Path, source: Path) -> np.ndarray:
+    """``values`` (to be written as ``rows`` of ``path``), or NonFiniteError naming the first bad row: a store
+    must never hold NaN/inf rows (its manifest stays incomplete)."""
+    bad = first_nonfinite_row(values)
+    if bad is not None:
+        raise NonFiniteError(f"{source} gives a non-finite embedding for row {int(rows[bad])} of {path}; the store "
+                             "is left incomplete (was the model trained to NaN weights?)")
+    return values
 
 
 RowWriter = Callable[[range, dict[str, np.ndarray]], None]
@@ -100,6 +137,7 @@ def write_rows_sharded(files: StoreFiles, manifest: dict[str, Any], info: DistIn
             files.flipped.unlink(missing_ok=True)
         for name in names:
             open_memmap(getattr(files, name), mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+            reserve_disk_space(getattr(files, name))
     barrier()
     arrays = {name: open_memmap(getattr(files, name), mode="r+") for name in names}
     fill(shard_range(n, info.rank, info.world_size), arrays)
@@ -170,7 +208,8 @@ def extraction_members(cfg: Config) -> list[str]:
 
 def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
     """The run's image index, written to the store folder by rank 0 and read from there by the other ranks,
-    so every rank embeds exactly the same rows."""
+    so every rank embeds exactly the same rows. Every image is decoded once first (each rank its own rows), so a
+    corrupt file fails now, by name, not hours into the extraction."""
     path = artifacts.store_index_file(artifacts.store_dir(cfg))
     if info.is_main:
         index = load_index(cfg)
@@ -181,7 +220,11 @@ def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
                     f"{path} described another image index: replacing it; stores built from it must be redone")
             index.save(path)
     barrier()
-    return index if info.is_main else ImageIndex.load(path)
+    index = index if info.is_main else ImageIndex.load(path)
+    shard = shard_range(len(index), info.rank, info.world_size)
+    check_images(FaceDataset(index, np.arange(shard.start, shard.stop), input_size=cfg.input_size), -1,
+                 workers=cfg.num_workers)
+    return index
 
 
 def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageIndex, info: DistInfo) -> bool:
@@ -214,9 +257,12 @@ def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageInde
             for images, _, batch_rows in tqdm(loader, desc=f"extract {member}", disable=not info.is_main):
                 images = images.to(info.device, non_blocking=True)
                 rows_np = batch_rows.numpy()
-                arrays["array"][rows_np] = F.normalize(model(images).float(), dim=1).cpu().numpy()
+                arrays["array"][rows_np] = checked_rows(
+                    F.normalize(model(images).float(), dim=1).cpu().numpy(), rows_np, files.array, checkpoint)
                 if "flipped" in arrays:
-                    arrays["flipped"][rows_np] = F.normalize(model(images.flip(3)).float(), dim=1).cpu().numpy()
+                    arrays["flipped"][rows_np] = checked_rows(
+                        F.normalize(model(images.flip(3)).float(), dim=1).cpu().numpy(), rows_np, files.flipped,
+                        checkpoint)
 
     manifest = {"member": member, "teacher_set": cfg.teacher_set, "network": cfg.network, "N": len(index),
                 "dim": cfg.embedding_size, "index_hash": index_hash, "checkpoint": fingerprint,

@@ -8,12 +8,13 @@ verification, checkpoints and resume. The loop knows no config and no stage.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,12 +25,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from backbones import load_weights
 from utils import artifacts
 from utils.callbacks import TrainingMonitor, VerificationCallback
-from utils.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object
+from utils.distributed import (
+    DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_buffers, broadcast_object)
 from utils.errors import InvalidInputError, ProvenanceError
 from utils.image import random_horizontal_flip
 from utils.io import atomic_torch_save, atomic_write_json
+from utils.locks import rank0_folder_lock
 from utils.logs import setup_logging
+from utils.numerics import NonFiniteError, nonfinite_entries
 from utils.provenance import Record, claim_run_dir
+from utils.signals import StopRequest, TrainingInterrupted, stop_on_signals
 
 
 @dataclass
@@ -111,6 +116,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _rng_state(flip_generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random stream of this rank in the middle of an epoch (plain types: checkpoints load weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "flip": flip_generator.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def _set_rng_state(state: dict[str, Any], flip_generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    flip_generator.set_state(state["flip"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class _SkippingSampler(DistributedSampler):
+    """DistributedSampler that can leave out the first ``skip`` indices of an epoch (a run resumed mid-epoch
+    goes on with exactly the batches it had not trained on yet)."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
 def _seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % (2**32)
     np.random.seed(worker_seed)
@@ -169,15 +208,18 @@ class _Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.stop = StopRequest()  # train() replaces it with one its signal handlers fill
+        self.mid_epoch: dict[str, Any] | None = None  # where a checkpoint saved on a stop signal left off
         self._resume()
 
-        self.sampler = DistributedSampler(task.dataset, num_replicas=info.world_size, rank=info.rank,
-                                          shuffle=True, seed=options.seed)
+        self.sampler = _SkippingSampler(task.dataset, num_replicas=info.world_size, rank=info.rank,
+                                        shuffle=True, seed=options.seed)
         self.loader = DataLoader(task.dataset, batch_size=task.batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=task.num_workers, pin_memory=self.device.type == "cuda",
                                  persistent_workers=task.num_workers > 0, worker_init_fn=_seed_worker,
                                  collate_fn=task.collate_fn)
-        if len(self.loader) == 0:
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
             raise InvalidInputError(f"{task.stage}: {len(task.dataset)} samples give no full batch of "  # type: ignore[arg-type]
                                     f"{task.batch_size} per rank x {info.world_size} ranks; lower the batch size")
         self.train_model: nn.Module = self.model
@@ -236,7 +278,12 @@ class _Trainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = json.loads(state["history"])
         self.best = json.loads(state["best"]) if state["best"] else None
-        self.logger.info(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
+        self.mid_epoch = state.get("mid_epoch")
+        if self.mid_epoch is not None and saved_world != self.info.world_size:
+            raise InvalidInputError(f"{path} was saved in the middle of an epoch by {saved_world} ranks; resume it "
+                                    f"with the same world size (this run has {self.info.world_size})")
+        where = f", {self.mid_epoch['step']} steps into epoch {self.epoch + 1}" if self.mid_epoch else ""
+        self.logger.info(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}{where}")
 
     def _save_config(self) -> None:
         data = dict(self.task.config)
@@ -261,9 +308,14 @@ class _Trainer:
         if not self.options.keep_epoch_weights and previous is not None:
             for name in (self.task.model_name, "header"):
                 self._weights_path(previous, name).unlink(missing_ok=True)
+        self._save_checkpoint(None)
+        # history.json is derived from the checkpoint: a kill between the two is repaired by the next resume.
+        self._write_history(complete)
+
+    def _save_checkpoint(self, mid_epoch: dict[str, Any] | None) -> None:
         checkpoint = {
-            "model": model_state,
-            "header": header_state,
+            "model": self.model.state_dict(),
+            "header": self.header.state_dict() if self.header is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -275,11 +327,9 @@ class _Trainer:
             "rng_numpy": json.dumps(np.random.get_state()[1].tolist()),
             "history": json.dumps(self.history),
             "best": json.dumps(self.best) if self.best else "",
+            "mid_epoch": mid_epoch,  # None at the end of an epoch; see _save_mid_epoch
         }
         atomic_torch_save(checkpoint, artifacts.checkpoint_file(self.run_dir))
-        atomic_write_json(artifacts.history_file(self.run_dir),
-                          {"epochs": self.history, "best": self.best, "complete": complete,
-                           "num_epochs": self.task.num_epochs})
 
     # ---- training -------------------------------------------------------------------------------------------
     def _is_better(self, record: dict[str, Any]) -> bool:
@@ -308,8 +358,15 @@ class _Trainer:
         totals: dict[str, torch.Tensor] = {}
         steps = 0
         skipped = torch.zeros((), device=self.device)  # fp16 steps the scaler skipped; read once per epoch
-        monitor.start_epoch(self.epoch, task.num_epochs, len(self.loader))
-        for inputs, labels, rows, *extras in self.loader:
+        resumed, self.mid_epoch = self.mid_epoch, None
+        self.sampler.skip = resumed["step"] * task.batch_size if resumed else 0
+        batches = iter(self.loader)  # draws the loader's seed from the epoch's stream, as an uninterrupted run does
+        if resumed:
+            _set_rng_state(resumed["rng"][self.info.rank], flip_generator, self.device)
+            totals = {name: value.to(self.device) for name, value in resumed["totals"].items()}
+            steps = resumed["step"]
+        monitor.start_epoch(self.epoch, task.num_epochs, self.steps_per_epoch)
+        for inputs, labels, rows, *extras in batches:
             if task.flip:
                 inputs, flipped = random_horizontal_flip(inputs, flip_generator)
             else:
@@ -335,6 +392,11 @@ class _Trainer:
             for name, value in losses.items():
                 totals[name] = totals[name] + value.detach().float() if name in totals else value.detach().float()
             monitor.step(self.global_step, self.epoch, losses, lr)
+            at_log_step = self.global_step % max(1, options.log_every) == 0 or steps == self.steps_per_epoch
+            if at_log_step and self.options.amp != "fp16":  # fp16: the scaler skips such steps (_check_skipped)
+                self._check_finite_loss(totals["loss"])
+            if steps < self.steps_per_epoch and self._stop_requested(agree=at_log_step):
+                self._save_mid_epoch(steps, totals, flip_generator)
         self.scheduler.step()
         names = sorted(totals)
         summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
@@ -366,6 +428,64 @@ class _Trainer:
         scaler = f", GradScaler from scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
         return f"{self.options.amp} autocast on {self.device.type}{scaler}"
 
+    def _stop_requested(self, agree: bool) -> bool:
+        """After a step: whether a stop signal arrived. Ranks agree only at logging steps (``agree``), so the loop
+        never waits on the GPU for it."""
+        requested = float(self.stop.signal is not None)
+        if self.info.distributed:
+            if not agree:
+                return False
+            requested = float(all_reduce_sum(torch.tensor([requested], device=self.device))[0])
+        return requested > 0
+
+    def _save_mid_epoch(self, steps: int, totals: dict[str, torch.Tensor], flip_generator: torch.Generator) -> None:
+        """Save a checkpoint ``steps`` into the epoch with every rank's random streams, then end the run: resuming
+        it gives the weights of an uninterrupted run (same world size)."""
+        self._check_finite_weights()
+        mid_epoch = {"step": steps, "totals": {name: value.cpu() for name, value in totals.items()},
+                     "rng": all_gather_object(_rng_state(flip_generator, self.device))}
+        path = artifacts.checkpoint_file(self.run_dir)
+        if self.info.is_main:
+            self._save_checkpoint(mid_epoch)
+        barrier()
+        self._interrupted(f"{steps} of {self.steps_per_epoch} in epoch {self.epoch + 1}")
+
+    def _interrupted(self, where: str) -> None:
+        message = (f"{self.stop.name or 'a stop signal on another rank'}: {self.task.stage} stopped after step "
+                   f"{self.global_step} ({where}) and saved {artifacts.checkpoint_file(self.run_dir)}; run the same command "
+                   "with resume=True to continue")
+        self.logger.warning(message)
+        raise TrainingInterrupted(message)
+
+    def _last_good_checkpoint(self) -> str:
+        path = artifacts.checkpoint_file(self.run_dir)
+        return f"{path} (end of epoch {self.epoch})" if self.epoch > 0 and path.is_file() else "none"
+
+    def _check_finite_loss(self, loss_sum: torch.Tensor) -> None:
+        """Stop at the first logging interval whose summed loss is not finite (agreed by every rank)."""
+        bad = all_reduce_sum(torch.tensor([0.0 if bool(torch.isfinite(loss_sum)) else 1.0], device=self.device))
+        if float(bad[0]) > 0:
+            raise NonFiniteError(
+                f"{self.task.stage} in {self.run_dir}: the loss became non-finite in epoch {self.epoch + 1} by step "
+                f"{self.global_step}; nothing of this epoch was saved; last good checkpoint: "
+                f"{self._last_good_checkpoint()} (lower the lr or check the inputs, then rerun with resume=True)")
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to save weights or buffers with NaN/inf (every rank holds the same ones after the epoch)."""
+        bad = nonfinite_entries(self.model.state_dict())
+        if self.header is not None:
+            bad += [f"header.{name}" for name in nonfinite_entries(self.header.state_dict())]
+        if bad:
+            raise NonFiniteError(
+                f"{self.task.stage} in {self.run_dir}: non-finite values in {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''} after epoch {self.epoch + 1} (step {self.global_step}); not "
+                f"saved; last good checkpoint: {self._last_good_checkpoint()}")
+
+    def _write_history(self, complete: bool) -> None:
+        atomic_write_json(artifacts.history_file(self.run_dir),
+                          {"epochs": self.history, "best": self.best, "complete": complete,
+                           "num_epochs": self.task.num_epochs})
+
     def run(self) -> TrainingResult:
         task, options, info = self.task, self.options, self.info
         if info.is_main:
@@ -378,6 +498,7 @@ class _Trainer:
         monitor = TrainingMonitor(self.logger, artifacts.tensorboard_dir(self.run_dir), is_main=info.is_main, log_every=options.log_every,
                                   samples_per_step=task.batch_size * info.world_size,
                                   total_steps=len(self.loader) * task.num_epochs, start_step=self.global_step)
+        resumed_complete = self.epoch == task.num_epochs
         try:
             while self.epoch < task.num_epochs:
                 if options.stop_after_epoch is not None and self.epoch >= options.stop_after_epoch:
@@ -391,6 +512,7 @@ class _Trainer:
                 broadcast_buffers(self.model)
                 if self.header is not None:
                     broadcast_buffers(self.header)
+                self._check_finite_weights()
                 record: dict[str, Any] = {
                     "epoch": self.epoch + 1, "global_step": self.global_step, "lr": lr,
                     "loss_sum": sums["loss"], "losses": {k: v / steps for k, v in sums.items()},
@@ -412,9 +534,15 @@ class _Trainer:
                     monitor.end_epoch(self.epoch - 1, self.global_step, record["losses"], lr, record.get("rfw"))
                     self._save_epoch(is_best, complete=self.epoch == task.num_epochs)
                 barrier()
+                if self.epoch < task.num_epochs and self._stop_requested(agree=True):
+                    self._interrupted(f"end of epoch {self.epoch}")
         finally:
             monitor.close()
         complete = self.epoch == task.num_epochs
+        if resumed_complete and info.is_main:
+            self._write_history(complete=True)
+            self.logger.info(f"all {task.num_epochs} epochs were already done: {artifacts.history_file(self.run_dir)} "
+                             "rewritten from the checkpoint")
         best_epoch = self.best["epoch"] if self.best else 0
         if info.is_main and complete:
             self.logger.info(f"finished: best epoch {best_epoch} by {task.selection} -> "
@@ -425,4 +553,8 @@ class _Trainer:
 
 def train(task: TrainingTask, options: TrainOptions, info: DistInfo) -> TrainingResult:
     """Train ``task`` with ``options`` on this rank; returns where the best weights are."""
-    return _Trainer(task, options, info).run()
+    with rank0_folder_lock(task.run_dir, info.is_main, what=f"{task.stage} run folder"), \
+            stop_on_signals() as stop:
+        trainer = _Trainer(task, options, info)
+        trainer.stop = stop
+        return trainer.run()

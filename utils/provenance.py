@@ -26,6 +26,7 @@ from utils import artifacts
 from utils.dataset import ImageIndex
 from utils.errors import ProvenanceError
 from utils.io import atomic_write_json
+from utils.locks import relock
 
 Record = dict[str, Any]
 _HASH_CHUNK = 1 << 24
@@ -220,6 +221,7 @@ def claim_run_dir(run_dir: Path, record: Record, *, replace: bool) -> Path | Non
               "side by side, or go back to the recorded settings")
     aside = artifacts.aside_dir(run_dir)
     shutil.move(str(run_dir), str(aside))
+    relock(run_dir)  # the lock file moved with the old run; a writer holding run_dir keeps holding it
     atomic_write_json(artifacts.provenance_file(run_dir), record)
     return aside
 
