@@ -116,36 +116,31 @@ def run(argv: list[str] | None = None) -> int:
     elif user.data_root is None:
         raise InvalidInputError(f"--preset {preset_name} needs data_root=... (and rfw_root=... for verification)")
     base += args.overrides
-    if not args.seeds:
-        run_once(args, base, preset_name)
-        return 0
-    root = Path(_load(base).output_root)
-    reports = {}
-    for seed in dict.fromkeys(args.seeds):
-        print(f"==== seed {seed} ====", flush=True)
-        out_dir = run_once(args, base + [f"seed={seed}", format_override("output_root", str(root / f"seed{seed}"))],
-                           preset_name)
-        if out_dir is not None:
-            reports[seed] = out_dir / f"{artifacts.REPORT_STEM}.json"
-    if reports:
-        from eval.seeds import seed_summary
-
-        print("\n" + seed_summary(reports, root))
-        print(f"across-seed summary written to {root / 'seeds_summary.md'} (and .json)")
-    return 0
-
-
-def run_once(args: argparse.Namespace, base: list[str], preset_name: str) -> Path | None:
-    """Plan and run the selected jobs of one pipeline run, then its report (whose folder is returned)."""
     cfg = _load(base)
     # A second pipeline on the same output_root would rerun the same jobs into the same folders.
     with folder_lock(artifacts.work_root(cfg), what="pipeline output_root"), stop_on_signals() as stop:
         if preset.synthetic is not None:
             prepare_synthetic(sizes, data_dir, user.seed)
-        return run_steps(args, base, preset_name, stop)
+        if not args.seeds:
+            run_once(args, base, preset_name, stop)
+            return 0
+        reports = {}
+        for seed in dict.fromkeys(args.seeds):
+            print(f"==== seed {seed} ====", flush=True)
+            seed_root = format_override("output_root", str(artifacts.work_root(cfg) / f"seed{seed}"))
+            out_dir = run_once(args, base + [f"seed={seed}", seed_root], preset_name, stop)
+            if out_dir is not None:
+                reports[seed] = out_dir / f"{artifacts.REPORT_STEM}.json"
+    if reports:
+        from eval.seeds import seed_summary
+
+        print("\n" + seed_summary(reports, artifacts.work_root(cfg)))
+        print(f"across-seed summary written to {artifacts.work_root(cfg) / 'seeds_summary.md'} (and .json)")
+    return 0
 
 
-def run_steps(args: argparse.Namespace, base: list[str], preset_name: str, stop: StopRequest) -> int:
+def run_once(args: argparse.Namespace, base: list[str], preset_name: str, stop: StopRequest) -> Path | None:
+    """Plan and run the selected jobs of one pipeline run, then its report (whose folder is returned)."""
     cfg = _load(base)
     steps = plan(select_jobs(plan_jobs(base), args.only, args.start))
     run_report = args.only is None or "report" in args.only
@@ -166,9 +161,8 @@ def run_steps(args: argparse.Namespace, base: list[str], preset_name: str, stop:
               f"({format_duration(time.perf_counter() - started)} elapsed)", flush=True)
         run_job(step.job, base, args.nproc_per_node, args.torchrun)
         if stop.signal is not None:  # the stage got the signal too, and ended resumable
-            print(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same command to continue",
-                  file=sys.stderr)
-            return INTERRUPTED_EXIT_CODE
+            raise PipelineInterrupted(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same "
+                                      "command to continue")
         verdict = step.job.check()
         if not verdict.done:
             raise InvalidInputError(f"{step.job.describe()} ended without complete outputs ({verdict.reason}; "
@@ -181,6 +175,10 @@ def run_steps(args: argparse.Namespace, base: list[str], preset_name: str, stop:
     return out_dir
 
 
+class PipelineInterrupted(Exception):
+    """SIGTERM/SIGINT reached the pipeline and its running stage, which saved a resumable checkpoint."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
@@ -190,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.returncode
+    except PipelineInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":
