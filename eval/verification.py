@@ -16,7 +16,6 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import auc, roc_curve
 from torch import nn
 
 from config.config import ETHNICITIES
@@ -228,6 +227,9 @@ def kfold_accuracy(
 
 def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> VerificationResult:
     """All verification metrics from pair distances (squared Euclidean) and genuine/impostor labels."""
+    # Imported here: scikit-learn costs every stage process about a second of start-up, and most never verify.
+    from sklearn.metrics import auc, roc_curve
+
     issame = np.asarray(issame, dtype=bool)
     distances = np.asarray(distances, dtype=np.float64)
     if issame.all() or not issame.any():

@@ -112,7 +112,7 @@ def test_seeds_option_runs_each_seed_into_its_own_folder(tmp_path, monkeypatch):
     from config.config import format_override
 
     calls = []
-    monkeypatch.setattr(run_pipeline, "run_once", lambda args, base, preset: calls.append(base) or None)
+    monkeypatch.setattr(run_pipeline, "run_once", lambda args, base, preset, stop: calls.append(base) or None)
     run_pipeline.main(["--preset", "tiny", f"output_root={str(tmp_path)!r}", "--seeds", "0", "2"])
     assert [b[-2:] for b in calls] == [["seed=0", format_override("output_root", str(tmp_path / "seed0"))],
                                        ["seed=2", format_override("output_root", str(tmp_path / "seed2"))]]
