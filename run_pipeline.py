@@ -27,8 +27,8 @@ from utils.errors import EXIT_CODE, InvalidInputError, UserError
 from utils.locks import folder_lock
 from utils.logs import format_duration
 from utils.pipeline import (
-    PRESETS, STAGES, TEACHER_SET_CHOICES, StageFailed, plan, plan_jobs, report_command, run_command, run_job,
-    select_jobs)
+    PRESETS, STAGES, TEACHER_SET_CHOICES, PipelineInterrupted, StageFailed, plan, plan_jobs, report_command,
+    run_command, run_jobs_side_by_side, run_one_by_one, select_jobs)
 from utils.signals import INTERRUPTED_EXIT_CODE, StopRequest, stop_on_signals
 
 
@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="default: demo without data_root=, else paper. " + "; ".join(
                             f"{name}: {preset.description}" for name, preset in PRESETS.items()))
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node for training stages")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run up to N independent jobs side by side (one process each, output in "
+                             "<output_root>/pipeline_logs/): for CPU runs, or a node where each job gets its own "
+                             "device through CUDA_VISIBLE_DEVICES; default 1")
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
     parser.add_argument("--teacher-sets", choices=TEACHER_SET_CHOICES, default="both",
@@ -97,6 +101,9 @@ def _load(overrides: list[str]):
 
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.jobs < 1 or (args.jobs > 1 and args.nproc_per_node > 1):
+        raise InvalidInputError(f"--jobs {args.jobs}: give a number >= 1; jobs side by side run one process each, "
+                                "so --jobs above 1 goes with --nproc-per-node 1")
     user = _load(args.overrides)
     preset_name = args.preset or ("paper" if user.data_root else "demo")
     preset = PRESETS[preset_name]
@@ -157,29 +164,16 @@ def run_once(args: argparse.Namespace, base: list[str], preset_name: str, stop: 
     if args.plan_only:
         return None
     started = time.perf_counter()
-    for number, step in enumerate(steps, 1):
-        if not step.run:
-            continue
-        print(f"[{number}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- running "
-              f"({format_duration(time.perf_counter() - started)} elapsed)", flush=True)
-        run_job(step.job, base, args.nproc_per_node, args.torchrun)
-        if stop.signal is not None:  # the stage got the signal too, and ended resumable
-            raise PipelineInterrupted(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same "
-                                      "command to continue")
-        verdict = step.job.check()
-        if not verdict.done:
-            raise InvalidInputError(f"{step.job.describe()} ended without complete outputs ({verdict.reason}; "
-                                    "stopped early?)")
+    if args.jobs > 1:
+        run_jobs_side_by_side(steps, base, artifacts.work_root(cfg), args.jobs, stop, started)
+    else:
+        run_one_by_one(steps, base, args.nproc_per_node, args.torchrun, stop, started)
     out_dir = None
     if run_report:
         run_command(report_command(cfg), "report")
         out_dir = artifacts.report_folder(artifacts.work_root(cfg), cfg.run_name)
     print(f"pipeline finished in {format_duration(time.perf_counter() - started)}", flush=True)
     return out_dir
-
-
-class PipelineInterrupted(Exception):
-    """SIGTERM/SIGINT reached the pipeline and its running stage, which saved a resumable checkpoint."""
 
 
 def main(argv: list[str] | None = None) -> int:

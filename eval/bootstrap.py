@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -37,6 +37,24 @@ def _group_rng(seed: int, group: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(group.encode())])
 
 
+# Fewer genuine (or impostor) pairs than this in one fold and resampling barely moves the cell: the intervals would
+# be falsely narrow, so no intervals or comparisons are computed (RFW has 300 of each per fold, the demo 15).
+MIN_CELL_PAIRS = 5
+
+
+def _cells(issame: np.ndarray, nfolds: int) -> Iterator[np.ndarray]:
+    """Pair indices of every (fold, genuine/impostor) cell of the in-order k-fold split."""
+    bounds = np.concatenate([[0], np.cumsum(fold_sizes(issame.size, nfolds))])
+    for f in range(nfolds):
+        for label in (False, True):
+            yield bounds[f] + np.flatnonzero(issame[bounds[f]:bounds[f + 1]] == label)
+
+
+def smallest_cell(issame: np.ndarray, nfolds: int = 10) -> int:
+    """The fewest genuine or impostor pairs of any fold."""
+    return min(cell.size for cell in _cells(np.asarray(issame, dtype=bool), nfolds))
+
+
 def draw_resamples(issame: np.ndarray, n_resamples: int, rng: np.random.Generator, nfolds: int = 10) -> np.ndarray:
     """Pair indices ``[n_resamples, n]`` of a stratified bootstrap: position ``p`` of every resample holds a pair
     drawn from the same (fold, genuine/impostor) cell as pair ``p``."""
@@ -47,12 +65,9 @@ def draw_resamples(issame: np.ndarray, n_resamples: int, rng: np.random.Generato
     if n < nfolds:
         raise ValueError(f"{n} pairs cannot be split into {nfolds} folds")
     indices = np.empty((n_resamples, n), dtype=np.int64)
-    bounds = np.concatenate([[0], np.cumsum(fold_sizes(n, nfolds))])
-    for f in range(nfolds):
-        for label in (False, True):
-            cell = bounds[f] + np.flatnonzero(issame[bounds[f]:bounds[f + 1]] == label)
-            if cell.size:
-                indices[:, cell] = cell[rng.integers(0, cell.size, size=(n_resamples, cell.size))]
+    for cell in _cells(issame, nfolds):
+        if cell.size:
+            indices[:, cell] = cell[rng.integers(0, cell.size, size=(n_resamples, cell.size))]
     return indices
 
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from eval.bootstrap import Bootstrap, Estimate, ModelSamples
+from eval.bootstrap import MIN_CELL_PAIRS, Bootstrap, Estimate, ModelSamples, smallest_cell
 from eval.operating_point import DEFAULT_FMR_TARGETS, OperatingPoint, operating_points
 
 KD_LABELS = {"aKD": "a-KD", "EAFKD": "EAF-KD"}
@@ -57,25 +57,26 @@ def _issame(rows: Sequence[Any]) -> dict[str, np.ndarray] | None:
 
 
 def bootstrap_plan(rows: Sequence[Any], settings: StatsSettings) -> Bootstrap | None:
-    """The shared resampling plan of these rows (None when no row carries pairs)."""
+    """The shared resampling plan of these rows (None when no row carries pairs, or too few to resample)."""
     issame = _issame(rows)
-    if issame is None:
+    if issame is None or min(smallest_cell(labels) for labels in issame.values()) < MIN_CELL_PAIRS:
         return None
     return Bootstrap(issame, settings.n_resamples, settings.seed, settings.confidence)
 
 
 def annotate(rows: Sequence[Any], settings: StatsSettings) -> Bootstrap | None:
-    """Set every row's ``samples``, ``intervals`` and ``operating_points`` from its pairs; returns the plan."""
+    """Set every row's operating points from its pairs, and its ``samples`` and ``intervals`` when the pairs can
+    be resampled; returns the resampling plan (None when they cannot)."""
     plan = bootstrap_plan(rows, settings)
-    if plan is None:
-        return None
     for row in rows:
         if not row.pairs:
+            continue
+        row.operating_points = operating_points(row.pairs, settings.fmr_targets, settings.fdr_alpha)
+        if plan is None:
             continue
         if row.samples is None or row.samples.plan != plan.key:
             row.samples = plan.model({g: d for g, (d, _) in row.pairs.items()})
         row.intervals = {key: (e.low, e.high) for key, e in plan.intervals(row.samples).items()}
-        row.operating_points = operating_points(row.pairs, settings.fmr_targets, settings.fdr_alpha)
     return plan
 
 
@@ -117,7 +118,8 @@ def describe_difference(key: str, estimate: Estimate) -> str:
 def comparison_summary(comparisons: Sequence[Comparison], plan: Bootstrap | None) -> str:
     """The report's verdict: differences with intervals, "no significant difference" where they cover zero."""
     if plan is None or not comparisons:
-        return "Summary: students of both teacher sets, evaluated on the same RFW pairs, are needed to compare them."
+        return ("Summary: students of both teacher sets, evaluated on the same RFW pairs, are needed to compare them "
+                f"(with at least {MIN_CELL_PAIRS} genuine and {MIN_CELL_PAIRS} impostor pairs in every fold).")
     lines = [f"Summary: students of specialized minus students of balanced teachers ({plan.describe()}; "
              "a difference is significant when its interval excludes 0):"]
     for comparison in comparisons:

@@ -277,7 +277,8 @@ def write_report(rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "re
     if benchmark_names(rows):
         caption += " Columns after SER: accuracy (%) on the val_targets benchmarks (10-fold, flip TTA)."
     sections = [caption, _markdown_table(rows), _tar_table(rows)]
-    if plan is not None:
+    with_pairs = any(row.pairs for row in rows)
+    if with_pairs:
         sections += [operating_point_markdown(rows), comparison_summary(comparisons, plan)]
     atomic_write_text(paths["md"], "\n\n".join(s for s in sections if s) + "\n")
     atomic_write_text(paths["csv"], _csv_text(rows))
@@ -286,7 +287,7 @@ def write_report(rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "re
         data["teacher_set_comparison"] = comparisons_json(comparisons, plan)
     atomic_write_text(paths["json"], json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
     plot_accuracy_heatmaps(_accuracy_panels(rows), paths["accuracy_png"])
-    if plan is not None:
+    if with_pairs:
         paths["pairs"] = out_dir / f"{stem}_pairs.npz"
         save_pairs(rows, paths["pairs"])
         paths["det_png"] = out_dir / f"{stem}_det.png"

@@ -133,3 +133,25 @@ def test_fairness_arrays_match_fairness_metrics_including_edge_cases():
         for key in ("avg", "std", "ser"):
             value = arrays[key][i]
             assert (math.isnan(value) and math.isnan(expected[key])) or value == pytest.approx(expected[key])
+
+
+def test_too_few_pairs_per_fold_give_no_intervals_rather_than_falsely_narrow_ones():
+    """One genuine and one impostor pair per fold: every resample equals the data, so an interval would be a
+    point and any difference "significant". The report gives no interval and no verdict instead."""
+    from eval.fairness_stats import StatsSettings, annotate
+    from eval.report import ResultRow, summary_line
+
+    rng = np.random.default_rng(0)
+
+    def student(teacher_set, n):
+        pairs = {group: _simulated_pairs(rng, error, n) for group, error in TRUE_ERRORS.items()}
+        return ResultRow(teacher_set, {g: 90.0 for g in pairs},
+                         {"stage": "student", "teacher_set": teacher_set, "adaptor": "SL", "kd": "aKD"}, pairs=pairs)
+
+    settings = StatsSettings(n_resamples=50, seed=0)
+    small = [student("specialized", 20), student("baseline", 20)]
+    assert annotate(small, settings) is None and all(not row.intervals for row in small)
+    assert "at least 5 genuine and 5 impostor pairs in every fold" in summary_line(small, settings)
+    enough = [student("specialized", 100), student("baseline", 100)]
+    assert annotate(enough, settings) is not None and all(row.intervals for row in enough)
+    assert "pooled" not in summary_line(enough, settings) and "SL a-KD: Avg" in summary_line(enough, settings)

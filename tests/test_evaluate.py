@@ -261,8 +261,8 @@ def test_summary_needs_the_pairs_of_both_teacher_sets():
         return ResultRow(teacher_set, dict(zip(ETHNICITIES, accuracies)), {"stage": "student", "teacher_set": teacher_set})
 
     rows = [student("specialized", [95.0] * 4), student("baseline", [90.0, 94.0, 96.0, 92.0])]
-    assert summary_line(rows) == ("Summary: students of both teacher sets, evaluated on the same RFW pairs, are "
-                                  "needed to compare them.")
+    assert summary_line(rows).startswith("Summary: students of both teacher sets, evaluated on the same RFW pairs, "
+                                         "are needed to compare them")
 
 
 def test_released_baseline_adaptor_reads_split1_in_its_first_block(rfw_root, tmp_path):

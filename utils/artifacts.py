@@ -39,6 +39,7 @@ STORE_INDEX_FILE = "index.tsv"
 TARGETS_NAME = "targets"
 REPORT_STEM = "results"
 REPORT_SOURCES_FILE = "sources.json"
+PIPELINE_LOGS_DIR = "pipeline_logs"
 _ASIDE_MARK = ".replaced-"
 # The weights a later stage uses of each kind of run.
 BEST_WEIGHTS = {"teacher": "best_backbone.pth", "student": "best_backbone.pth", "adaptor": "best_adaptor.pth"}
@@ -105,6 +106,11 @@ def report_dir(cfg: Config) -> Path:
 def report_folder(work_dir: Path, run_name: str) -> Path:
     """The report of the runs of ``run_name`` in ``work_dir``."""
     return Path(work_dir) / (f"report-{run_name}" if run_name else "report")
+
+
+def job_log_file(work_dir: Path, job_key: str) -> Path:
+    """Where the pipeline keeps the output of a job it runs beside others (``--jobs``)."""
+    return Path(work_dir) / PIPELINE_LOGS_DIR / f"{job_key.replace('/', '_')}.log"
 
 
 def report_sources_file(report: Path) -> Path:

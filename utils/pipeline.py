@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,7 +56,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny": Preset(
         description="seconds per stage: the end-to-end test of the pipeline",
-        synthetic={"ids_per_ethnicity": 6, "images_per_id": 4, "pairs_per_ethnicity": 20, "image_size": 32},
+        synthetic={"ids_per_ethnicity": 6, "images_per_id": 4, "pairs_per_ethnicity": 100, "image_size": 32},
         overrides={"network": "iresnet18", "student_network": "iresnet18", "width": 8, "input_size": 32,
                    "batch_size": 8, "batch_size_fc": 16, "num_epoch": 1, "milestones": [2],
                    "num_epoch_fc": 2, "milestones_fc": [2], "num_workers": 0, "log_every": 5,
@@ -356,6 +358,91 @@ def run_command(command: Sequence[str], what: str) -> None:
 
 def run_job(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[str]) -> None:
     run_command(launch_command(job, base, nproc, torchrun_args), job.describe())
+
+
+def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torchrun_args: Sequence[str], stop: Any,
+                   started: float) -> None:
+    """Run the steps that must run in order, each in the foreground (its output is the pipeline's)."""
+    for number, step in enumerate(steps, 1):
+        if not step.run:
+            continue
+        print(f"[{number}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- running "
+              f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+        run_job(step.job, base, nproc, torchrun_args)
+        if stop.signal is not None:  # the stage got the signal too, and ended resumable
+            raise PipelineInterrupted(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same "
+                                      "command to continue")
+        verdict = step.job.check()
+        if not verdict.done:
+            raise InvalidInputError(f"{step.job.describe()} ended without complete outputs ({verdict.reason}; "
+                                    "stopped early?)")
+
+
+class PipelineInterrupted(Exception):
+    """SIGTERM/SIGINT reached the pipeline and its running jobs, which saved resumable checkpoints."""
+
+
+def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: Path, workers: int,
+                          stop: Any, started: float) -> None:
+    """Run the steps that must run, up to ``workers`` at a time, each once every job it reads from has finished.
+
+    Each job writes its output to its own log (``artifacts.job_log_file``), shown when it fails. A failure or a
+    stop signal lets no new job start and asks the running ones to save a resumable checkpoint (SIGTERM).
+    """
+    pending = [step for step in steps if step.run]
+    to_run = {step.job.key for step in pending}
+    number = {step.job.key: index for index, step in enumerate(steps, 1)}
+    finished: set[str] = set()
+    running: dict[str, tuple[Step, subprocess.Popen, Path]] = {}
+    failure: Exception | None = None
+    stopping = False
+
+    def stop_running() -> None:
+        for _, process, _ in running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    while pending or running:
+        if failure is None and stop.signal is None:
+            for step in [s for s in pending if all(k in finished or k not in to_run for k in s.job.upstream)]:
+                if len(running) >= workers:
+                    break
+                log = artifacts.job_log_file(work_dir, step.job.key)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "w") as handle:
+                    process = subprocess.Popen(launch_command(step.job, base, 1, []), cwd=REPO, env=os.environ.copy(),
+                                               stdout=handle, stderr=subprocess.STDOUT)
+                running[step.job.key] = (step, process, log)
+                pending.remove(step)
+                print(f"[{number[step.job.key]}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- running "
+                      f"({time.perf_counter() - started:.0f} s elapsed; output in {log})", flush=True)
+        elif not stopping:
+            stopping = True
+            pending.clear()
+            stop_running()
+        time.sleep(0.1)
+        for key, (step, process, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[key]
+            if stop.signal is not None or failure is not None:
+                continue
+            if process.returncode != 0:
+                print(log.read_text()[-4000:], file=sys.stderr)
+                failure = StageFailed(f"{step.job.describe()} (log {log})", process.returncode)
+                continue
+            verdict = step.job.check()
+            if not verdict.done:
+                failure = InvalidInputError(f"{step.job.describe()} ended without complete outputs "
+                                            f"({verdict.reason}; log {log})")
+                continue
+            finished.add(key)
+            print(f"[{number[key]}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- done", flush=True)
+    if stop.signal is not None:
+        raise PipelineInterrupted(f"{stop.name}: pipeline stopped; the running jobs saved resumable checkpoints; run "
+                              "the same command to continue")
+    if failure is not None:
+        raise failure
 
 
 def report_command(cfg: Config) -> list[str]:
