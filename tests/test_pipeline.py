@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from helpers import ROOT
-from utils.pipeline import STAGES, plan_jobs, select_jobs
+from utils import artifacts
+from utils.pipeline import STAGES, Job, StageFailed, Step, Verdict, plan_jobs, run_jobs_side_by_side, select_jobs
+from utils.signals import StopRequest
 
 TEACHER_RUNS = [f"teachers/specialized/iresnet18_{eth}" for eth in ("African", "Asian", "Caucasian", "Indian")] + [
     f"teachers/baseline/iresnet18_split{k}" for k in range(4)]
@@ -50,8 +52,9 @@ def _stages(lines: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Two jobs side by side (--jobs 2): each job starts only once the jobs it reads from have finished."""
     out = tmp_path_factory.mktemp("pipeline") / "work"
-    return out, _pipeline(out)
+    return out, _pipeline(out, "--jobs", "2")
 
 
 @pytest.fixture
@@ -72,6 +75,39 @@ def test_plan_covers_the_paper():
     with pytest.raises(ValueError, match="stages are"):
         select_jobs(jobs, ["teacher"], None)
     assert STAGES[-1] == "report"
+
+
+JOB_SCRIPT = """import sys, time, pathlib
+mine, needs = pathlib.Path(sys.argv[1]), sys.argv[2]
+if needs != "-" and not pathlib.Path(needs).exists():
+    sys.exit(f"{needs} is not there yet")
+time.sleep(0.3)
+mine.write_text(str(time.monotonic()))
+"""
+
+
+def _job(tmp_path: Path, name: str, needs: str | None, script: Path) -> Step:
+    needed = str(tmp_path / needs) if needs else "-"
+    job = Job("teachers", str(script), [str(tmp_path / name), needed], name, [needs] if needs else [],
+              check=lambda: Verdict((tmp_path / name).exists(), "written"))
+    return Step(job, True, "test")
+
+
+def test_jobs_side_by_side_wait_for_their_upstream_and_stop_at_a_failure(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(JOB_SCRIPT)
+    steps = [_job(tmp_path, "a", None, script), _job(tmp_path, "b", "a", script), _job(tmp_path, "c", None, script)]
+    run_jobs_side_by_side(steps, [], tmp_path / "work", 2, StopRequest(), time.perf_counter())
+    done = {name: float((tmp_path / name).read_text()) for name in "abc"}
+    assert done["a"] < done["b"] and done["c"] < done["b"]  # c ran beside a; b waited for a
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("import sys; sys.exit('broken job')")
+    steps = [_job(tmp_path, "d", None, broken), _job(tmp_path, "e", "d", script)]
+    with pytest.raises(StageFailed, match="exit code 1"):
+        run_jobs_side_by_side(steps, [], tmp_path / "work", 2, StopRequest(), time.perf_counter())
+    assert not (tmp_path / "e").exists()  # nothing below a failed job starts
+    assert "broken job" in artifacts.job_log_file(tmp_path / "work", "d").read_text()
 
 
 @pytest.mark.slow

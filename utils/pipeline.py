@@ -396,6 +396,8 @@ def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: 
     running: dict[str, tuple[Step, subprocess.Popen, Path]] = {}
     failure: Exception | None = None
     stopping = False
+    # Jobs side by side share the cores instead of each taking all of them (unless the user chose a number).
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), **os.environ}
 
     def stop_running() -> None:
         for _, process, _ in running.values():
@@ -410,7 +412,7 @@ def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: 
                 log = artifacts.job_log_file(work_dir, step.job.key)
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "w") as handle:
-                    process = subprocess.Popen(launch_command(step.job, base, 1, []), cwd=REPO, env=os.environ.copy(),
+                    process = subprocess.Popen(launch_command(step.job, base, 1, []), cwd=REPO, env=env,
                                                stdout=handle, stderr=subprocess.STDOUT)
                 running[step.job.key] = (step, process, log)
                 pending.remove(step)
