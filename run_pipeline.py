@@ -39,9 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             f"{name}: {preset.description}" for name, preset in PRESETS.items()))
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node for training stages")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="run up to N independent jobs side by side (one process each, output in "
-                             "<output_root>/pipeline_logs/): for CPU runs, or a node where each job gets its own "
-                             "device through CUDA_VISIBLE_DEVICES; default 1")
+                        help="run up to N independent jobs side by side, one process each, the cores split between "
+                             "them, output in <output_root>/pipeline_logs/ (for CPU runs of small jobs; on a GPU "
+                             "node they share the visible GPUs); default 1: one job at a time in the foreground")
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
     parser.add_argument("--teacher-sets", choices=TEACHER_SET_CHOICES, default="both",
