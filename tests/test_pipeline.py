@@ -221,7 +221,7 @@ def test_released_teachers_flow_through_and_a_swapped_checkpoint_rebuilds_what_r
     assert len(_plan(finished_copy)["skip"]) == JOBS  # same weights: nothing to redo
     asian = finished_copy / "teachers/specialized/iresnet18_Asian/best_backbone.pth"
     shutil.copy(finished_copy / "teachers/specialized/iresnet18_African/best_backbone.pth", asian)
-    result = _pipeline(finished_copy)
+    result = _pipeline(finished_copy, "--jobs", "2")
     ran = [line for line in result.stdout.splitlines() if " -- run: " in line]
     assert _stages(ran) == ["extract"] + ["adaptors"] * 3 + ["students"] * 6
     assert "Asian store made with other settings or inputs (input teacher:" in ran[0]
@@ -259,7 +259,7 @@ def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     finished_mtime = (first_teacher / "best_backbone.pth").stat().st_mtime_ns
     history = json.loads((second_teacher / "history.json").read_text())
     assert not history["complete"]
-    result = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers")
+    result = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers", "--jobs", "2")
     african = [line for line in result.stdout.splitlines() if "ethnicity=African" in line]
     assert len(african) == 1 and " -- skip: complete" in african[0]
     assert any("ethnicity=Asian -- run: interrupted" in line for line in result.stdout.splitlines())
