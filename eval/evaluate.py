@@ -41,6 +41,7 @@ from utils import artifacts
 from utils.errors import InvalidInputError, MissingInputError, UserError
 from utils.io import atomic_write_json
 from utils.provenance import file_sha256, tree_fingerprint
+from utils.release_import import parse_named_paths
 
 STAGE_ORDER = ("teacher", "adaptor", "student")
 
@@ -406,23 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_named_teachers(values: Sequence[str]) -> dict[str, Path]:
-    """``NAME=PATH`` words -> ``{name: path}``; a malformed or repeated name is an error."""
-    named: dict[str, Path] = {}
-    for value in values:
-        member, sep, path = value.partition("=")
-        if not sep or not member or not path:
-            raise ValueError(f"--teacher {value!r} is not of the form NAME=PATH (e.g. Asian=/path/to/asian_weights)")
-        if member in named:
-            raise ValueError(f"--teacher {member} is given twice ({named[member]} and {path})")
-        named[member] = Path(path)
-    return named
-
-
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.teacher is not None:
         try:
-            args.teacher = parse_named_teachers(args.teacher)
+            args.teacher = parse_named_paths(args.teacher, "--teacher")
             ordered_teachers(args.teacher)
         except ValueError as exc:
             parser.error(str(exc))

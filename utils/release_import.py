@@ -55,12 +55,13 @@ class Import:
         return f"{self.cfg.teacher_set} {self.cfg.adaptor} {self.cfg.kd} student"
 
 
-def _named(values: Sequence[str], option: str) -> dict[str, Path]:
+def parse_named_paths(values: Sequence[str], option: str) -> dict[str, Path]:
+    """``NAME=PATH`` words of ``option`` -> ``{name: path}``; a malformed or repeated name is an error."""
     named: dict[str, Path] = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise InvalidInputError(f"{option} {value!r} is not of the form NAME=PATH")
+            raise InvalidInputError(f"{option} {value!r} is not of the form NAME=PATH (e.g. Asian=/path/to/weights)")
         if name in named:
             raise InvalidInputError(f"{option} {name} is given twice ({named[name]} and {path})")
         named[name] = Path(path)
@@ -160,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.overrides)
-        items = plan_imports(cfg, _named(args.teacher, "--teacher"), _named(args.adaptor, "--adaptor"),
-                             _named(args.student, "--student"))
+        items = plan_imports(cfg, parse_named_paths(args.teacher, "--teacher"),
+                             parse_named_paths(args.adaptor, "--adaptor"), parse_named_paths(args.student, "--student"))
         records = import_all(items, replace=args.replace)
         for item, record in zip(items, records):
             print(f"imported {item.label}: {item.source} -> {item.run_dir} (sha256 {record['sha256'][:12]})")
