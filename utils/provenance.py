@@ -32,7 +32,8 @@ Record = dict[str, Any]
 _HASH_CHUNK = 1 << 24
 
 _MODEL_KEYS = ("use_se", "dropout", "width", "embedding_size", "input_size")
-_OPTIMISER_KEYS = ("momentum", "weight_decay", "lr_decay", "grad_clip", "seed", "amp")
+# amp_init_scale decides which early fp16 steps the GradScaler skips, so it changes the weights too.
+_OPTIMISER_KEYS = ("momentum", "weight_decay", "lr_decay", "grad_clip", "seed", "amp", "amp_init_scale")
 _MARGIN_KEYS = ("loss", "s", "m", "std")
 _DATA_KEYS = ("ids_per_ethnicity",)
 
