@@ -29,6 +29,7 @@ from utils.errors import InvalidInputError
 from utils.provenance import (
     Record, adaptor_record, data_fingerprint, describe_changes, file_sha256, identities_fingerprint, read_record,
     record_digest, split_record, store_record, student_record, targets_record, teacher_record)
+from utils.signals import StopRequest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("split", "teachers", "extract", "adaptors", "students", "report")
@@ -360,8 +361,8 @@ def run_job(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[s
     run_command(launch_command(job, base, nproc, torchrun_args), job.describe())
 
 
-def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torchrun_args: Sequence[str], stop: Any,
-                   started: float) -> None:
+def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torchrun_args: Sequence[str],
+                   stop: StopRequest, started: float) -> None:
     """Run the steps that must run in order, each in the foreground (its output is the pipeline's)."""
     for number, step in enumerate(steps, 1):
         if not step.run:
@@ -383,7 +384,7 @@ class PipelineInterrupted(Exception):
 
 
 def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: Path, workers: int,
-                          stop: Any, started: float) -> None:
+                          stop: StopRequest, started: float) -> None:
     """Run the steps that must run, up to ``workers`` at a time, each once every job it reads from has finished.
 
     Each job writes its output to its own log (``artifacts.job_log_file``), shown when it fails. A failure or a
