@@ -14,8 +14,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Two pytest-xdist workers; --dist loadgroup keeps the tests that share one finished tiny pipeline together.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 demo: $(STAMP)
 	$(PY) run_pipeline.py --preset demo

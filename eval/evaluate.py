@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ from config.config import (
 from eval.fairness_stats import StatsSettings
 from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
 from eval.rfw_data import find_benchmark
-from eval.verification import EmbedFn, RFWEvaluator, VerificationResult, backbone_embed_fn, multi_teacher_embed_fn
+from eval.verification import (
+    EmbedFn, ImageOutputs, RFWEvaluator, VerificationResult, adaptor_outputs, backbone_embed_fn, multi_teacher_embed_fn)
 from utils import artifacts
 from utils.errors import InvalidInputError, MissingInputError, UserError
 from utils.io import atomic_write_json
@@ -242,28 +244,68 @@ def find_runs(work_dir: str | Path, run_name: str | None = None) -> list[tuple[P
     return sorted(runs, key=_row_order)
 
 
-def evaluate_run(run_dir: Path, cfg: Config, stage: str, evaluator: RFWEvaluator, *, name: str,
-                 device: str | torch.device | None = None, raw_teachers: bool = False) -> ResultRow:
+class TeacherOutputs:
+    """RFW outputs of teacher weights, computed once per report: a teacher's own row and each adaptor space
+    built on it read the same outputs (an adaptor row would otherwise run its four teachers again). An entry is
+    dropped after its last reader, so at most the teachers still to be read are held."""
+
+    def __init__(self, evaluator: RFWEvaluator, device: torch.device, readers: Counter[Path]) -> None:
+        self.evaluator = evaluator
+        self.device = device
+        self._readers = readers
+        self._outputs: dict[Path, dict[str, ImageOutputs]] = {}
+
+    def read(self, weights: Path, load: Callable[[], nn.Module]) -> dict[str, ImageOutputs]:
+        weights = weights.resolve()
+        if weights not in self._outputs:
+            model = load().to(self.device)
+            self._outputs[weights] = self.evaluator.outputs(backbone_embed_fn(model), self.device)
+        self._readers[weights] -= 1
+        if self._readers[weights] > 0:
+            return self._outputs[weights]
+        return self._outputs.pop(weights)
+
+
+def teacher_readers(runs: Sequence[tuple[Path, Config, str]]) -> Counter[Path]:
+    """How many report rows read each teacher's weights: its own row and the adaptor rows over it."""
+    readers: Counter[Path] = Counter()
+    for run_dir, cfg, stage in runs:
+        if stage == "teacher":
+            readers[artifacts.best_weights(run_dir, "teacher").resolve()] += 1
+        elif stage == "adaptor":
+            readers.update(artifacts.best_weights(d, "teacher").resolve() for d in _teacher_dirs(run_dir, cfg))
+    return readers
+
+
+def evaluate_run(run_dir: Path, cfg: Config, stage: str, teachers: TeacherOutputs, *, name: str,
+                 raw_teachers: bool = False) -> ResultRow:
     """One training run: its best weights (adaptors: with their four teachers' best weights, in
-    ``teacher_members`` order; ``raw_teachers`` as in :func:`multi_teacher_embed_fn`)."""
+    ``teacher_members`` order; ``raw_teachers`` as in :func:`multi_teacher_embed_fn`). ``teachers`` holds the
+    evaluator and device, and shares teacher outputs between rows."""
+    evaluator, device = teachers.evaluator, teachers.device
     if cfg.input_size != evaluator.input_size:
         raise InvalidInputError(f"run {run_dir} has input_size {cfg.input_size}, the RFW evaluator "
                                 f"{evaluator.input_size}")
-    device = torch.device(device) if device is not None else default_device()
     weights = _weights(run_dir, stage, stage)
     extra: dict[str, Any] = {"stage": stage, "weights": str(weights), "run_dir": str(run_dir),
                              "teacher_set": cfg.teacher_set}
     extra.update({"teacher": {"member": cfg.teacher_member}, "student": {"adaptor": cfg.adaptor, "kd": cfg.kd}}.get(
         stage, {}))  # what the report's comparison and figures group by
     if stage == "adaptor":
-        teachers = [_load_teacher(d, cfg, run_dir) for d in _teacher_dirs(run_dir, cfg)]
-        adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights")
+        members = [teachers.read(_weights(d, "teacher", "teacher"), lambda d=d: _load_teacher(d, cfg, run_dir))
+                   for d in _teacher_dirs(run_dir, cfg)]
+        adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights").to(device)
         extra.update(network=cfg.network, adaptor=cfg.adaptor, raw_teachers=raw_teachers)
-        return _evaluate(name, multi_teacher_embed_fn(teachers, adaptor, raw_teachers=raw_teachers),
-                         [*teachers, adaptor], evaluator, device, extra)
-    model = build_backbone(cfg, student=stage == "student")
+        outputs = {name: adaptor_outputs([member[name] for member in members], adaptor, raw_teachers=raw_teachers,
+                                         batch_size=evaluator.batch_size, device=device) for name in members[0]}
+        return result_row(name, evaluator.verify_outputs(outputs), extra)
+    if stage == "teacher":
+        extra["network"] = cfg.network
+        outputs = teachers.read(weights, lambda: load_weights(build_backbone(cfg), weights, what="teacher weights"))
+        return result_row(name, evaluator.verify_outputs(outputs), extra)
+    model = build_backbone(cfg, student=True)
     load_weights(model, weights, what=f"{stage} weights")
-    extra["network"] = cfg.student_network if stage == "student" else cfg.network
+    extra["network"] = cfg.student_network
     return _evaluate(name, backbone_embed_fn(model), [model], evaluator, device, extra)
 
 
@@ -327,15 +369,17 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
     if reused:
         rows = read_report_rows(out / f"{stem}.json")
     else:
-        evaluators: dict[int, RFWEvaluator] = {}
+        device = torch.device(device) if device is not None else default_device()
+        readers = teacher_readers(runs)
+        by_size: dict[int, TeacherOutputs] = {}  # one evaluator (and its shared teacher outputs) per input size
         rows = []
         for run_dir, cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
-            if cfg.input_size not in evaluators:
-                evaluators[cfg.input_size] = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size,
-                                                          **options)
+            if cfg.input_size not in by_size:
+                evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size, **options)
+                by_size[cfg.input_size] = TeacherOutputs(evaluator, device, readers)
             name = display_name(stage, cfg)
             try:
-                rows.append(evaluate_run(run_dir, cfg, stage, evaluators[cfg.input_size], name=name, device=device,
+                rows.append(evaluate_run(run_dir, cfg, stage, by_size[cfg.input_size], name=name,
                                          raw_teachers=raw_teachers))
             except FileNotFoundError as exc:
                 if not skip_incomplete:

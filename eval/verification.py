@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -38,20 +39,51 @@ class VerificationResult:
     threshold: float  # mean of the per-fold best thresholds (squared distance)
     fold_accuracies: np.ndarray
     fold_thresholds: np.ndarray
-    # TAR at the operating point with the highest TAR whose FAR does not exceed the key; NaN where the key is
-    # below 1 / (number of impostor pairs): with 3000 impostors (RFW) FAR=1e-4 could only mean "no false
-    # accept at all", which is not a measurement of FAR 1e-4.
-    tar_at_far: dict[float, float]
-    auc: float
-    fpr: np.ndarray = field(repr=False)
-    tpr: np.ndarray = field(repr=False)
-    # The pairs themselves, for bootstrap intervals and operating-point rates (eval/bootstrap.py).
+    # The pairs themselves, for the ROC below, bootstrap intervals and operating-point rates (eval/bootstrap.py).
     distances: np.ndarray = field(repr=False)
     issame: np.ndarray = field(repr=False)
     # Why the numbers measure nothing ("" when they do): e.g. every pair has the same score, so the accuracy is
     # chance on every group and the groups look "perfectly fair" while the model is broken.
     degenerate: str = ""
-    min_far: float = 0.0  # 1 / (number of impostor pairs): the smallest FAR these pairs can measure
+
+    # The ROC is computed on first use: a training run's per-epoch check reads only the accuracy, and the ROC
+    # needs scikit-learn, about a second of start-up in every stage process.
+    @cached_property
+    def _roc(self) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.metrics import roc_curve
+
+        fpr, tpr, _ = roc_curve(self.issame, -self.distances, drop_intermediate=False)
+        return fpr, tpr
+
+    @property
+    def fpr(self) -> np.ndarray:
+        return self._roc[0]
+
+    @property
+    def tpr(self) -> np.ndarray:
+        return self._roc[1]
+
+    @cached_property
+    def auc(self) -> float:
+        from sklearn.metrics import auc
+
+        return float(auc(self.fpr, self.tpr))
+
+    @property
+    def num_impostors(self) -> int:
+        return int((~self.issame).sum())
+
+    @property
+    def min_far(self) -> float:
+        """1 / (number of impostor pairs): the smallest FAR these pairs can measure."""
+        return 1.0 / self.num_impostors
+
+    @cached_property
+    def tar_at_far(self) -> dict[float, float]:
+        """TAR at the operating point with the highest TAR whose FAR does not exceed the key; NaN where the key is
+        below 1 / (number of impostor pairs): with 3000 impostors (RFW) FAR=1e-4 could only mean "no false
+        accept at all", which is not a measurement of FAR 1e-4."""
+        return {far: tar_at_far(self.fpr, self.tpr, far, self.num_impostors) for far in FARS}
 
     def summary(self) -> dict[str, float | None]:
         """JSON-friendly scalars (ROC arrays left out); a TAR that cannot be measured is None."""
@@ -73,6 +105,44 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, far: float, num_impostors: int)
     return float(tpr[fpr <= far].max())
 
 
+class ImageOutputs(NamedTuple):
+    """Raw float32 outputs ``[2N, E]`` of a network for a pair set's images and, with flip TTA, their mirror images."""
+
+    plain: torch.Tensor
+    flipped: torch.Tensor | None
+
+    def embeddings(self) -> np.ndarray:
+        """L2-normalised embeddings: ``plain + flipped`` (flip TTA) or ``plain``, normalised."""
+        summed = self.plain if self.flipped is None else self.plain + self.flipped
+        return F.normalize(summed, dim=1).numpy()
+
+
+def image_outputs(
+    embed_fn: EmbedFn,
+    images: torch.Tensor | np.ndarray,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    flip: bool = True,
+) -> ImageOutputs:
+    """Outputs of ``embed_fn`` for uint8 RGB images ``[2N, 3, S, S]`` (and their horizontal flips), on the CPU.
+    ``embed_fn`` receives batches already scaled to ``[-1, 1]``."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images [N, 3, S, S], got {tuple(images.shape)} {images.dtype}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if images.shape[0] == 0:
+        raise ValueError("no images to embed")
+    plain, flipped = [], []
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], batch_size):
+            batch = normalize_images(images[start:start + batch_size].to(device, non_blocking=True))
+            plain.append(embed_fn(batch).float().cpu())
+            if flip:
+                flipped.append(embed_fn(torch.flip(batch, dims=[3])).float().cpu())
+    return ImageOutputs(torch.cat(plain), torch.cat(flipped) if flip else None)
+
+
 def embed_images(
     embed_fn: EmbedFn,
     images: torch.Tensor | np.ndarray,
@@ -85,22 +155,7 @@ def embed_images(
     With ``flip`` each embedding is ``embed_fn(x) + embed_fn(hflip(x))`` before normalisation (the
     standard test-time augmentation). ``embed_fn`` receives batches already scaled to ``[-1, 1]``.
     """
-    images = torch.as_tensor(images)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected uint8 images [N, 3, S, S], got {tuple(images.shape)} {images.dtype}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], batch_size):
-            batch = normalize_images(images[start:start + batch_size].to(device, non_blocking=True))
-            emb = embed_fn(batch).float()
-            if flip:
-                emb = emb + embed_fn(torch.flip(batch, dims=[3])).float()
-            chunks.append(F.normalize(emb, dim=1).cpu())
-    if not chunks:
-        raise ValueError("no images to embed")
-    return torch.cat(chunks).numpy().astype(np.float32, copy=False)
+    return image_outputs(embed_fn, images, batch_size, device, flip).embeddings()
 
 
 @contextmanager
@@ -126,6 +181,14 @@ def backbone_embed_fn(model: nn.Module) -> EmbedFn:
     return embed
 
 
+def teacher_concatenation(outputs: Sequence[torch.Tensor], *, raw_teachers: bool = False) -> torch.Tensor:
+    """The adaptor's input: the four teachers' outputs, L2-normalised (as in the stores the adaptors are trained
+    on) or raw (``raw_teachers``, as the release's adaptor test), concatenated in the order given."""
+    if len(outputs) != 4:
+        raise ValueError(f"the multi-teacher space needs exactly 4 teachers, got {len(outputs)}")
+    return torch.cat(list(outputs) if raw_teachers else [F.normalize(o.float(), dim=1) for o in outputs], dim=1)
+
+
 def multi_teacher_embed_fn(teachers: Sequence[nn.Module], adaptor: nn.Module, *,
                            raw_teachers: bool = False) -> EmbedFn:
     """The multi-teacher space: adaptor(concat of the L2-normalised teacher embeddings).
@@ -144,11 +207,26 @@ def multi_teacher_embed_fn(teachers: Sequence[nn.Module], adaptor: nn.Module, *,
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
         with eval_mode(adaptor, *teachers):
-            outputs = [t(batch).float() for t in teachers]
-            joint = torch.cat(outputs if raw_teachers else [F.normalize(o, dim=1) for o in outputs], dim=1)
-            return adaptor(joint)
+            return adaptor(teacher_concatenation([t(batch).float() for t in teachers], raw_teachers=raw_teachers))
 
     return embed
+
+
+def adaptor_outputs(teacher_outputs: Sequence[ImageOutputs], adaptor: nn.Module, *, raw_teachers: bool = False,
+                    batch_size: int = 256, device: str | torch.device = "cpu") -> ImageOutputs:
+    """The multi-teacher space from outputs its four teachers already gave for the same images (in
+    concatenation order): what :func:`multi_teacher_embed_fn` computes, without running the teachers again."""
+    def head(outputs: list[torch.Tensor]) -> torch.Tensor:
+        rows = []
+        with torch.inference_mode(), eval_mode(adaptor):
+            for start in range(0, outputs[0].shape[0], batch_size):
+                chunk = [o[start:start + batch_size].to(device) for o in outputs]
+                rows.append(adaptor(teacher_concatenation(chunk, raw_teachers=raw_teachers)).float().cpu())
+        return torch.cat(rows)
+
+    flipped = [t.flipped for t in teacher_outputs]
+    return ImageOutputs(head([t.plain for t in teacher_outputs]),
+                        None if any(f is None for f in flipped) else head(flipped))  # type: ignore[arg-type]
 
 
 def pair_distances(embeddings: np.ndarray) -> np.ndarray:
@@ -227,9 +305,6 @@ def kfold_accuracy(
 
 def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> VerificationResult:
     """All verification metrics from pair distances (squared Euclidean) and genuine/impostor labels."""
-    # Imported here: scikit-learn costs every stage process about a second of start-up, and most never verify.
-    from sklearn.metrics import auc, roc_curve
-
     issame = np.asarray(issame, dtype=bool)
     distances = np.asarray(distances, dtype=np.float64)
     if issame.all() or not issame.any():
@@ -242,19 +317,12 @@ def verify_distances(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10
     if np.ptp(distances) == 0:
         degenerate = degenerate or "all pair scores equal (constant embeddings)"
     fold_acc, fold_thr = kfold_accuracy(distances, issame, nfolds)
-    fpr, tpr, _ = roc_curve(issame, -distances, drop_intermediate=False)
-    num_impostors = int((~issame).sum())
     return VerificationResult(
         accuracy=float(fold_acc.mean()),
         accuracy_std=float(fold_acc.std()),
         threshold=float(fold_thr.mean()),
         fold_accuracies=fold_acc,
         fold_thresholds=fold_thr,
-        tar_at_far={far: tar_at_far(fpr, tpr, far, num_impostors) for far in FARS},
-        auc=float(auc(fpr, tpr)),
-        fpr=fpr,
-        tpr=tpr,
-        min_far=1.0 / num_impostors,
         distances=distances,
         issame=issame,
         degenerate=degenerate,
@@ -302,9 +370,14 @@ class RFWEvaluator:
                 raise ValueError(f"{find_rfw_source(self.rfw_root, eth).path} ({eth}): {problem}")
         self.data.update(load_benchmarks(val_root, list(val_targets), input_size, allow_resize))
 
+    def outputs(self, embed_fn: EmbedFn, device: str | torch.device = "cpu") -> dict[str, ImageOutputs]:
+        """The raw outputs (with flip TTA) of every pair set's images, by name."""
+        return {name: image_outputs(embed_fn, images, batch_size=self.batch_size, device=device, flip=True)
+                for name, (images, _) in self.data.items()}
+
+    def verify_outputs(self, outputs: dict[str, ImageOutputs]) -> dict[str, VerificationResult]:
+        return {name: verify(outputs[name].embeddings(), issame, self.nfolds)
+                for name, (_, issame) in self.data.items()}
+
     def __call__(self, embed_fn: EmbedFn, device: str | torch.device = "cpu") -> dict[str, VerificationResult]:
-        results = {}
-        for name, (images, issame) in self.data.items():
-            embeddings = embed_images(embed_fn, images, batch_size=self.batch_size, device=device, flip=True)
-            results[name] = verify(embeddings, issame, self.nfolds)
-        return results
+        return self.verify_outputs(self.outputs(embed_fn, device))

@@ -1,6 +1,7 @@
 import io
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from backbones import get_adaptor, get_backbone
 from config.config import CONCAT_ORDER, ETHNICITIES, load_config
-from eval.evaluate import evaluate_multi_teacher, main, report_work_dir
+from eval.evaluate import TeacherOutputs, evaluate_multi_teacher, main, report_work_dir
 from eval.report import ResultRow, results_table, summary_line, write_report
 from utils.binfile import read_bin, write_bin
 from eval.verification import RFWEvaluator, backbone_embed_fn
@@ -182,11 +183,15 @@ def _work_dir(root):
     return cfg, teacher_paths
 
 
-def test_work_dir_evaluates_every_run_and_adaptors_with_their_teachers(rfw_root, tmp_path, capsys):
+def test_work_dir_evaluates_every_run_and_adaptors_with_their_teachers(rfw_root, tmp_path, capsys, monkeypatch):
     cfg, teacher_paths = _work_dir(tmp_path / "work")
     moved = tmp_path / "moved"  # run folders are found relative to where the work directory is now
     shutil.move(tmp_path / "work", moved)
+    networks_run = []
+    outputs = RFWEvaluator.outputs
+    monkeypatch.setattr(RFWEvaluator, "outputs", lambda self, *args: networks_run.append(1) or outputs(self, *args))
     main(["--work-dir", str(moved), "--rfw-root", str(rfw_root), "--batch-size", "16", "--device", "cpu"])
+    assert len(networks_run) == 4 + 1  # teachers and the student; the adaptor row reuses its teachers' outputs
     saved = json.loads((moved / "report" / "results.json").read_text())["rows"]
     names = [row["name"] for row in saved]
     assert names == [f"teacher specialized {eth} (iresnet18)" for eth in ETHNICITIES] + [
@@ -205,6 +210,23 @@ def test_work_dir_evaluates_every_run_and_adaptors_with_their_teachers(rfw_root,
     for eth in ETHNICITIES:
         assert adaptor_row["accuracies"][eth] == pytest.approx(direct.accuracies[eth])
         assert adaptor_row["extra"][f"{eth}/auc"] == pytest.approx(direct.extra[f"{eth}/auc"])
+
+
+def test_teacher_outputs_are_computed_once_and_dropped_after_their_last_reader(rfw_root, tmp_path):
+    weights = tmp_path / "teacher.pth"
+    loads = []
+
+    def load():
+        loads.append(weights)
+        torch.manual_seed(0)
+        return get_backbone("iresnet18", input_size=SIZE, embedding_size=EMB, width=WIDTH)
+
+    shared = TeacherOutputs(RFWEvaluator(rfw_root, SIZE), torch.device("cpu"), Counter({weights.resolve(): 2}))
+    first, second = shared.read(weights, load), shared.read(weights, load)
+    assert len(loads) == 1 and first is second and set(first) == set(ETHNICITIES)
+    assert first["Asian"].plain.shape == first["Asian"].flipped.shape == (2 * PAIRS, EMB)
+    shared.read(weights, load)
+    assert len(loads) == 2  # the outputs were let go after their second reader
 
 
 def test_work_dir_with_unfinished_runs(rfw_root, tmp_path, capsys):

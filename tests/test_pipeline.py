@@ -1,10 +1,14 @@
 """The whole pipeline on the tiny preset: every stage, the report, the plan (what runs and why), provenance
 (changed keys, data, RFW files or teacher weights re-run what depends on them), and recovery after a kill.
 
-One finished tiny pipeline is shared by the module; tests that change it work on a copy.
+One finished tiny pipeline is shared by the tests of the ``tiny_pipeline`` group (pytest-xdist runs the group
+on one worker, so it is built once); tests that change it work on a copy. Plans are made in this process:
+only jobs that run need processes of their own.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -19,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+import run_pipeline
 from helpers import ROOT
 from utils import artifacts
 from utils.pipeline import STAGES, Job, StageFailed, Step, Verdict, plan_jobs, run_jobs_side_by_side, select_jobs
@@ -27,6 +32,20 @@ from utils.signals import StopRequest
 TEACHER_RUNS = [f"teachers/specialized/iresnet18_{eth}" for eth in ("African", "Asian", "Caucasian", "Indian")] + [
     f"teachers/baseline/iresnet18_split{k}" for k in range(4)]
 JOBS = 29
+# The tests that read the module's finished pipeline: one pytest-xdist worker runs them all.
+SHARED = pytest.mark.xdist_group("tiny_pipeline")
+EVERY_TRAINING_JOB = {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}
+# override, jobs that then run per stage, the reason printed for the jobs it reruns directly (None: nothing runs)
+KEY_CHANGES = [
+    ("num_epoch=2", EVERY_TRAINING_JOB, "key num_epoch: 1 -> 2"),
+    ("loss='CosFace'", EVERY_TRAINING_JOB, "key loss: "),
+    ("lr=0.05", EVERY_TRAINING_JOB, "key lr: 0.1 -> 0.05"),
+    ("width=16", EVERY_TRAINING_JOB, "key width: 8 -> 16"),
+    ("lr_fc=0.5", {"adaptors": 6, "students": 12}, "key lr_fc: 1.0 -> 0.5"),
+    ("loss_lambda=100.0", {"students": 12}, "key loss_lambda: 10000.0 -> 100.0"),
+    ("log_every=1", {}, None),
+    ("num_workers=1", {}, None),
+]
 
 
 def _pipeline(out: Path, *extra: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,7 +59,11 @@ def _pipeline(out: Path, *extra: str, timeout: int = 600, check: bool = True) ->
 
 def _plan(out: Path, *extra: str) -> dict[str, list[str]]:
     """The printed plan of a pipeline call: job lines that run and job lines that are skipped."""
-    lines = [line for line in _pipeline(out, *extra, "--plan-only").stdout.splitlines() if line.startswith("[")]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = run_pipeline.main(["--preset", "tiny", f"output_root={str(out)!r}", *extra, "--plan-only"])
+    assert code == 0, printed.getvalue()[-4000:]
+    lines = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
     assert len(lines) == JOBS, lines
     return {"run": [line for line in lines if " -- run: " in line],
             "skip": [line for line in lines if " -- skip: " in line]}
@@ -111,6 +134,7 @@ def test_jobs_side_by_side_wait_for_their_upstream_and_stop_at_a_failure(tmp_pat
 
 
 @pytest.mark.slow
+@SHARED
 def test_tiny_pipeline_end_to_end_then_skips_everything(finished):
     out, first = finished
     assert "Summary: students of specialized minus students of balanced teachers" in first.stdout
@@ -145,16 +169,8 @@ def test_tiny_pipeline_end_to_end_then_skips_everything(finished):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,runs,reason", [
-    ("num_epoch=2", {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}, "key num_epoch: 1 -> 2"),
-    ("loss='CosFace'", {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}, "key loss: "),
-    ("lr=0.05", {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}, "key lr: 0.1 -> 0.05"),
-    ("width=16", {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}, "key width: 8 -> 16"),
-    ("lr_fc=0.5", {"adaptors": 6, "students": 12}, "key lr_fc: 1.0 -> 0.5"),
-    ("loss_lambda=100.0", {"students": 12}, "key loss_lambda: 10000.0 -> 100.0"),
-    ("log_every=1", {}, None),
-    ("num_workers=1", {}, None),
-])
+@SHARED
+@pytest.mark.parametrize("override,runs,reason", [pytest.param(*case, id=case[0]) for case in KEY_CHANGES])
 def test_a_key_that_matters_reruns_its_jobs_and_everything_below(finished, override, runs, reason):
     plan = _plan(finished[0], override)
     stages = _stages(plan["run"])
@@ -165,6 +181,7 @@ def test_a_key_that_matters_reruns_its_jobs_and_everything_below(finished, overr
 
 
 @pytest.mark.slow
+@SHARED
 def test_seed_reruns_everything(finished_copy):
     """seed=1 also regenerates the preset's synthetic data, so it works on a copy."""
     plan = _plan(finished_copy, "seed=1")
@@ -173,6 +190,7 @@ def test_seed_reruns_everything(finished_copy):
 
 
 @pytest.mark.slow
+@SHARED
 def test_run_name_keeps_an_ablation_beside_the_first_run(finished):
     plan = _plan(finished[0], "run_name='abl'", "lr=0.05")
     assert len(plan["run"]) == JOBS and all("not trained yet" in line or "upstream" in line or "no split" in line
@@ -181,6 +199,7 @@ def test_run_name_keeps_an_ablation_beside_the_first_run(finished):
 
 
 @pytest.mark.slow
+@SHARED
 def test_changed_training_data_or_rfw_files_rerun_what_read_them(finished_copy):
     image = next((finished_copy / "data" / "train" / "Indian").rglob("*.jpg"))
     image.write_bytes(image.read_bytes() + b"\0")  # same path, other bytes
@@ -200,6 +219,7 @@ def test_changed_training_data_or_rfw_files_rerun_what_read_them(finished_copy):
 
 
 @pytest.mark.slow
+@SHARED
 def test_swapped_adaptor_weights_rewrite_its_targets_and_rerun_its_students(finished_copy):
     weights = finished_copy / "adaptors/specialized_iresnet18/SL/best_adaptor.pth"
     state = torch.load(weights, weights_only=True)
@@ -210,6 +230,7 @@ def test_swapped_adaptor_weights_rewrite_its_targets_and_rerun_its_students(fini
 
 
 @pytest.mark.slow
+@SHARED
 def test_released_teachers_flow_through_and_a_swapped_checkpoint_rebuilds_what_read_it(finished_copy):
     """Specialized teacher folders that hold only weights (as the authors released them) count as done; a
     swapped checkpoint rebuilds its store, the adaptors' targets and the students of that teacher set."""
@@ -240,12 +261,13 @@ def test_released_teachers_flow_through_and_a_swapped_checkpoint_rebuilds_what_r
 @pytest.mark.slow
 def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     out = tmp_path / "work"
+    options = ["num_epoch=3", "milestones=[3]", "--teacher-sets", "specialized"]
+    teachers = TEACHER_RUNS[:4]
     command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}",
-               "num_epoch=3", "milestones=[3]"]
+               *options]
     process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    first_teacher = out / TEACHER_RUNS[0]
-    second_teacher = out / TEACHER_RUNS[1]
+    first_teacher, second_teacher = out / teachers[0], out / teachers[1]
     try:
         deadline = time.monotonic() + 300
         # Kill once the second teacher has a resumable checkpoint but has not finished.
@@ -259,18 +281,18 @@ def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     finished_mtime = (first_teacher / "best_backbone.pth").stat().st_mtime_ns
     history = json.loads((second_teacher / "history.json").read_text())
     assert not history["complete"]
-    result = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers", "--jobs", "2")
+    result = _pipeline(out, *options, "--only", "teachers", "--jobs", "2")
     african = [line for line in result.stdout.splitlines() if "ethnicity=African" in line]
     assert len(african) == 1 and " -- skip: complete" in african[0]
     assert any("ethnicity=Asian -- run: interrupted" in line for line in result.stdout.splitlines())
     assert (first_teacher / "best_backbone.pth").stat().st_mtime_ns == finished_mtime
     resumed = (second_teacher / "train.log").read_text()
     assert "resumed from" in resumed
-    for run in TEACHER_RUNS:
+    for run in teachers:
         assert json.loads((out / run / "history.json").read_text())["complete"]
     # A kill between a run's last checkpoint and its history.json (here: history.json lost): the rerun rewrites it
     # from the checkpoint, trains nothing, and the pipeline ends with exit code 0 (issue 14).
-    (out / TEACHER_RUNS[-1] / "history.json").unlink()
-    repaired = _pipeline(out, "num_epoch=3", "milestones=[3]", "--only", "split", "teachers")
-    assert repaired.stdout.count(" -- skip: ") == 8 and "rewritten from the checkpoint" in repaired.stdout
-    assert json.loads((out / TEACHER_RUNS[-1] / "history.json").read_text())["complete"]
+    (out / teachers[-1] / "history.json").unlink()
+    repaired = _pipeline(out, *options, "--only", "teachers")
+    assert repaired.stdout.count(" -- skip: ") == 3 and "rewritten from the checkpoint" in repaired.stdout
+    assert json.loads((out / teachers[-1] / "history.json").read_text())["complete"]

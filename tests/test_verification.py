@@ -7,8 +7,10 @@ from torch import nn
 from config.config import CONCAT_ORDER, ETHNICITIES
 from eval.verification import (
     THRESHOLDS,
+    adaptor_outputs,
     backbone_embed_fn,
     embed_images,
+    image_outputs,
     kfold_accuracy,
     multi_teacher_embed_fn,
     pair_distances,
@@ -266,6 +268,11 @@ def test_release_raw_teachers_option(normalise):
     images = _images(3)
     default = embed_images(multi_teacher_embed_fn(teachers, adaptor), images)
     raw = embed_images(multi_teacher_embed_fn(teachers, adaptor, raw_teachers=True), images)
+    # The report builds the same spaces from outputs the teachers already gave (each teacher runs once).
+    given = [image_outputs(backbone_embed_fn(t), images) for t in teachers]
+    for raw_teachers, expected in ((False, default), (True, raw)):
+        space = adaptor_outputs(given, adaptor, raw_teachers=raw_teachers, batch_size=2)
+        np.testing.assert_allclose(space.embeddings(), expected, atol=1e-6)
     if normalise:
         np.testing.assert_allclose(raw, default, atol=1e-6)
     else:
