@@ -14,9 +14,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Two pytest-xdist workers; --dist loadgroup keeps the tests that share one finished tiny pipeline together.
+# Two pytest-xdist workers, a file at a time (a file's tests share its fixtures: test_pipeline.py one finished
+# tiny pipeline), in the order tests/conftest.py gives: the files with slow tests first.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 demo: $(STAMP)
 	$(PY) run_pipeline.py --preset demo

@@ -14,7 +14,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path

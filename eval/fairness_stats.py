@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from eval.bootstrap import MIN_CELL_PAIRS, Bootstrap, Estimate, ModelSamples, smallest_cell
+from eval.bootstrap import MIN_CELL_PAIRS, Bootstrap, Estimate, smallest_cell
 from eval.operating_point import DEFAULT_FMR_TARGETS, OperatingPoint, operating_points
 
 KD_LABELS = {"aKD": "a-KD", "EAFKD": "EAF-KD"}

@@ -41,6 +41,15 @@ def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 30
     return completed
 
 
+def tiny_pipeline(out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``run_pipeline.py --preset tiny`` into ``out`` as its own process; fails with its output if it fails."""
+    command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}", *extra]
+    completed = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                               timeout=timeout)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    return completed
+
+
 # Identities per ethnicity of the tiny tree; Indian has one fewer, like BUPT.
 IDS = {"African": 4, "Asian": 4, "Caucasian": 4, "Indian": 3}
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 import extract_all
 from backbones import get_backbone
-from config.config import CONCAT_ORDER, load_config, teacher_members
+from config.config import CONCAT_ORDER, load_config
 from helpers import fake_teacher_set, run_torchrun, tiny_overrides, write_fake_teacher
 from utils.cli import run_stage
 from utils.dataset import FaceDataset, ImageIndex

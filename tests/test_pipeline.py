@@ -1,21 +1,18 @@
-"""The whole pipeline on the tiny preset: every stage, the report, the plan (what runs and why), provenance
-(changed keys, data, RFW files or teacher weights re-run what depends on them), and recovery after a kill.
+"""The whole pipeline on the tiny preset: every stage, the report, the plan (what runs and why), and provenance
+(changed keys, data, RFW files or teacher weights re-run what depends on them).
 
-One finished tiny pipeline is shared by the tests of the ``tiny_pipeline`` group (pytest-xdist runs the group
-on one worker, so it is built once); tests that change it work on a copy. Plans are made in this process:
-only jobs that run need processes of their own.
+One finished tiny pipeline is shared by the module (``make test`` hands whole files to its pytest-xdist workers,
+so it is built once); tests that change it work on a copy. Plans are made in this process: only jobs that run
+need processes of their own.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import torch
 from PIL import Image
 
 import run_pipeline
-from helpers import ROOT
+from helpers import tiny_pipeline
 from utils import artifacts
 from utils.pipeline import STAGES, Job, StageFailed, Step, Verdict, plan_jobs, run_jobs_side_by_side, select_jobs
 from utils.signals import StopRequest
@@ -32,8 +29,6 @@ from utils.signals import StopRequest
 TEACHER_RUNS = [f"teachers/specialized/iresnet18_{eth}" for eth in ("African", "Asian", "Caucasian", "Indian")] + [
     f"teachers/baseline/iresnet18_split{k}" for k in range(4)]
 JOBS = 29
-# The tests that read the module's finished pipeline: one pytest-xdist worker runs them all.
-SHARED = pytest.mark.xdist_group("tiny_pipeline")
 EVERY_TRAINING_JOB = {"teachers": 8, "extract": 2, "adaptors": 6, "students": 12}
 # override, jobs that then run per stage, the reason printed for the jobs it reruns directly (None: nothing runs)
 KEY_CHANGES = [
@@ -46,15 +41,6 @@ KEY_CHANGES = [
     ("log_every=1", {}, None),
     ("num_workers=1", {}, None),
 ]
-
-
-def _pipeline(out: Path, *extra: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}", *extra]
-    completed = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
-                               timeout=timeout)
-    if check:
-        assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
-    return completed
 
 
 def _plan(out: Path, *extra: str) -> dict[str, list[str]]:
@@ -77,7 +63,7 @@ def _stages(lines: list[str]) -> list[str]:
 def finished(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """Two jobs side by side (--jobs 2): each job starts only once the jobs it reads from have finished."""
     out = tmp_path_factory.mktemp("pipeline") / "work"
-    return out, _pipeline(out, "--jobs", "2")
+    return out, tiny_pipeline(out, "--jobs", "2")
 
 
 @pytest.fixture
@@ -134,7 +120,6 @@ def test_jobs_side_by_side_wait_for_their_upstream_and_stop_at_a_failure(tmp_pat
 
 
 @pytest.mark.slow
-@SHARED
 def test_tiny_pipeline_end_to_end_then_skips_everything(finished):
     out, first = finished
     assert "Summary: students of specialized minus students of balanced teachers" in first.stdout
@@ -161,7 +146,7 @@ def test_tiny_pipeline_end_to_end_then_skips_everything(finished):
         assert json.loads((out / "adaptors/specialized_iresnet18" / adaptor / "targets.json").read_text())["complete"]
 
     report_mtime = (report / "results.json").stat().st_mtime_ns
-    again = _pipeline(out)
+    again = tiny_pipeline(out)
     assert again.stdout.count(" -- skip: ") == JOBS and " -- running" not in again.stdout
     # Nothing changed, so the report is reused, not recomputed, and prints the same table.
     assert (report / "results.json").stat().st_mtime_ns == report_mtime
@@ -169,7 +154,6 @@ def test_tiny_pipeline_end_to_end_then_skips_everything(finished):
 
 
 @pytest.mark.slow
-@SHARED
 @pytest.mark.parametrize("override,runs,reason", [pytest.param(*case, id=case[0]) for case in KEY_CHANGES])
 def test_a_key_that_matters_reruns_its_jobs_and_everything_below(finished, override, runs, reason):
     plan = _plan(finished[0], override)
@@ -181,7 +165,6 @@ def test_a_key_that_matters_reruns_its_jobs_and_everything_below(finished, overr
 
 
 @pytest.mark.slow
-@SHARED
 def test_seed_reruns_everything(finished_copy):
     """seed=1 also regenerates the preset's synthetic data, so it works on a copy."""
     plan = _plan(finished_copy, "seed=1")
@@ -190,7 +173,6 @@ def test_seed_reruns_everything(finished_copy):
 
 
 @pytest.mark.slow
-@SHARED
 def test_run_name_keeps_an_ablation_beside_the_first_run(finished):
     plan = _plan(finished[0], "run_name='abl'", "lr=0.05")
     assert len(plan["run"]) == JOBS and all("not trained yet" in line or "upstream" in line or "no split" in line
@@ -199,7 +181,6 @@ def test_run_name_keeps_an_ablation_beside_the_first_run(finished):
 
 
 @pytest.mark.slow
-@SHARED
 def test_changed_training_data_or_rfw_files_rerun_what_read_them(finished_copy):
     image = next((finished_copy / "data" / "train" / "Indian").rglob("*.jpg"))
     image.write_bytes(image.read_bytes() + b"\0")  # same path, other bytes
@@ -219,7 +200,6 @@ def test_changed_training_data_or_rfw_files_rerun_what_read_them(finished_copy):
 
 
 @pytest.mark.slow
-@SHARED
 def test_swapped_adaptor_weights_rewrite_its_targets_and_rerun_its_students(finished_copy):
     weights = finished_copy / "adaptors/specialized_iresnet18/SL/best_adaptor.pth"
     state = torch.load(weights, weights_only=True)
@@ -230,7 +210,6 @@ def test_swapped_adaptor_weights_rewrite_its_targets_and_rerun_its_students(fini
 
 
 @pytest.mark.slow
-@SHARED
 def test_released_teachers_flow_through_and_a_swapped_checkpoint_rebuilds_what_read_it(finished_copy):
     """Specialized teacher folders that hold only weights (as the authors released them) count as done; a
     swapped checkpoint rebuilds its store, the adaptors' targets and the students of that teacher set."""
@@ -242,7 +221,7 @@ def test_released_teachers_flow_through_and_a_swapped_checkpoint_rebuilds_what_r
     assert len(_plan(finished_copy)["skip"]) == JOBS  # same weights: nothing to redo
     asian = finished_copy / "teachers/specialized/iresnet18_Asian/best_backbone.pth"
     shutil.copy(finished_copy / "teachers/specialized/iresnet18_African/best_backbone.pth", asian)
-    result = _pipeline(finished_copy, "--jobs", "2")
+    result = tiny_pipeline(finished_copy, "--jobs", "2")
     ran = [line for line in result.stdout.splitlines() if " -- run: " in line]
     assert _stages(ran) == ["extract"] + ["adaptors"] * 3 + ["students"] * 6
     assert "Asian store made with other settings or inputs (input teacher:" in ran[0]
@@ -256,43 +235,3 @@ def test_released_teachers_flow_through_and_a_swapped_checkpoint_rebuilds_what_r
     assert len(rows) == 4 + 6 + 12  # the released teachers have no run config; the baseline teachers do
     assert "pooled (6 students per teacher set): Avg " in result.stdout
     assert len(_plan(finished_copy)["skip"]) == JOBS
-
-
-@pytest.mark.slow
-def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
-    out = tmp_path / "work"
-    options = ["num_epoch=3", "milestones=[3]", "--teacher-sets", "specialized"]
-    teachers = TEACHER_RUNS[:4]
-    command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}",
-               *options]
-    process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    first_teacher, second_teacher = out / teachers[0], out / teachers[1]
-    try:
-        deadline = time.monotonic() + 300
-        # Kill once the second teacher has a resumable checkpoint but has not finished.
-        while not (second_teacher / "checkpoint_last.pt").exists():
-            assert process.poll() is None, "pipeline ended before it could be interrupted"
-            assert time.monotonic() < deadline, "pipeline never reached the second teacher"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    finished_mtime = (first_teacher / "best_backbone.pth").stat().st_mtime_ns
-    history = json.loads((second_teacher / "history.json").read_text())
-    assert not history["complete"]
-    result = _pipeline(out, *options, "--only", "teachers", "--jobs", "2")
-    african = [line for line in result.stdout.splitlines() if "ethnicity=African" in line]
-    assert len(african) == 1 and " -- skip: complete" in african[0]
-    assert any("ethnicity=Asian -- run: interrupted" in line for line in result.stdout.splitlines())
-    assert (first_teacher / "best_backbone.pth").stat().st_mtime_ns == finished_mtime
-    resumed = (second_teacher / "train.log").read_text()
-    assert "resumed from" in resumed
-    for run in teachers:
-        assert json.loads((out / run / "history.json").read_text())["complete"]
-    # A kill between a run's last checkpoint and its history.json (here: history.json lost): the rerun rewrites it
-    # from the checkpoint, trains nothing, and the pipeline ends with exit code 0 (issue 14).
-    (out / teachers[-1] / "history.json").unlink()
-    repaired = _pipeline(out, *options, "--only", "teachers")
-    assert repaired.stdout.count(" -- skip: ") == 3 and "rewritten from the checkpoint" in repaired.stdout
-    assert json.loads((out / teachers[-1] / "history.json").read_text())["complete"]

@@ -125,7 +125,6 @@ def test_second_training_and_second_extraction_refuse_at_once_and_the_first_ones
     import extract_all
     import train as train_script
     from utils.cli import run_stage
-    from utils.dataset import load_index
 
     train_args = tiny_overrides(tiny_synthetic, tmp_path / "training", ethnicity="Asian", num_epoch=1)
     extract_args = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="all")
@@ -158,7 +157,6 @@ def test_second_training_and_second_extraction_refuse_at_once_and_the_first_ones
     last = weights(run_dir / f"{history['best']['global_step']}backbone.pth")
     assert all(torch.equal(best[k], last[k]) for k in best)
     assert (run_dir / "train.log").read_text().count("teacher run in") == 1
-    index_hash = load_index(cfg).digest()
     for member in ("Asian", "African", "Caucasian", "Indian"):
         assert read_manifest(member_files(artifacts.store_dir(cfg), member).manifest)["complete"]
         rows = np.load(member_files(artifacts.store_dir(cfg), member).array)

@@ -444,7 +444,6 @@ class _Trainer:
         self._check_finite_weights()
         mid_epoch = {"step": steps, "totals": {name: value.cpu() for name, value in totals.items()},
                      "rng": all_gather_object(_rng_state(flip_generator, self.device))}
-        path = artifacts.checkpoint_file(self.run_dir)
         if self.info.is_main:
             self._save_checkpoint(mid_epoch)
         barrier()
