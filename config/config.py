@@ -132,7 +132,7 @@ class Config:
     # ---- derived values -------------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        return torchrun_launch().world_size
 
     @property
     def scaled_lr(self) -> float:
@@ -173,6 +173,23 @@ class Config:
             "teacher_member": self.teacher_member,
         }
         return data
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What torchrun tells each process it starts (a plain run is rank 0 of 1). Read only by
+    :func:`torchrun_launch`, so that the linear lr rule and the process group see the same world size."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int  # processes of this job on this node
+
+
+def torchrun_launch() -> Launch:
+    env = os.environ
+    return Launch(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")),
+                  world_size=int(env.get("WORLD_SIZE", "1")), local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def teacher_members(teacher_set: str) -> list[str]:
@@ -301,15 +318,10 @@ def load_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Conf
 
     Unknown keys raise a ``KeyError`` naming the closest valid keys.
     """
-    items: list[tuple[str, Any]] = []
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
-        for text in overrides or []:
-            if "=" not in text:
-                raise ValueError(f"override {text!r} is not of the form key=value")
-            key, value = text.split("=", 1)
-            items.append((key.strip(), _parse_value(value.strip())))
+        items = [parse_override(text) for text in overrides or []]
     cfg = Config()
     for key, value in items:
         if key not in _FIELDS:
@@ -337,8 +349,10 @@ def parse_cli(argv: Sequence[str] | None = None, **stage_defaults: Any) -> Confi
             print(f"  {format_override(name, default):<32} {comments.get(name, '')}")
         raise SystemExit(0)
     merged: dict[str, Any] = dict(stage_defaults)
-    for key, value in (_split(arg) for arg in argv):
-        merged[key] = value
+    try:
+        merged.update(parse_override(arg) for arg in argv)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     return load_config(merged)
 
 
@@ -348,8 +362,9 @@ def _field_comments() -> dict[str, str]:
     return dict(re.findall(r"^    (\w+): [^\n=]+= .*?  # (.*)$", source, flags=re.M))
 
 
-def _split(arg: str) -> tuple[str, Any]:
-    if "=" not in arg:
-        raise SystemExit(f"argument {arg!r} is not of the form key=value (see config/config.py)")
-    key, value = arg.split("=", 1)
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` -> ``(key, value)``: the value read as a Python literal, a bare word as a string."""
+    if "=" not in text:
+        raise ValueError(f"argument {text!r} is not of the form key=value (see config/config.py)")
+    key, value = text.split("=", 1)
     return key.strip(), _parse_value(value.strip())

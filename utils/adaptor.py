@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from backbones import build_adaptor, load_weights
-from config.config import Config
+from config.config import Config, torchrun_launch
 from utils import artifacts
 from utils.distributed import DistInfo, barrier, broadcast_object
 from utils.embedding_store import (
@@ -116,7 +116,7 @@ def load_in_memory(cfg: Config, stores: TeacherStores) -> bool:
     whose pages the ranks share through the page cache)."""
     if not cfg.store_in_memory:
         return False
-    needed = sum(a.nbytes for a in stores.arrays) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = sum(a.nbytes for a in stores.arrays) * torchrun_launch().local_world_size
     if needed > MEMORY_FRACTION * available_memory():
         get_logger().warning(
             f"store_in_memory=True but the teacher stores need {needed / 2**30:.1f} GiB on this node and "

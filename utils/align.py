@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from skimage.transform import SimilarityTransform
 
 from utils.errors import InvalidInputError
 
@@ -55,6 +54,10 @@ def as_landmarks(values: np.ndarray | list[float], name: str = "landmarks") -> n
 def estimate_transform(landmarks: np.ndarray, size: int) -> np.ndarray:
     """The 2x3 affine matrix of the similarity transform that maps ``landmarks`` onto ``template(size)``."""
     points = as_landmarks(landmarks)
+    # Imported here: scikit-image (with scipy) costs every stage process 0.1-0.2 s of start-up, and only
+    # unaligned inputs need it.
+    from skimage.transform import SimilarityTransform
+
     transform = SimilarityTransform.from_estimate(points, template(size))
     ok = bool(transform)  # a failed estimate is falsy
     if not ok or not np.isfinite(transform.params).all():

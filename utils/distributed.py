@@ -1,11 +1,12 @@
 """Process-group setup from torchrun's environment, plus the few collectives the stages need."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from config.config import torchrun_launch
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,8 @@ def init_distributed() -> DistInfo:
 
     NCCL on GPUs (one per local rank), gloo on CPU.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = torchrun_launch()
+    rank, local_rank, world_size = launch.rank, launch.local_rank, launch.world_size
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
