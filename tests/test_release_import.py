@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +10,10 @@ import torch
 
 from backbones import get_adaptor, get_backbone
 from config.config import ADAPTORS, CONCAT_ORDER, KD_KINDS, load_config
+from helpers import tiny_pipeline
 from utils import artifacts
 from utils.release_import import main as import_main
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"network": "iresnet18", "student_network": "iresnet18", "width": 8, "input_size": 32, "embedding_size": 64}
 
 
@@ -88,11 +85,7 @@ def test_released_weights_flow_through_extraction_adaptors_students_and_report(t
     students = [f"--student={adaptor}_{kd}={files['student']}" for adaptor in ADAPTORS for kd in KD_KINDS
                 if (adaptor, kd) != ("DuL", "aKD")]
     import_main([*_overrides(out), *named, *adaptors, *students])
-    command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}",
-               "--teacher-sets", "specialized", "--from", "extract"]
-    completed = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                               text=True, timeout=900)
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    completed = tiny_pipeline(out, "--teacher-sets", "specialized", "--from", "extract")
     cfg = load_config(_overrides(out))
     adaptor_runs = out / "adaptors" / "specialized_iresnet18"
     # The imported adaptor was not retrained: its weights are the release's, and its KD targets were written.
