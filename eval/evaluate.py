@@ -296,8 +296,8 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, teachers: TeacherOutput
                    for d in _teacher_dirs(run_dir, cfg)]
         adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights").to(device)
         extra.update(network=cfg.network, adaptor=cfg.adaptor, raw_teachers=raw_teachers)
-        outputs = {name: adaptor_outputs([member[name] for member in members], adaptor, raw_teachers=raw_teachers,
-                                         batch_size=evaluator.batch_size, device=device) for name in members[0]}
+        outputs = {pairs: adaptor_outputs([member[pairs] for member in members], adaptor, raw_teachers=raw_teachers,
+                                          batch_size=evaluator.batch_size, device=device) for pairs in members[0]}
         return result_row(name, evaluator.verify_outputs(outputs), extra)
     if stage == "teacher":
         extra["network"] = cfg.network
