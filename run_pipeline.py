@@ -76,16 +76,17 @@ def sweep_shared(args: argparse.Namespace, preset_name: str, root: Path) -> int:
     from eval.shared_sweep import sweep_table
 
     reports = {}
+    overrides = [text for text in args.overrides if not text.startswith("output_root=")]
+    run_name = _load(overrides).run_name
     for fraction in args.sweep_shared:
         out = root / f"shared_{fraction:g}"
-        overrides = [text for text in args.overrides if not text.startswith("output_root=")]
         argv = ["--preset", preset_name, "--shared-fraction", str(fraction), *overrides,
                 format_override("output_root", str(out))]
         if args.only:
             argv[:0] = ["--only", *args.only]
         print(f"\n==== shared_fraction={fraction:g}: {out} ====", flush=True)
         run(argv)
-        report = artifacts.report_folder(out, _load(overrides).run_name)
+        report = artifacts.report_folder(out, run_name)
         reports[fraction] = read_report_rows(report / f"{artifacts.REPORT_STEM}.json")
     print("\nShared-fraction study (students of specialized vs balanced teachers, per synthetic world):\n"
           + sweep_table(reports))
@@ -112,7 +113,7 @@ def run(argv: list[str] | None = None) -> int:
         raise InvalidInputError(f"--shared-fraction and --sweep-shared need a synthetic preset (demo, tiny), "
                                 f"not {preset_name}")
     if preset.synthetic is not None:
-        root = Path(_load(base + args.overrides).output_root)
+        root = Path(user.output_root)
         if not any(text.startswith("output_root=") for text in args.overrides):
             root = root / preset_name
         if args.sweep_shared:
@@ -159,8 +160,7 @@ def run_once(args: argparse.Namespace, base: list[str], preset_name: str, stop: 
           f"{f' (run_name {cfg.run_name})' if cfg.run_name else ''}", flush=True)
     for number, step in enumerate(steps, 1):
         action = "run" if step.run else "skip"
-        print(f"[{number}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- {action}: {step.reason}",
-              flush=True)
+        print(f"{step.job.line(number, len(steps))} -- {action}: {step.reason}", flush=True)
     if args.plan_only:
         return None
     started = time.perf_counter()
@@ -171,7 +171,7 @@ def run_once(args: argparse.Namespace, base: list[str], preset_name: str, stop: 
     out_dir = None
     if run_report:
         run_command(report_command(cfg), "report")
-        out_dir = artifacts.report_folder(artifacts.work_root(cfg), cfg.run_name)
+        out_dir = artifacts.report_dir(cfg)
     print(f"pipeline finished in {format_duration(time.perf_counter() - started)}", flush=True)
     return out_dir
 

@@ -3,10 +3,12 @@ aside with replace=True), resuming under changed keys that matter is refused, ru
 mistakes end in one line with exit code 2, everything else keeps its traceback."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from helpers import ROOT, tiny_overrides
 from utils import artifacts
 from utils.cli import run_stage
 from utils.errors import ProvenanceError
-from utils.provenance import describe_changes
+from utils.provenance import describe_changes, file_sha256
 
 
 def _train(data: Path, out: Path, **extra):
@@ -91,3 +93,24 @@ def test_user_mistakes_end_in_one_line_other_errors_keep_their_traceback(tmp_pat
                         "sys.argv = ['stage.py']; run_stage(main)")
     assert bug.returncode == 1
     assert "Traceback (most recent call last)" in bug.stderr and "RuntimeError: injected bug" in bug.stderr
+
+
+def test_a_file_digest_is_reused_only_while_the_file_is_unchanged(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"a" * 100)
+    time.sleep(1.1)  # settled: its digest is kept
+    assert file_sha256(path) == hashlib.sha256(b"a" * 100).hexdigest()
+    # Rewritten in place with the same size and the old mtime put back: the ctime tells the rewrite apart.
+    stamp = path.stat()
+    path.write_bytes(b"b" * 100)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert file_sha256(path) == hashlib.sha256(b"b" * 100).hexdigest()
+    # Rewritten again at once, within the same tick of the file clock: a fresh file's digest is never kept.
+    path.write_bytes(b"c" * 100)
+    assert file_sha256(path) == hashlib.sha256(b"c" * 100).hexdigest()
+    path.write_bytes(b"d" * 100)
+    assert file_sha256(path) == hashlib.sha256(b"d" * 100).hexdigest()
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(b"e" * 100)
+    os.replace(copy, path)  # replaced by another file (how weights are written)
+    assert file_sha256(path) == hashlib.sha256(b"e" * 100).hexdigest()

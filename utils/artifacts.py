@@ -205,11 +205,21 @@ def is_imported(run_dir: Path) -> bool:
     return imported_file(run_dir).is_file()
 
 
+def has_run_files(run_dir: Path) -> bool:
+    """A training run was started here: it left a history or a resumable checkpoint."""
+    return history_file(run_dir).exists() or checkpoint_file(run_dir).exists()
+
+
 def is_weights_only(run_dir: Path, stage: str) -> bool:
     """A folder holding best weights put there by hand (the authors' released teachers): no history, and no
     training checkpoint (a trained run whose history.json was lost is repaired by its resume, issue 14)."""
-    return (best_weights(run_dir, stage).is_file() and not history_file(run_dir).exists()
-            and not checkpoint_file(run_dir).exists())
+    return best_weights(run_dir, stage).is_file() and not has_run_files(run_dir)
+
+
+def teacher_ready(run_dir: Path) -> bool:
+    """A teacher folder is usable when its training finished, or when it holds weights put there by hand
+    (the authors' released teachers come without a training history)."""
+    return is_weights_only(run_dir, "teacher") or is_run_complete(run_dir)
 
 
 # ---- stores ------------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ class Job:
     def describe(self) -> str:
         return f"{self.script} {' '.join(self.overrides)}".strip()
 
+    def line(self, number: int, total: int) -> str:
+        """How the plan and the progress lines name the job: ``[n/N] stage: script overrides``."""
+        return f"[{number}/{total}] {self.stage}: {self.describe()}"
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -118,7 +122,7 @@ def _run_verdict(run_dir: Path, wanted: Record) -> Verdict:
         return imported
     recorded = read_record(run_dir)
     if recorded is None:
-        if not (artifacts.history_file(run_dir).exists() or artifacts.checkpoint_file(run_dir).exists()):
+        if not artifacts.has_run_files(run_dir):
             return Verdict(False, "not trained yet")
         return Verdict(False, "run without a provenance record (older version): kept aside, trained anew")
     if recorded != wanted:
@@ -140,7 +144,8 @@ def _store_verdict(manifest_path: Path, wanted: Record, what: str) -> Verdict:
 
 
 class _Inputs:
-    """What the checks share, computed once per plan: the image index, data and RFW fingerprints, hashes."""
+    """What the checks share, computed once per plan: the image index and the data fingerprints (file digests
+    are reused by :func:`utils.provenance.file_sha256` itself)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -158,16 +163,11 @@ class _Inputs:
             self._data[key] = data_fingerprint(self.index, rows)
         return self._data[key]
 
-    @functools.cache
-    def sha256(self, path: Path) -> str:
-        return file_sha256(path)
-
     def teacher_weights(self, cfg: Config, member: str) -> str | None:
         """sha256 of a finished (or released) teacher's best weights; None when there are none."""
         run_dir = artifacts.teacher_dir(cfg, member)
         weights = artifacts.best_weights(run_dir, "teacher")
-        ready = artifacts.is_weights_only(run_dir, "teacher") or artifacts.is_run_complete(run_dir)
-        return self.sha256(weights) if ready and weights.is_file() else None
+        return file_sha256(weights) if artifacts.teacher_ready(run_dir) and weights.is_file() else None
 
     def store_records(self, cfg: Config) -> dict[str, Record] | None:
         records = {}
@@ -187,7 +187,7 @@ class _Inputs:
         weights = artifacts.best_weights(artifacts.adaptor_dir(cfg), "adaptor")
         if record is None or not weights.is_file():
             return None
-        return targets_record(record, self.sha256(weights))
+        return targets_record(record, file_sha256(weights))
 
 
 def _teacher_check(cfg: Config, inputs: _Inputs) -> Verdict:
@@ -262,10 +262,10 @@ def plan_jobs(base: Sequence[str], teacher_sets: Sequence[str] = TEACHER_SETS) -
                         distributed=False))
 
     def add(stage: str, script: str, extra: list[str], key: str, upstream: list[str],
-            check: Callable[[Config, _Inputs], Verdict], kept: Callable[[Config], bool] | None = None) -> None:
+            check: Callable[[Config, _Inputs], Verdict], kept: Callable[[Config], bool] = lambda _: False) -> None:
         job_cfg = _cfg(base, extra)
         jobs.append(Job(stage, script, extra, key, upstream, lambda: check(job_cfg, inputs),
-                        kept=(lambda: kept(job_cfg)) if kept else (lambda: False)))
+                        kept=lambda: kept(job_cfg)))
 
     def teacher_kept(job_cfg: Config) -> bool:
         run_dir = artifacts.teacher_dir(job_cfg)
@@ -352,13 +352,9 @@ class StageFailed(Exception):
 def run_command(command: Sequence[str], what: str) -> None:
     """Run one stage as its own process; a failure stops the pipeline."""
     print("$ " + shlex.join(command), flush=True)
-    completed = subprocess.run(list(command), cwd=REPO, env=os.environ.copy())
+    completed = subprocess.run(list(command), cwd=REPO)
     if completed.returncode != 0:
         raise StageFailed(what, completed.returncode)
-
-
-def run_job(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[str]) -> None:
-    run_command(launch_command(job, base, nproc, torchrun_args), job.describe())
 
 
 def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torchrun_args: Sequence[str],
@@ -367,9 +363,9 @@ def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torch
     for number, step in enumerate(steps, 1):
         if not step.run:
             continue
-        print(f"[{number}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- running "
-              f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
-        run_job(step.job, base, nproc, torchrun_args)
+        print(f"{step.job.line(number, len(steps))} -- running ({time.perf_counter() - started:.0f} s elapsed)",
+              flush=True)
+        run_command(launch_command(step.job, base, nproc, torchrun_args), step.job.describe())
         if stop.signal is not None:  # the stage got the signal too, and ended resumable
             raise PipelineInterrupted(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same "
                                       "command to continue")
@@ -417,7 +413,7 @@ def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: 
                                                stdout=handle, stderr=subprocess.STDOUT)
                 running[step.job.key] = (step, process, log)
                 pending.remove(step)
-                print(f"[{number[step.job.key]}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- running "
+                print(f"{step.job.line(number[step.job.key], len(steps))} -- running "
                       f"({time.perf_counter() - started:.0f} s elapsed; output in {log})", flush=True)
         elif not stopping:
             stopping = True
@@ -440,7 +436,7 @@ def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: 
                                             f"({verdict.reason}; log {log})")
                 continue
             finished.add(key)
-            print(f"[{number[key]}/{len(steps)}] {step.job.stage}: {step.job.describe()} -- done", flush=True)
+            print(f"{step.job.line(number[key], len(steps))} -- done", flush=True)
     if stop.signal is not None:
         raise PipelineInterrupted(f"{stop.name}: pipeline stopped; the running jobs saved resumable checkpoints; run "
                               "the same command to continue")

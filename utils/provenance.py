@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,7 +31,6 @@ from utils.io import atomic_write_json
 from utils.locks import relock
 
 Record = dict[str, Any]
-_HASH_CHUNK = 1 << 24
 
 _MODEL_KEYS = ("use_se", "dropout", "width", "embedding_size", "input_size")
 # amp_init_scale decides which early fp16 steps the GradScaler skips, so it changes the weights too.
@@ -40,12 +41,26 @@ _DATA_KEYS = ("ids_per_ethnicity",)
 
 # ---- fingerprints of inputs ----------------------------------------------------------------------------------
 
+_DIGESTS: dict[tuple[Any, ...], str] = {}
+# File times tick coarsely (a few ms): a file written within this window of being read could be written again
+# without moving them, so its digest is not kept (the "racy git" rule).
+_SETTLED_NS = 1_000_000_000
+
+
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a file's contents. A plan asks for the same files many times (RFW for every teacher and student,
+    a teacher's weights for its store and each adaptor), so a digest is reused while the file is unchanged: same
+    inode, size, mtime and ctime (any write, or any reset of the mtime, moves the ctime)."""
+    info = os.stat(path)
+    key = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    read_at = time.time_ns()
     with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if read_at - max(info.st_mtime_ns, info.st_ctime_ns) > _SETTLED_NS:
+        _DIGESTS[key] = digest
+    return digest
 
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
@@ -94,8 +109,8 @@ def _keys(cfg: Config, names: tuple[str, ...]) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in names}
 
 
-def _training_inputs(cfg: Config, data: str) -> dict[str, str]:
-    inputs = {"data": data}
+def _init_weights(cfg: Config, inputs: dict[str, str]) -> dict[str, str]:
+    """Weights a run starts from decide its outputs as much as its data."""
     if cfg.init_weights:
         inputs["init_weights"] = file_sha256(cfg.init_weights)
     return inputs
@@ -118,7 +133,7 @@ def teacher_record(cfg: Config, data: str) -> Record:
     keys = _keys(cfg, ("teacher_set", "network", *_MODEL_KEYS, *_OPTIMISER_KEYS, *_MARGIN_KEYS, *_DATA_KEYS,
                        "batch_size", "lr", "num_epoch", "milestones"))
     keys["member"] = cfg.teacher_member
-    inputs = _training_inputs(cfg, data)
+    inputs = _init_weights(cfg, {"data": data})
     if cfg.teacher_set == "baseline":
         manifest = artifacts.split_manifest(cfg)
         inputs["split"] = file_sha256(manifest) if manifest.is_file() else "missing"
@@ -141,9 +156,7 @@ def adaptor_record(cfg: Config, stores: Mapping[str, str]) -> Record:
         names += ["middle_layer_size", "adaptor_negative_slope"]
     if cfg.adaptor == "DLDPO":
         names.append("adaptor_dropout")
-    inputs: dict[str, str] = {f"store/{member}": stores[member] for member in teacher_members(cfg.teacher_set)}
-    if cfg.init_weights:
-        inputs["init_weights"] = file_sha256(cfg.init_weights)
+    inputs = _init_weights(cfg, {f"store/{member}": stores[member] for member in teacher_members(cfg.teacher_set)})
     return {"stage": "adaptor", "keys": _keys(cfg, tuple(names)), "inputs": inputs}
 
 
@@ -160,7 +173,7 @@ def student_record(cfg: Config, data: str, targets: str) -> Record:
     if cfg.kd == "EAFKD":
         names += list(_MARGIN_KEYS)
     keys = _keys(cfg, tuple(names))
-    inputs = _training_inputs(cfg, data)
+    inputs = _init_weights(cfg, {"data": data})
     inputs["targets"] = targets
     _rfw_selection(cfg, keys, inputs)
     return {"stage": "student", "keys": keys, "inputs": inputs}
@@ -172,7 +185,7 @@ def _flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     flat = {"stage": record.get("stage")}
     for section in ("keys", "inputs"):
         for name, value in (record.get(section) or {}).items():
-            flat[f"{section[:-1] if section == 'keys' else 'input'} {name}"] = value
+            flat[f"{section[:-1]} {name}"] = value
     return flat
 
 
@@ -197,10 +210,6 @@ def read_record(run_dir: Path) -> Record | None:
     return artifacts.read_json(artifacts.provenance_file(run_dir), "provenance record")
 
 
-def _has_run_files(run_dir: Path) -> bool:
-    return any(path.exists() for path in (artifacts.history_file(run_dir), artifacts.checkpoint_file(run_dir)))
-
-
 def claim_run_dir(run_dir: Path, record: Record, *, replace: bool) -> Path | None:
     """Make ``run_dir`` the folder of a run with ``record`` (rank 0, before anything is written).
 
@@ -209,7 +218,7 @@ def claim_run_dir(run_dir: Path, record: Record, *, replace: bool) -> Path | Non
     """
     run_dir = Path(run_dir)
     recorded = read_record(run_dir)
-    if recorded == record or (recorded is None and not _has_run_files(run_dir)):
+    if recorded == record or (recorded is None and not artifacts.has_run_files(run_dir)):
         atomic_write_json(artifacts.provenance_file(run_dir), record)
         return None
     changes = (describe_changes(recorded, record) if recorded is not None
