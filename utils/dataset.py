@@ -450,6 +450,14 @@ class RecordDataset(FaceDataset):
         super().__init__(index, rows, labels, input_size, allow_resize)
 
 
+def dataset_for(cfg: Config, index: ImageIndex, rows: np.ndarray | None = None,
+                labels: np.ndarray | None = None) -> FaceDataset:
+    """The dataset of ``rows`` of ``index`` (all by default) decoded as ``cfg`` says (input_size, allow_resize):
+    the one place a stage builds it, so training, the image check and extraction read images alike."""
+    dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
+    return dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize)
+
+
 PROTOCOLS = ("ethnicity", "all", "split")
 
 
@@ -480,8 +488,7 @@ def build_training_dataset(cfg: Config, protocol: str) -> tuple[FaceDataset, int
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise InvalidInputError(f"config key num_classes={cfg.num_classes} but the {protocol} data of "
                                 f"{cfg.data_root} has {num_classes} identities")
-    dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
-    dataset = dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize)
+    dataset = dataset_for(cfg, index, rows, labels)
     check_images(dataset, cfg.check_images, seed=cfg.seed, workers=cfg.num_workers)
     return dataset, num_classes
 

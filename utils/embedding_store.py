@@ -28,7 +28,7 @@ from backbones import build_backbone, load_weights
 from config.config import Config, teacher_members
 from utils import artifacts
 from utils.artifacts import StoreFiles, member_files, target_files
-from utils.dataset import FaceDataset, ImageIndex, check_images, load_index
+from utils.dataset import ImageIndex, check_images, dataset_for, load_index
 from utils.distributed import DistInfo, barrier, broadcast_object, shard_range
 from utils.errors import IncompatibleInputError, InvalidInputError, MissingInputError, ProvenanceError
 from utils.io import atomic_write_json, reserve_disk_space
@@ -222,8 +222,7 @@ def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
     barrier()
     index = index if info.is_main else ImageIndex.load(path)
     shard = shard_range(len(index), info.rank, info.world_size)
-    check_images(FaceDataset(index, np.arange(shard.start, shard.stop), input_size=cfg.input_size), -1,
-                 workers=cfg.num_workers)
+    check_images(dataset_for(cfg, index, np.arange(shard.start, shard.stop)), -1, workers=cfg.num_workers)
     return index
 
 
@@ -249,8 +248,7 @@ def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageInde
     model = load_weights(build_backbone(cfg), checkpoint, what=f"{member} teacher weights").to(info.device).eval()
 
     def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
-        dataset = FaceDataset(index, np.arange(rows.start, rows.stop), input_size=cfg.input_size,
-                              allow_resize=cfg.allow_resize)
+        dataset = dataset_for(cfg, index, np.arange(rows.start, rows.stop))
         loader = DataLoader(dataset, batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers,
                             pin_memory=info.device.type == "cuda")
         with torch.inference_mode():
