@@ -30,10 +30,11 @@ from utils import artifacts, recordio
 from utils.errors import InvalidInputError, MissingInputError
 from utils.image import decode_image, normalize_array, to_tensor
 from utils.io import atomic_write_text
+from utils.logs import LOGGER_NAME
 from utils.splits import load_split_manifest
 
-# A child of the project logger ("mstkd", set up by utils.callbacks), named here so data imports no training code.
-DATA_LOGGER = "mstkd.data"
+# A child of the project logger, so data warnings reach the run's train.log.
+logger = logging.getLogger(f"{LOGGER_NAME}.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 UNKNOWN_ETHNICITY = "unknown"
@@ -234,7 +235,7 @@ def scan_image_folder(root: str | Path, cache_path: str | Path | None = None) ->
         unknown = sorted(e.name for e in entries
                          if e.is_dir() and not e.name.startswith(".") and e.name not in ETHNICITIES)
     if unknown:
-        logging.getLogger(DATA_LOGGER).warning(
+        logger.warning(
             f"{root}: ignoring folders that are not an ethnicity ({', '.join(ETHNICITIES)}): {', '.join(unknown)}")
     index = _build_index(root, items, "folder")
     _write_cache(cache_path, fingerprint, index)
