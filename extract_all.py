@@ -16,7 +16,8 @@ from config.config import Config
 from utils import artifacts
 from utils.cli import run_stage
 from utils.distributed import DistInfo
-from utils.embedding_store import extract_teacher, extraction_members, prepare_index, teacher_checkpoint
+from utils.embedding_store import (check_index_images, extract_teacher, extraction_members, plan_extraction,
+                                  prepare_index, teacher_checkpoint)
 from utils.locks import rank0_folder_lock
 from utils.logs import setup_logging
 
@@ -28,8 +29,11 @@ def main(cfg: Config, info: DistInfo) -> list[str]:
     checkpoints = {member: teacher_checkpoint(cfg, member) for member in extraction_members(cfg)}
     with rank0_folder_lock(artifacts.store_dir(cfg), info.is_main, what="embedding store"):
         index = prepare_index(cfg, info)
-        return [member for member, checkpoint in checkpoints.items()
-                if extract_teacher(cfg, member, checkpoint, index, info)]
+        plans = plan_extraction(cfg, checkpoints, index, info)
+        # Decoding a million images takes minutes: only worth it when some store will be written from them.
+        if any(plan.problem is not None for plan in plans):
+            check_index_images(cfg, index, info)
+        return [plan.member for plan in plans if extract_teacher(cfg, plan, index, info)]
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ from config.config import load_config  # noqa: E402
 from utils import artifacts  # noqa: E402
 from utils.dataset import build_training_dataset  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
-from utils.embedding_store import extract_teacher, prepare_index, teacher_checkpoint  # noqa: E402
+from utils.embedding_store import (check_index_images, extract_teacher, plan_extraction,  # noqa: E402
+                                  prepare_index, teacher_checkpoint)
 from utils.stage_parts import make_header  # noqa: E402
 from utils.synthetic import generate_synthetic  # noqa: E402
 
@@ -136,10 +137,11 @@ def torchrun(args: argparse.Namespace, script: str, run_args: list[str], log: Pa
                            f"output in {log}:\n{tail}")
 
 
-def engine_speed(train_log: Path, world_size: int) -> float | None:
-    """Median samples/s per GPU of the logged windows, leaving out each launch's first (warm-up) window."""
+def engine_speed(log_text: str, world_size: int) -> float | None:
+    """Median samples/s per GPU of the windows in a train.log's text, leaving out each launch's first (warm-up)
+    window."""
     speeds: list[float] = []
-    for launch in train_log.read_text().split(" run in ")[1:]:
+    for launch in log_text.split(" run in ")[1:]:
         speeds.extend(float(match) for match in SPEED.findall(launch)[1:])
     return statistics.median(speeds) / world_size if speeds else None
 
@@ -155,22 +157,23 @@ def train_precision(args: argparse.Namespace, data: Path, precision: str) -> dic
     torchrun(args, "train.py", run_args + ["resume=True"], console)
     seconds = time.perf_counter() - start
     run_dir = artifacts.teacher_dir(load_config(run_args))
-    history = json.loads((run_dir / "history.json").read_text())
+    history = json.loads(artifacts.history_file(run_dir).read_text())
     losses = [epoch["losses"]["loss"] for epoch in history["epochs"]]
-    log_text = (run_dir / "train.log").read_text()
-    checkpoint = torch.load(run_dir / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    train_log = artifacts.log_file(run_dir)
+    log_text = train_log.read_text()
     checks = {
         "finite": all(math.isfinite(loss) for loss in losses),
         "loss_falls": len(losses) >= 2 and losses[-1] < losses[0],
         "resumed": history["complete"] and len(losses) == args.epochs and "resumed from" in log_text,
-        "precision_logged": f"precision {AMP[precision] if precision != 'fp32' else 'fp32'}" in log_text,
+        "precision_logged": f"precision {precision}" in log_text,
     }
     if precision == "fp16":
+        checkpoint = torch.load(artifacts.checkpoint_file(run_dir), map_location="cpu", weights_only=True)
         checks["scaler_saved"] = bool(checkpoint["scaler"]) and checkpoint["scaler"]["scale"] > 0
-    shutil.copyfile(run_dir / "train.log", args.out / f"{precision}_train.log")
+    shutil.copyfile(train_log, args.out / f"{precision}_train.log")
     return {"losses": losses, "checks": checks, "ok": all(checks.values()), "wall_seconds": seconds,
             "skipped_steps": [epoch.get("skipped_steps") for epoch in history["epochs"]],
-            "engine_samples_per_s_per_gpu": engine_speed(run_dir / "train.log", args.nproc),
+            "engine_samples_per_s_per_gpu": engine_speed(log_text, args.nproc),
             "run_dir": str(run_dir)}
 
 
@@ -223,10 +226,13 @@ def extraction_speed(args: argparse.Namespace, data: Path, precision: str) -> di
     cfg = load_config(overrides(args, data, args.work / "runs" / precision, precision))
     info = DistInfo(0, 0, 1, _device())
     index = prepare_index(cfg, info)
+    # As extract_all.py before writing a store; it also leaves the images in the page cache for the timed pass.
+    check_index_images(cfg, index, info)
     checkpoint = teacher_checkpoint(cfg, ETHNICITY)
     _sync(info.device)
     start = time.perf_counter()
-    extract_teacher(cfg, ETHNICITY, checkpoint, index, info)
+    (plan,) = plan_extraction(cfg, {ETHNICITY: checkpoint}, index, info)
+    extract_teacher(cfg, plan, index, info)
     _sync(info.device)
     seconds = time.perf_counter() - start
     return {"images": len(index), "images_per_s": len(index) / seconds, "teacher": precision,

@@ -1,8 +1,9 @@
 """The single place for every default of the MST-KD pipeline.
 
 Stage scripts call :func:`parse_cli` (``key=value`` overrides, values parsed as Python literals) and get a
-:class:`Config`. Derived values (scaled learning rates, run directories) are properties computed from the
-final values, so importing this module does nothing and an override always reaches them.
+:class:`Config`. Derived values (scaled learning rates) are properties computed from the final values, so
+importing this module does nothing and an override always reaches them; run directories are derived from a
+Config in ``utils/artifacts.py``.
 """
 from __future__ import annotations
 

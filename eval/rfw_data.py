@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from config.config import ETHNICITIES
-from utils.align import align_face, as_landmarks, check_input_size
+from utils.align import align_face, as_landmarks
 from utils.binfile import read_bin
 from utils.errors import InvalidInputError, MissingInputError
-from utils.image import decode_bgr
+from utils.image import decode_bgr, decode_image
 from utils.logs import LOGGER_NAME
 
 # A child of the project logger, so the format found reaches the run's train.log.
@@ -54,12 +54,9 @@ def _as_bool(item: object, path: Path, i: int) -> bool:
 def _decode(buffer: bytes | np.ndarray, name: str, input_size: int, landmarks: np.ndarray | None,
             allow_resize: bool) -> np.ndarray:
     """One verification image as RGB uint8 [S, S, 3]: aligned from its landmarks when it has them."""
-    image = decode_bgr(buffer, name)
-    if landmarks is not None:
-        image = align_face(image, landmarks, input_size)
-    else:
-        image = check_input_size(image, input_size, name, allow_resize)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if landmarks is None:
+        return decode_image(buffer, input_size, name, allow_resize)
+    return cv2.cvtColor(align_face(decode_bgr(buffer, name), landmarks, input_size), cv2.COLOR_BGR2RGB)
 
 
 def _stack(buffers: Sequence[bytes | np.ndarray], names: Sequence[str], input_size: int,

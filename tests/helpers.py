@@ -41,11 +41,15 @@ def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 30
     return completed
 
 
+def pipeline_command(out: Path, *extra: str) -> list[str]:
+    """The command line of ``run_pipeline.py --preset tiny`` into ``out`` with ``extra`` arguments."""
+    return [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}", *extra]
+
+
 def tiny_pipeline(out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``run_pipeline.py --preset tiny`` into ``out`` as its own process; fails with its output if it fails."""
-    command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}", *extra]
-    completed = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
-                               timeout=timeout)
+    completed = subprocess.run(pipeline_command(out, *extra), cwd=ROOT, env=dict(os.environ), capture_output=True,
+                               text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     return completed
 
@@ -58,11 +62,16 @@ def colour_of(eth_code: int, identity: int, n: int) -> tuple[int, int, int]:
     return (40 + 50 * eth_code, 30 + 40 * identity, 20 + 60 * n)  # RGB
 
 
-def write_jpeg(path: Path, rgb: tuple[int, int, int], size: int = 8) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def jpeg_bytes(rgb: tuple[int, int, int], size: int = 8) -> bytes:
+    """A ``size`` square of one colour as a quality-100 JPEG."""
     image = np.zeros((size, size, 3), dtype=np.uint8)
     image[:] = rgb[::-1]
-    path.write_bytes(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes())
+    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+
+
+def write_jpeg(path: Path, rgb: tuple[int, int, int], size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(jpeg_bytes(rgb, size))
 
 
 def make_tree(root: Path, ids: dict[str, int] = IDS, images: int = 2, size: int = 8) -> Path:
@@ -79,9 +88,10 @@ def write_fake_teacher(cfg, member: str, seed: int, complete: bool = True) -> Pa
     model = get_backbone(cfg.network, input_size=cfg.input_size, width=cfg.width, embedding_size=cfg.embedding_size)
     run_dir = artifacts.teacher_dir(cfg, member)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), run_dir / "best_backbone.pth")
-    (run_dir / "history.json").write_text(json.dumps({"epochs": [], "complete": complete}))
-    return run_dir / "best_backbone.pth"
+    weights = artifacts.best_weights(run_dir, "teacher")
+    torch.save(model.state_dict(), weights)
+    artifacts.history_file(run_dir).write_text(json.dumps({"epochs": [], "complete": complete}))
+    return weights
 
 
 def fake_teacher_set(overrides: list[str], teacher_set: str = "specialized") -> None:

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import extract_all
 from backbones import get_backbone
 from config.config import CONCAT_ORDER, load_config
-from helpers import fake_teacher_set, run_torchrun, tiny_overrides, write_fake_teacher
+from helpers import fake_teacher_set, make_tree, run_torchrun, tiny_overrides, write_fake_teacher
 from utils.cli import run_stage
-from utils.dataset import FaceDataset, ImageIndex
+from utils.dataset import ImageIndex, dataset_for
 from utils import artifacts
 from utils.embedding_store import member_files, read_manifest, teacher_store_complete
 from utils.provenance import data_fingerprint
@@ -29,7 +29,7 @@ def embed_rows(cfg, member: str, index: ImageIndex, rows: list[int], flip: bool)
     """What the teacher's store rows should hold, computed here image by image."""
     model = get_backbone(cfg.network, input_size=cfg.input_size, width=cfg.width, embedding_size=cfg.embedding_size)
     model.load_state_dict(torch.load(artifacts.teacher_dir(cfg, member) / "best_backbone.pth", weights_only=True))
-    dataset = FaceDataset(index, input_size=cfg.input_size)
+    dataset = dataset_for(cfg, index)
     images = torch.stack([dataset[r][0] for r in rows])
     with torch.no_grad():
         return F.normalize(model.eval()(images.flip(3) if flip else images), dim=1).numpy()
@@ -95,6 +95,37 @@ def test_complete_store_is_skipped_and_interrupted_or_stale_one_redone(tiny_synt
     write_fake_teacher(cfg, "Asian", seed=1)  # the teacher was retrained: its store is stale
     assert extract(overrides) == ["Asian"]
     assert not np.allclose(np.load(files.array), original)
+
+
+def test_allow_resize_extracts_images_that_are_not_input_size_squares(tmp_path):
+    """With allow_resize=True extraction reads 40x40 images at input_size 32 as training does, the image check
+    before it included; without, they are refused by name."""
+    make_tree(tmp_path / "data" / "train", size=40)
+    refused = tiny_overrides(tmp_path / "data", tmp_path / "refused", ethnicity="Asian")
+    write_fake_teacher(load_config(refused), "Asian", seed=0)
+    with pytest.raises(ValueError, match=r"is 40x40, not the 32x32 aligned crop.*allow_resize=True"):
+        extract(refused)
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "work", ethnicity="Asian", allow_resize=True)
+    cfg = load_config(overrides)
+    write_fake_teacher(cfg, "Asian", seed=0)
+    assert extract(overrides) == ["Asian"]
+    index = ImageIndex.load(artifacts.store_index_file(artifacts.store_dir(cfg)))
+    rows = np.load(member_files(artifacts.store_dir(cfg), "Asian").array)
+    np.testing.assert_allclose(rows, embed_rows(cfg, "Asian", index, list(range(len(index))), flip=False), atol=1e-5)
+
+
+def test_image_check_runs_only_when_a_store_is_written(tmp_path):
+    """Every image is decoded before a store is written, not when every store is complete and skipped."""
+    damaged = sorted(make_tree(tmp_path / "data" / "train", size=32).rglob("*.jpg"))[0]
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "work", ethnicity="Asian")
+    cfg = load_config(overrides)
+    write_fake_teacher(cfg, "Asian", seed=0)
+    assert extract(overrides) == ["Asian"]
+    damaged.write_bytes(bytes(damaged.stat().st_size))  # same size: the data fingerprint does not see it
+    assert extract(overrides) == []
+    write_fake_teacher(cfg, "Asian", seed=1)
+    with pytest.raises(ValueError, match=f"cannot decode image {damaged}"):
+        extract(overrides)
 
 
 def test_baseline_split_goes_to_its_own_store(tiny_synthetic, tmp_path):

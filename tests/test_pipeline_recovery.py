@@ -5,12 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import ROOT, tiny_pipeline
+from helpers import ROOT, pipeline_command, tiny_pipeline
 
 TEACHERS = [f"teachers/specialized/iresnet18_{eth}" for eth in ("African", "Asian", "Caucasian", "Indian")]
 
@@ -19,10 +18,8 @@ TEACHERS = [f"teachers/specialized/iresnet18_{eth}" for eth in ("African", "Asia
 def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     out = tmp_path / "work"
     options = ["num_epoch=3", "milestones=[3]", "--teacher-sets", "specialized"]
-    command = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "tiny", f"output_root={str(out)!r}",
-               *options]
-    process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(pipeline_command(out, *options), cwd=ROOT, env=dict(os.environ),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first_teacher, second_teacher = out / TEACHERS[0], out / TEACHERS[1]
     try:
         deadline = time.monotonic() + 300

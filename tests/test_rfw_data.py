@@ -6,22 +6,16 @@ import pickle
 import re
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from eval.rfw_data import load_bin, load_pair_list, load_rfw
+from helpers import jpeg_bytes
 from utils.binfile import write_bin
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 20)]  # make_bin_fixtures.py
-
-
-def jpeg(rgb: tuple[int, int, int], size: int = 8) -> bytes:
-    image = np.zeros((size, size, 3), dtype=np.uint8)
-    image[:] = rgb[::-1]
-    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
 
 
 def mean_colours(images: torch.Tensor) -> np.ndarray:
@@ -30,7 +24,7 @@ def mean_colours(images: torch.Tensor) -> np.ndarray:
 
 def test_write_load_round_trip(tmp_path):
     colours = [(10 * i, 255 - 20 * i, 100) for i in range(6)]
-    write_bin(tmp_path / "x.bin", [jpeg(c, 16) for c in colours], [True, False, True])
+    write_bin(tmp_path / "x.bin", [jpeg_bytes(c, 16) for c in colours], [True, False, True])
     images, issame = load_bin(tmp_path / "x.bin", 16)
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
     assert issame.dtype == bool and issame.tolist() == [True, False, True]
@@ -83,10 +77,10 @@ def test_malicious_pickles_are_refused_without_running(tmp_path):
 def test_codecs_global_only_decodes_latin1(tmp_path):
     # Protocol-2 pickles of bytes call _codecs.encode(text, 'latin1'); any other codec is refused.
     good = tmp_path / "good.bin"
-    good.write_bytes(pickle.dumps(([jpeg((1, 2, 3)), jpeg((4, 5, 6))], [False]), protocol=2))
+    good.write_bytes(pickle.dumps(([jpeg_bytes((1, 2, 3)), jpeg_bytes((4, 5, 6))], [False]), protocol=2))
     assert load_bin(good, 8)[1].tolist() == [False]
     evil = tmp_path / "evil.bin"
-    evil.write_bytes(pickle.dumps(([jpeg((1, 2, 3))], [True]), protocol=2).replace(b"latin1", b"rot_13"))
+    evil.write_bytes(pickle.dumps(([jpeg_bytes((1, 2, 3))], [True]), protocol=2).replace(b"latin1", b"rot_13"))
     with pytest.raises(pickle.UnpicklingError, match=re.escape(str(evil)) + ".*rot_13"):
         load_bin(evil, 8)
 
@@ -103,7 +97,7 @@ def test_malformed_bins_and_broken_images_are_named(tmp_path):
         with pytest.raises(ValueError, match=re.escape(f"cannot read verification file {damaged}")):
             load_bin(damaged, 8)
     truncated = tmp_path / "trunc.bin"
-    good = jpeg((9, 9, 9))
+    good = jpeg_bytes((9, 9, 9))
     write_bin(truncated, [good, good[: len(good) // 2]], [True])
     with pytest.raises(ValueError, match=re.escape(f"{truncated}[1]")):
         load_bin(truncated, 8)
@@ -117,7 +111,7 @@ def make_rfw_pairs(root: Path, ethnicity: str) -> Path:
         for n in (1, 2):
             path = root / "data" / ethnicity / name / f"{name}_{n:04d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(jpeg(colour))
+            path.write_bytes(jpeg_bytes(colour))
     pairs = root / "txts" / ethnicity / f"{ethnicity}_pairs.txt"
     pairs.parent.mkdir(parents=True, exist_ok=True)
     pairs.write_text("m.0aa\t1\t2\n\nm.0aa 2 m.0bb 1\nm.0bb\t2\t1\n")
@@ -141,7 +135,7 @@ def test_pair_list(tmp_path):
 
 
 def test_load_rfw_mixes_formats_and_names_missing_files(tmp_path):
-    write_bin(tmp_path / "African_test.bin", [jpeg((1, 1, 1)), jpeg((2, 2, 2))], [True])
+    write_bin(tmp_path / "African_test.bin", [jpeg_bytes((1, 1, 1)), jpeg_bytes((2, 2, 2))], [True])
     make_rfw_pairs(tmp_path, "Indian")
     data = load_rfw(tmp_path, 8, ethnicities=("African", "Indian"))
     assert list(data) == ["African", "Indian"]

@@ -30,10 +30,11 @@ from utils import artifacts, recordio
 from utils.errors import InvalidInputError, MissingInputError
 from utils.image import decode_image, normalize_array, to_tensor
 from utils.io import atomic_write_text
+from utils.logs import LOGGER_NAME
 from utils.splits import load_split_manifest
 
-# A child of the project logger ("mstkd", set up by utils.callbacks), named here so data imports no training code.
-DATA_LOGGER = "mstkd.data"
+# A child of the project logger, so data warnings reach the run's train.log.
+logger = logging.getLogger(f"{LOGGER_NAME}.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 UNKNOWN_ETHNICITY = "unknown"
@@ -234,7 +235,7 @@ def scan_image_folder(root: str | Path, cache_path: str | Path | None = None) ->
         unknown = sorted(e.name for e in entries
                          if e.is_dir() and not e.name.startswith(".") and e.name not in ETHNICITIES)
     if unknown:
-        logging.getLogger(DATA_LOGGER).warning(
+        logger.warning(
             f"{root}: ignoring folders that are not an ethnicity ({', '.join(ETHNICITIES)}): {', '.join(unknown)}")
     index = _build_index(root, items, "folder")
     _write_cache(cache_path, fingerprint, index)
@@ -450,6 +451,14 @@ class RecordDataset(FaceDataset):
         super().__init__(index, rows, labels, input_size, allow_resize)
 
 
+def dataset_for(cfg: Config, index: ImageIndex, rows: np.ndarray | None = None,
+                labels: np.ndarray | None = None) -> FaceDataset:
+    """The dataset of ``rows`` of ``index`` (all by default) decoded as ``cfg`` says (input_size, allow_resize):
+    the one place a stage builds it, so training, the image check and extraction read images alike."""
+    dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
+    return dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize)
+
+
 PROTOCOLS = ("ethnicity", "all", "split")
 
 
@@ -480,8 +489,7 @@ def build_training_dataset(cfg: Config, protocol: str) -> tuple[FaceDataset, int
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise InvalidInputError(f"config key num_classes={cfg.num_classes} but the {protocol} data of "
                                 f"{cfg.data_root} has {num_classes} identities")
-    dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
-    dataset = dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize)
+    dataset = dataset_for(cfg, index, rows, labels)
     check_images(dataset, cfg.check_images, seed=cfg.seed, workers=cfg.num_workers)
     return dataset, num_classes
 

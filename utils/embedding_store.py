@@ -28,7 +28,7 @@ from backbones import build_backbone, load_weights
 from config.config import Config, teacher_members
 from utils import artifacts
 from utils.artifacts import StoreFiles, member_files, target_files
-from utils.dataset import FaceDataset, ImageIndex, check_images, load_index
+from utils.dataset import ImageIndex, check_images, dataset_for, load_index
 from utils.distributed import DistInfo, barrier, broadcast_object, shard_range
 from utils.errors import IncompatibleInputError, InvalidInputError, MissingInputError, ProvenanceError
 from utils.io import atomic_write_json, reserve_disk_space
@@ -208,8 +208,7 @@ def extraction_members(cfg: Config) -> list[str]:
 
 def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
     """The run's image index, written to the store folder by rank 0 and read from there by the other ranks,
-    so every rank embeds exactly the same rows. Every image is decoded once first (each rank its own rows), so a
-    corrupt file fails now, by name, not hours into the extraction."""
+    so every rank embeds exactly the same rows."""
     path = artifacts.store_index_file(artifacts.store_dir(cfg))
     if info.is_main:
         index = load_index(cfg)
@@ -220,37 +219,62 @@ def prepare_index(cfg: Config, info: DistInfo) -> ImageIndex:
                     f"{path} described another image index: replacing it; stores built from it must be redone")
             index.save(path)
     barrier()
-    index = index if info.is_main else ImageIndex.load(path)
+    return index if info.is_main else ImageIndex.load(path)
+
+
+def check_index_images(cfg: Config, index: ImageIndex, info: DistInfo) -> None:
+    """Decode every image of ``index`` once (each rank its own rows), so a corrupt file fails now, by name, not
+    hours into the extraction."""
     shard = shard_range(len(index), info.rank, info.world_size)
-    check_images(FaceDataset(index, np.arange(shard.start, shard.stop), input_size=cfg.input_size), -1,
-                 workers=cfg.num_workers)
-    return index
+    check_images(dataset_for(cfg, index, np.arange(shard.start, shard.stop)), -1, workers=cfg.num_workers)
 
 
-def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageIndex, info: DistInfo) -> bool:
-    """Embed every image of ``index`` with one teacher into its store; False when it was already complete.
+@dataclass(frozen=True)
+class StorePlan:
+    """One teacher's store as rank 0 found it: what a rewrite records, and why it is needed."""
+
+    member: str
+    checkpoint: Path
+    fingerprint: dict[str, Any]  # the checkpoint's path, size and sha256 (the manifest's "checkpoint")
+    record: Record  # the provenance the store must have
+    index_hash: str
+    problem: str | None  # why the store must be (re)written; None when it is complete
+
+
+def plan_extraction(cfg: Config, checkpoints: dict[str, Path], index: ImageIndex, info: DistInfo) -> list[StorePlan]:
+    """Every teacher's store plan (``checkpoints``: member -> weights), decided by rank 0 and shared, so all ranks
+    skip or write the same stores. The index hash and data fingerprint, seconds for a million images, are computed
+    once for all members. Every rank must call this together."""
+    plans: list[StorePlan] | None = None
+    if info.is_main:
+        index_hash, data = index.digest(), data_fingerprint(index)
+        plans = []
+        for member, checkpoint in checkpoints.items():
+            fingerprint = file_fingerprint(checkpoint)
+            record = store_record(cfg, member, data, fingerprint["sha256"])
+            files = member_files(artifacts.store_dir(cfg), member)
+            problem = manifest_problem(read_manifest(files.manifest), files, index_hash,
+                                       flipped=cfg.extract_flipped, record=record)
+            plans.append(StorePlan(member, checkpoint, fingerprint, record, index_hash, problem))
+    return broadcast_object(plans)  # type: ignore[return-value]
+
+
+def extract_teacher(cfg: Config, plan: StorePlan, index: ImageIndex, info: DistInfo) -> bool:
+    """Embed every image of ``index`` with one teacher into its store; False when ``plan`` found it complete.
 
     Eval mode, unflipped (and, with cfg.extract_flipped, flipped) images, L2-normalised float32 rows.
     """
     logger = get_logger()
+    member, checkpoint = plan.member, plan.checkpoint
     files = member_files(artifacts.store_dir(cfg), member)
-    index_hash = index.digest()
-    if info.is_main:
-        fingerprint = file_fingerprint(checkpoint)
-        record = store_record(cfg, member, data_fingerprint(index), fingerprint["sha256"])
-        problem = manifest_problem(read_manifest(files.manifest), files, index_hash, flipped=cfg.extract_flipped,
-                                   record=record)
-        decision = (fingerprint, record, problem)
-    fingerprint, record, problem = broadcast_object(decision if info.is_main else None)  # type: ignore[misc]
-    if problem is None:
+    if plan.problem is None:
         logger.info(f"{member}: {files.array} is complete for this index and checkpoint; skipping")
         return False
-    logger.info(f"{member}: extracting {len(index)} images with {checkpoint} ({problem})")
+    logger.info(f"{member}: extracting {len(index)} images with {checkpoint} ({plan.problem})")
     model = load_weights(build_backbone(cfg), checkpoint, what=f"{member} teacher weights").to(info.device).eval()
 
     def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
-        dataset = FaceDataset(index, np.arange(rows.start, rows.stop), input_size=cfg.input_size,
-                              allow_resize=cfg.allow_resize)
+        dataset = dataset_for(cfg, index, np.arange(rows.start, rows.stop))
         loader = DataLoader(dataset, batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers,
                             pin_memory=info.device.type == "cuda")
         with torch.inference_mode():
@@ -265,8 +289,8 @@ def extract_teacher(cfg: Config, member: str, checkpoint: Path, index: ImageInde
                         checkpoint)
 
     manifest = {"member": member, "teacher_set": cfg.teacher_set, "network": cfg.network, "N": len(index),
-                "dim": cfg.embedding_size, "index_hash": index_hash, "checkpoint": fingerprint,
-                "flipped": cfg.extract_flipped, "provenance": record}
+                "dim": cfg.embedding_size, "index_hash": plan.index_hash, "checkpoint": plan.fingerprint,
+                "flipped": cfg.extract_flipped, "provenance": plan.record}
     write_rows_sharded(files, manifest, info, fill)
     logger.info(f"{member}: wrote {files.array}")
     return True

@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         records = import_all(items, replace=args.replace)
         for item, record in zip(items, records):
             print(f"imported {item.label}: {item.source} -> {item.run_dir} (sha256 {record['sha256'][:12]})")
-    except (UserError, KeyError, RuntimeError, ValueError) as exc:  # RuntimeError: weights that do not fit
+    except (UserError, KeyError, ValueError) as exc:
         raise SystemExit(f"error: {exc.args[0] if exc.args else exc}") from None
     return records
 

@@ -142,19 +142,12 @@ def _basis(size: int, seed: int, eth_code: int) -> np.ndarray:
         for _ in range(BASES_PER_ETHNICITY)])
 
 
-def _shared_basis(size: int, seed: int) -> np.ndarray:
-    """Identity patterns shared by every ethnicity [KS, S, S, 3] (any orientation, any colour)."""
-    rng = _rng(seed, len(ETHNICITIES), _STREAM_SHARED_BASIS)
-    return np.stack([_pattern(rng, size, rng.uniform(0, 90), rng.normal(0, 1, size=3))
-                     for _ in range(SHARED_BASES)])
-
-
-def _nuisance_basis(size: int, seed: int) -> np.ndarray:
-    """Patterns shared by every ethnicity [KN, S, S, 3] (any orientation, any colour), mixed afresh
-    into each image: a network learns to ignore whatever is not an identity direction."""
-    rng = _rng(seed, len(ETHNICITIES), _STREAM_BASIS)
-    return np.stack([_pattern(rng, size, rng.uniform(0, 90), rng.normal(0, 1, size=3))
-                     for _ in range(NUISANCE_BASES)])
+def _common_basis(size: int, seed: int, stream: int, count: int) -> np.ndarray:
+    """``count`` patterns shared by every ethnicity [count, S, S, 3] (any orientation, any colour) from ``stream``:
+    the shared identity patterns, or the nuisance patterns mixed afresh into each image so that a network learns
+    to ignore whatever is not an identity direction."""
+    rng = _rng(seed, len(ETHNICITIES), stream)
+    return np.stack([_pattern(rng, size, rng.uniform(0, 90), rng.normal(0, 1, size=3)) for _ in range(count)])
 
 
 class _Renderer:
@@ -169,8 +162,8 @@ class _Renderer:
         # share of the identity energy; the nuisance keeps its level whatever the share.
         parts = [(_basis(size, seed, self.eth_code), math.sqrt(1.0 - shared_fraction))]
         if shared_fraction > 0:
-            parts.append((_shared_basis(size, seed), math.sqrt(shared_fraction)))
-        parts.append((_nuisance_basis(size, seed), 1.0))
+            parts.append((_common_basis(size, seed, _STREAM_SHARED_BASIS, SHARED_BASES), math.sqrt(shared_fraction)))
+        parts.append((_common_basis(size, seed, _STREAM_BASIS, NUISANCE_BASES), 1.0))
         basis = np.concatenate([patterns * mask[None, ..., None] * scale * weight for patterns, weight in parts])
         self.basis = basis.reshape(len(basis), -1).astype(np.float32)
         self.outside = (1 - mask)[..., None].astype(np.float32)
