@@ -160,12 +160,6 @@ def train_command(teacher_set: str, member: str) -> str:
     return f"teacher_set=specialized ethnicity={member}"
 
 
-def teacher_ready(run_dir: Path) -> bool:
-    """A teacher folder is usable when its training finished, or when it holds weights put there by hand
-    (the authors' released teachers come without a training history)."""
-    return artifacts.is_weights_only(run_dir, "teacher") or artifacts.is_run_complete(run_dir)
-
-
 def teacher_checkpoint(cfg: Config, member: str) -> Path:
     """The best weights of a finished teacher run; errors name the file or run that is not ready."""
     run_dir = artifacts.teacher_dir(cfg, member)
@@ -173,7 +167,7 @@ def teacher_checkpoint(cfg: Config, member: str) -> Path:
     if not path.is_file():
         raise MissingInputError(f"teacher checkpoint not found: {path} (train it: python train.py "
                                 f"{train_command(cfg.teacher_set, member)} network={cfg.network})")
-    if not teacher_ready(run_dir):
+    if not artifacts.teacher_ready(run_dir):
         raise ProvenanceError(f"teacher run {run_dir} is not finished ({artifacts.history_file(run_dir)} lacks "
                               f"complete=true); finish it with train.py {train_command(cfg.teacher_set, member)} "
                               "resume=True before extracting")
@@ -184,7 +178,7 @@ def expected_store_record(cfg: Config, member: str, data: str) -> Record | None:
     """The record ``member``'s store must have for the teacher's current weights; None if it is not ready."""
     run_dir = artifacts.teacher_dir(cfg, member)
     checkpoint = artifacts.best_weights(run_dir, "teacher")
-    if not checkpoint.is_file() or not teacher_ready(run_dir):
+    if not checkpoint.is_file() or not artifacts.teacher_ready(run_dir):
         return None
     return store_record(cfg, member, data, file_fingerprint(checkpoint)["sha256"])
 
