@@ -54,7 +54,7 @@ def default_device() -> torch.device:
 
 def result_row(name: str, results: Mapping[str, VerificationResult],
                extra: Mapping[str, Any] | None = None) -> ResultRow:
-    """Table row from per-ethnicity results: accuracies in %, per-ethnicity details in ``extra``, ROC curves."""
+    """Table row from per-ethnicity results: accuracies in %, per-ethnicity details in ``extra``, the RFW pairs."""
     details: dict[str, Any] = dict(extra or {})
     for eth, result in results.items():
         details.update({f"{eth}/{key}": value for key, value in result.summary().items() if key != "accuracy"})
@@ -65,7 +65,6 @@ def result_row(name: str, results: Mapping[str, VerificationResult],
         name=name,
         accuracies={eth: 100.0 * result.accuracy for eth, result in results.items() if eth in ETHNICITIES},
         extra=details,
-        curves={eth: (result.fpr, result.tpr) for eth, result in results.items() if eth in ETHNICITIES},
         pairs={eth: (result.distances, result.issame) for eth, result in results.items() if eth in ETHNICITIES},
         benchmarks={key: 100.0 * result.accuracy for key, result in results.items() if key not in ETHNICITIES},
     )

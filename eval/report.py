@@ -25,12 +25,11 @@ COLUMNS = (*ETHNICITIES, "Avg", "STD", "SER")
 
 @dataclass
 class ResultRow:
-    """One evaluated model: accuracies in % per ethnicity, free-form scalar extras, optional ROC curves."""
+    """One evaluated model: accuracies in % per ethnicity, free-form scalar extras, optional RFW pairs."""
 
     name: str
     accuracies: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     # The RFW pairs (group -> squared distances, issame) and what eval/fairness_stats.py derives from them.
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # COLUMNS key -> (low, high)
@@ -178,7 +177,7 @@ def _json_data(rows: Sequence[ResultRow], method: str | None = None) -> dict[str
 
 
 def read_report_rows(path: str | Path) -> list[ResultRow]:
-    """The rows of a ``<stem>.json`` report (without ROC curves, which the JSON does not keep)."""
+    """The rows of a ``<stem>.json`` report, with their RFW pairs when ``<stem>_pairs.npz`` is beside it."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
