@@ -34,7 +34,7 @@ from tqdm import tqdm
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
 from config.config import (
     ADAPTORS as ADAPTOR_NAMES, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
-from eval.fairness_stats import StatsSettings
+from eval.fairness_stats import StatsSettings, report_stats
 from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
 from eval.rfw_data import find_benchmark
 from eval.verification import (
@@ -386,9 +386,12 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
                 print(f"skipping {name}: {exc}")
         if not rows:
             raise MissingInputError(f"no run under {work_dir} has finished weights")
-        write_report(rows, out, stem=stem, settings=settings)
+    settings = settings or StatsSettings()
+    stats = report_stats(rows, settings)  # before the table: it gives the rows (also reused ones) their intervals
+    if not reused:
+        write_report(rows, out, stem=stem, settings=settings, stats=stats)
         atomic_write_json(sources_path, sources)
-    summary = summary_line(rows, settings)  # first: it gives reused rows their intervals for the table
+    summary = summary_line(rows, stats=stats)
     return WorkDirReport(rows, out, results_table(rows) + "\n\n" + summary, reused)
 
 

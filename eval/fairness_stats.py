@@ -80,6 +80,21 @@ def annotate(rows: Sequence[Any], settings: StatsSettings) -> Bootstrap | None:
     return plan
 
 
+@dataclass
+class ReportStats:
+    """What a report derives from its rows' pairs: the resampling plan (None when the pairs cannot be resampled)
+    and the teacher-set comparisons."""
+
+    plan: Bootstrap | None
+    comparisons: list[Comparison]
+
+
+def report_stats(rows: Sequence[Any], settings: StatsSettings) -> ReportStats:
+    """:func:`annotate` the rows and compare the teacher sets, once for the table, the files and the summary."""
+    plan = annotate(rows, settings)
+    return ReportStats(plan, teacher_set_comparisons(rows, plan) if plan is not None else [])
+
+
 def teacher_set_comparisons(rows: Sequence[Any], plan: Bootstrap) -> list[Comparison]:
     """Per adaptor and KD kind, then pooled: specialized-teacher students minus balanced-teacher students."""
     students: dict[tuple[str, str, str], Any] = {}

@@ -276,6 +276,19 @@ def test_report_is_reused_until_weights_or_rfw_files_change(rfw_root, tmp_path):
     assert not again.reused and again.rows[1].accuracies["Asian"] != first.rows[1].accuracies["Asian"]
 
 
+def test_a_report_computes_its_statistics_once(rfw_root, tmp_path, monkeypatch):
+    """Fresh or reused, a report annotates its rows once for the table, the files and the summary."""
+    from eval.fairness_stats import annotate
+
+    _work_dir(tmp_path / "work")
+    calls = []
+    monkeypatch.setattr("eval.fairness_stats.annotate", lambda *args: calls.append(1) or annotate(*args))
+    for reused in (False, True):
+        calls.clear()
+        assert report_work_dir(tmp_path / "work", rfw_root, device="cpu").reused == reused
+        assert len(calls) == 1
+
+
 def test_summary_needs_the_pairs_of_both_teacher_sets():
     """The comparison is a paired bootstrap over RFW pairs (tests/test_fairness_report.py); rows without their
     pairs, or students of one teacher set only, give a clear sentence instead of a verdict from point values."""
