@@ -149,14 +149,17 @@ def comparisons_json(comparisons: Sequence[Comparison], plan: Bootstrap) -> dict
                              **{k: e.as_dict() for k, e in c.estimates.items()}} for c in comparisons]}
 
 
+def operating_points_by_target(rows: Sequence[Any]) -> dict[float, list[tuple[str, OperatingPoint]]]:
+    """The rows' operating points grouped by target FMR, targets ascending: ``{target: [(row name, point)]}``."""
+    targets = sorted({p.target_fmr for row in rows for p in row.operating_points})
+    return {target: [(row.name, p) for row in rows for p in row.operating_points if p.target_fmr == target]
+            for target in targets}
+
+
 def operating_point_markdown(rows: Sequence[Any]) -> str:
     """One table per target FMR: per-group FMR and FNMR (%) at each model's global threshold, ratios, FDR."""
-    targets = sorted({p.target_fmr for row in rows for p in row.operating_points})
-    if not targets:
-        return ""
     blocks = []
-    for target in targets:
-        points = [(row.name, p) for row in rows for p in row.operating_points if p.target_fmr == target]
+    for target, points in operating_points_by_target(rows).items():
         groups = list(points[0][1].fmr)
         header = ("| Model | threshold | pooled FMR | " + " | ".join(f"FMR {g}" for g in groups) + " | FMR max/min | "
                   + " | ".join(f"FNMR {g}" for g in groups) + " | FNMR max/min | FDR |")

@@ -15,7 +15,7 @@ from config.config import ETHNICITIES
 from eval.fairness import fairness_metrics
 from eval.fairness_stats import (
     KD_LABELS, ReportStats, StatsSettings, comparison_summary, comparisons_json, load_pairs, operating_point_extras,
-    operating_point_markdown, report_stats, save_pairs)
+    operating_point_markdown, operating_points_by_target, report_stats, save_pairs)
 from eval.figures import plot_accuracy_heatmaps, plot_det_families, plot_operating_points, plot_teacher_set_comparison
 from utils.io import atomic_write_text
 from utils.numerics import json_safe
@@ -230,8 +230,7 @@ def _det_families(rows: Sequence[ResultRow]) -> dict[str, dict[str, tuple[np.nda
 
 def _operating_point_tables(rows: Sequence[ResultRow]) -> dict[float, tuple[list[str], list[str], np.ndarray, np.ndarray]]:
     tables = {}
-    for target in sorted({p.target_fmr for row in rows for p in row.operating_points}):
-        points = [(row.name, p) for row in rows for p in row.operating_points if p.target_fmr == target]
+    for target, points in operating_points_by_target(rows).items():
         groups = list(points[0][1].fmr)
         tables[target] = ([name for name, _ in points], groups,
                           np.array([[p.fmr[g] for g in groups] for _, p in points]),
