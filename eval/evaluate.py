@@ -34,7 +34,7 @@ from tqdm import tqdm
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
 from config.config import (
     ADAPTORS as ADAPTOR_NAMES, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
-from eval.fairness_stats import StatsSettings, report_stats
+from eval.fairness_stats import KD_LABELS, StatsSettings, report_stats
 from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
 from eval.rfw_data import find_benchmark
 from eval.verification import (
@@ -211,8 +211,7 @@ def display_name(stage: str, cfg: Config) -> str:
     elif stage == "adaptor":
         name = f"{cfg.adaptor}-EAF-Fusion {teachers} (4x {cfg.network})"
     else:
-        kd = {"aKD": "a-KD", "EAFKD": "EAF-KD"}[cfg.kd]
-        name = f"student {kd} {cfg.adaptor} {teachers} ({cfg.student_network})"
+        name = f"student {KD_LABELS[cfg.kd]} {cfg.adaptor} {teachers} ({cfg.student_network})"
     return f"{name} [{cfg.run_name}]" if cfg.run_name else name
 
 
