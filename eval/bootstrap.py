@@ -25,7 +25,6 @@ import numpy as np
 
 from eval.verification import THRESHOLDS, fold_sizes, kfold_accuracy
 
-METRICS = ("avg", "std", "ser")
 # Resamples handled at once by bootstrap_accuracies: bounds memory to about 200 x pairs x 8 bytes per array.
 _CHUNK = 200
 

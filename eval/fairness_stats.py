@@ -27,10 +27,6 @@ class StatsSettings:
     fmr_targets: tuple[float, ...] = DEFAULT_FMR_TARGETS
     fdr_alpha: float = 0.5
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "StatsSettings":
-        return cls(cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence, tuple(cfg.fmr_targets), cfg.fdr_alpha)
-
 
 @dataclass
 class Comparison:
