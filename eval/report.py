@@ -162,15 +162,16 @@ def _csv_extra(extra: Mapping[str, Any], key: str) -> Any:
 
 
 def _json_data(rows: Sequence[ResultRow], method: str | None = None) -> dict[str, Any]:
+    """The JSON report, non-finite values still in it: write_report makes the whole of it standard JSON."""
     return {
         "units": "accuracies, avg, std and benchmarks in %; ser = (100 - min acc) / (100 - max acc); "
                  "operating-point rates as fractions; tar@far = null where the FAR is below 1 / (number of "
                  "impostor pairs) (not measurable)",
         "interval_method": method,
         "rows": [
-            json_safe({"name": row.name, "accuracies": row.accuracies, **row.metrics(), "benchmarks": row.benchmarks,
-                       "intervals": row.intervals, "operating_points": [p.summary() for p in row.operating_points],
-                       "extra": row.extra})
+            {"name": row.name, "accuracies": row.accuracies, **row.metrics(), "benchmarks": row.benchmarks,
+             "intervals": row.intervals, "operating_points": [p.summary() for p in row.operating_points],
+             "extra": row.extra}
             for row in rows
         ],
     }
