@@ -13,6 +13,7 @@ import numpy as np
 
 from eval.bootstrap import MIN_CELL_PAIRS, Bootstrap, Estimate, smallest_cell
 from eval.operating_point import DEFAULT_FMR_TARGETS, OperatingPoint, operating_points
+from utils.io import atomic_path
 
 KD_LABELS = {"aKD": "a-KD", "EAFKD": "EAF-KD"}
 
@@ -187,8 +188,6 @@ def operating_point_extras(points: Sequence[OperatingPoint]) -> dict[str, float]
 
 def save_pairs(rows: Sequence[Any], path: Any) -> None:
     """Every row's pair distances (and the shared labels) in one ``.npz``, so a reused report keeps its statistics."""
-    from utils.io import atomic_path
-
     arrays = {}
     for i, row in enumerate(rows):
         for group, (distances, issame) in row.pairs.items():
