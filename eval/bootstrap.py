@@ -23,9 +23,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from eval.verification import THRESHOLDS, fold_sizes, kfold_accuracy
+from eval.verification import THRESHOLDS, fold_bounds, fold_sizes, kfold_accuracy
 
-METRICS = ("avg", "std", "ser")
 # Resamples handled at once by bootstrap_accuracies: bounds memory to about 200 x pairs x 8 bytes per array.
 _CHUNK = 200
 
@@ -44,7 +43,7 @@ MIN_CELL_PAIRS = 5
 
 def _cells(issame: np.ndarray, nfolds: int) -> Iterator[np.ndarray]:
     """Pair indices of every (fold, genuine/impostor) cell of the in-order k-fold split."""
-    bounds = np.concatenate([[0], np.cumsum(fold_sizes(issame.size, nfolds))])
+    bounds = fold_bounds(issame.size, nfolds)
     for f in range(nfolds):
         for label in (False, True):
             yield bounds[f] + np.flatnonzero(issame[bounds[f]:bounds[f + 1]] == label)

@@ -12,7 +12,6 @@ Both files are written under temporary names and renamed when complete; the row 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,10 +19,11 @@ import numpy as np
 import torch
 
 from backbones import BACKBONES, get_backbone, load_weights
+from eval.evaluate import default_device
 from eval.rfw_data import load_bin
 from eval.verification import backbone_embed_fn, embed_images
 from utils.dataset import IMAGE_EXTENSIONS, decode_image
-from utils.io import atomic_write_text
+from utils.io import atomic_path, atomic_write_text
 
 EMBEDDINGS_NAME, ROWS_NAME = "embeddings.npy", "rows.tsv"
 
@@ -70,10 +70,9 @@ def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     embeddings_path, rows_path = out_dir / EMBEDDINGS_NAME, out_dir / ROWS_NAME
     rows_path.unlink(missing_ok=True)  # a row list next to a half-written array would claim it complete
-    partial = out_dir / f".{EMBEDDINGS_NAME}.partial"
-    array = None
-    row = 0
-    try:
+    with atomic_path(embeddings_path) as partial:
+        array = None
+        row = 0
         for batch in batches:
             rows = embed_images(embed_fn, batch, batch_size=batch_size, device=device, flip=flip)
             if array is None:
@@ -84,10 +83,7 @@ def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path
         if array is None:
             raise ValueError(f"no images to embed in {source}")
         array.flush()
-        del array
-        os.replace(partial, embeddings_path)
-    finally:
-        partial.unlink(missing_ok=True)
+        del array  # closes the memory map before the rename
     atomic_write_text(rows_path, "".join(f"{i}\t{name}\n" for i, name in enumerate(names)))
     return embeddings_path, rows_path
 
@@ -115,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     try:
         model = get_backbone(args.network, input_size=args.input_size, embedding_size=args.embedding_size,
                              use_se=args.use_se, width=args.width)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
 from config.config import (
     ADAPTORS as ADAPTOR_NAMES, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
-from eval.fairness_stats import StatsSettings
+from eval.fairness_stats import KD_LABELS, StatsSettings, report_stats
 from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
 from eval.rfw_data import find_benchmark
 from eval.verification import (
@@ -54,7 +54,7 @@ def default_device() -> torch.device:
 
 def result_row(name: str, results: Mapping[str, VerificationResult],
                extra: Mapping[str, Any] | None = None) -> ResultRow:
-    """Table row from per-ethnicity results: accuracies in %, per-ethnicity details in ``extra``, ROC curves."""
+    """Table row from per-ethnicity results: accuracies in %, per-ethnicity details in ``extra``, the RFW pairs."""
     details: dict[str, Any] = dict(extra or {})
     for eth, result in results.items():
         details.update({f"{eth}/{key}": value for key, value in result.summary().items() if key != "accuracy"})
@@ -65,7 +65,6 @@ def result_row(name: str, results: Mapping[str, VerificationResult],
         name=name,
         accuracies={eth: 100.0 * result.accuracy for eth, result in results.items() if eth in ETHNICITIES},
         extra=details,
-        curves={eth: (result.fpr, result.tpr) for eth, result in results.items() if eth in ETHNICITIES},
         pairs={eth: (result.distances, result.issame) for eth, result in results.items() if eth in ETHNICITIES},
         benchmarks={key: 100.0 * result.accuracy for key, result in results.items() if key not in ETHNICITIES},
     )
@@ -212,8 +211,7 @@ def display_name(stage: str, cfg: Config) -> str:
     elif stage == "adaptor":
         name = f"{cfg.adaptor}-EAF-Fusion {teachers} (4x {cfg.network})"
     else:
-        kd = {"aKD": "a-KD", "EAFKD": "EAF-KD"}[cfg.kd]
-        name = f"student {kd} {cfg.adaptor} {teachers} ({cfg.student_network})"
+        name = f"student {KD_LABELS[cfg.kd]} {cfg.adaptor} {teachers} ({cfg.student_network})"
     return f"{name} [{cfg.run_name}]" if cfg.run_name else name
 
 
@@ -312,9 +310,14 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, teachers: TeacherOutput
 def _sources(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw_root: Path,
              raw_teachers: bool) -> dict[str, Any]:
     """What a report is computed from: the RFW files, each run's config and evaluated weights (content), and
-    how adaptor spaces were evaluated."""
+    how adaptor spaces were evaluated. Each weights file is hashed once, though up to four rows read a teacher's."""
+    hashes: dict[Path, str | None] = {}
+
     def weights_sha(path: Path) -> str | None:
-        return file_sha256(path) if path.is_file() else None
+        path = path.resolve()
+        if path not in hashes:
+            hashes[path] = file_sha256(path) if path.is_file() else None
+        return hashes[path]
 
     entries = []
     for run_dir, cfg, stage in runs:
@@ -387,9 +390,12 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
                 print(f"skipping {name}: {exc}")
         if not rows:
             raise MissingInputError(f"no run under {work_dir} has finished weights")
-        write_report(rows, out, stem=stem, settings=settings)
+    settings = settings or StatsSettings()
+    stats = report_stats(rows, settings)  # before the table: it gives the rows (also reused ones) their intervals
+    if not reused:
+        write_report(rows, out, stem=stem, settings=settings, stats=stats)
         atomic_write_json(sources_path, sources)
-    summary = summary_line(rows, settings)  # first: it gives reused rows their intervals for the table
+    summary = summary_line(rows, stats=stats)
     return WorkDirReport(rows, out, results_table(rows) + "\n\n" + summary, reused)
 
 

@@ -27,12 +27,12 @@ from torch import nn
 from backbones import BACKBONES, get_backbone, load_weights
 from eval.evaluate import read_run_config
 from utils import artifacts
+from utils.dataset import IMAGE_EXTENSIONS
 from utils.errors import InvalidInputError, MissingInputError, UserError
 from utils.image import decode_image, normalize_images, to_tensor
 from utils.io import atomic_path, atomic_write_json
 from utils.provenance import file_sha256
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 
 
@@ -68,7 +68,7 @@ def find_images(paths: Sequence[Path], limit: int) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
         elif path.is_file():
             found.append(path)
         else:

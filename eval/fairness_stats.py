@@ -13,6 +13,7 @@ import numpy as np
 
 from eval.bootstrap import MIN_CELL_PAIRS, Bootstrap, Estimate, smallest_cell
 from eval.operating_point import DEFAULT_FMR_TARGETS, OperatingPoint, operating_points
+from utils.io import atomic_path
 
 KD_LABELS = {"aKD": "a-KD", "EAFKD": "EAF-KD"}
 
@@ -26,10 +27,6 @@ class StatsSettings:
     confidence: float = 0.95
     fmr_targets: tuple[float, ...] = DEFAULT_FMR_TARGETS
     fdr_alpha: float = 0.5
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "StatsSettings":
-        return cls(cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence, tuple(cfg.fmr_targets), cfg.fdr_alpha)
 
 
 @dataclass
@@ -78,6 +75,21 @@ def annotate(rows: Sequence[Any], settings: StatsSettings) -> Bootstrap | None:
             row.samples = plan.model({g: d for g, (d, _) in row.pairs.items()})
         row.intervals = {key: (e.low, e.high) for key, e in plan.intervals(row.samples).items()}
     return plan
+
+
+@dataclass
+class ReportStats:
+    """What a report derives from its rows' pairs: the resampling plan (None when the pairs cannot be resampled)
+    and the teacher-set comparisons."""
+
+    plan: Bootstrap | None
+    comparisons: list[Comparison]
+
+
+def report_stats(rows: Sequence[Any], settings: StatsSettings) -> ReportStats:
+    """:func:`annotate` the rows and compare the teacher sets, once for the table, the files and the summary."""
+    plan = annotate(rows, settings)
+    return ReportStats(plan, teacher_set_comparisons(rows, plan) if plan is not None else [])
 
 
 def teacher_set_comparisons(rows: Sequence[Any], plan: Bootstrap) -> list[Comparison]:
@@ -134,14 +146,17 @@ def comparisons_json(comparisons: Sequence[Comparison], plan: Bootstrap) -> dict
                              **{k: e.as_dict() for k, e in c.estimates.items()}} for c in comparisons]}
 
 
+def operating_points_by_target(rows: Sequence[Any]) -> dict[float, list[tuple[str, OperatingPoint]]]:
+    """The rows' operating points grouped by target FMR, targets ascending: ``{target: [(row name, point)]}``."""
+    targets = sorted({p.target_fmr for row in rows for p in row.operating_points})
+    return {target: [(row.name, p) for row in rows for p in row.operating_points if p.target_fmr == target]
+            for target in targets}
+
+
 def operating_point_markdown(rows: Sequence[Any]) -> str:
     """One table per target FMR: per-group FMR and FNMR (%) at each model's global threshold, ratios, FDR."""
-    targets = sorted({p.target_fmr for row in rows for p in row.operating_points})
-    if not targets:
-        return ""
     blocks = []
-    for target in targets:
-        points = [(row.name, p) for row in rows for p in row.operating_points if p.target_fmr == target]
+    for target, points in operating_points_by_target(rows).items():
         groups = list(points[0][1].fmr)
         header = ("| Model | threshold | pooled FMR | " + " | ".join(f"FMR {g}" for g in groups) + " | FMR max/min | "
                   + " | ".join(f"FNMR {g}" for g in groups) + " | FNMR max/min | FDR |")
@@ -173,8 +188,6 @@ def operating_point_extras(points: Sequence[OperatingPoint]) -> dict[str, float]
 
 def save_pairs(rows: Sequence[Any], path: Any) -> None:
     """Every row's pair distances (and the shared labels) in one ``.npz``, so a reused report keeps its statistics."""
-    from utils.io import atomic_path
-
     arrays = {}
     for i, row in enumerate(rows):
         for group, (distances, issame) in row.pairs.items():

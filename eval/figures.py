@@ -21,7 +21,7 @@ def save_figure(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def _annotated_heatmap(ax, values: np.ndarray, rows: Sequence[str], cols: Sequence[str], fmt: str, cmap: str,
+def _annotated_heatmap(ax, values: np.ndarray, rows: Sequence[str], cols: Sequence[str], cmap: str,
                        vmin: float, vmax: float):
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cols)), cols)
@@ -32,13 +32,12 @@ def _annotated_heatmap(ax, values: np.ndarray, rows: Sequence[str], cols: Sequen
             if np.isfinite(value):
                 red, green, blue, _ = image.cmap(image.norm(value))
                 dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # text colour readable on the cell
-                ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if dark else "black")
     return image
 
 
-def plot_accuracy_heatmaps(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path,
-                           title: str = "RFW accuracy (%)") -> None:
+def plot_accuracy_heatmaps(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -> None:
     """One heatmap per panel: rows are models, columns test groups, cells accuracy in %. One colour scale for
     all panels, from the lowest to the highest accuracy shown."""
     values = [v for panel in panels.values() for acc in panel.values() for v in acc.values()]
@@ -53,11 +52,11 @@ def plot_accuracy_heatmaps(panels: Mapping[str, Mapping[str, Mapping[str, float]
     for ax, (name, panel) in zip(axes, panels.items()):
         cols = list(dict.fromkeys(g for acc in panel.values() for g in acc))
         grid = np.array([[acc.get(g, np.nan) for g in cols] for acc in panel.values()])
-        image = _annotated_heatmap(ax, grid, list(panel), cols, ".2f", "viridis", vmin, vmax)
+        image = _annotated_heatmap(ax, grid, list(panel), cols, "viridis", vmin, vmax)
         ax.set_title(name, fontsize=10, loc="left", fontweight="bold")
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle("RFW accuracy (%)", fontsize=11)
     save_figure(fig, path)
 
 
@@ -160,7 +159,7 @@ def plot_operating_points(tables: Mapping[float, tuple[Sequence[str], Sequence[s
             finite = 100 * values[np.isfinite(values)]
             low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
             image = _annotated_heatmap(ax, 100 * values, models if ax is row[0] else [""] * len(models), groups,
-                                       ".2f", "magma_r", low, max(high, low + 1e-6))
+                                       "magma_r", low, max(high, low + 1e-6))
             ax.set_title(f"{name} (%) at global threshold for pooled FMR {target:g}", fontsize=9, loc="left")
             fig.colorbar(image, ax=ax, shrink=0.8)
     save_figure(fig, path)

@@ -20,7 +20,6 @@ For each adaptor run under ``WORK_ROOT`` (the ``output_root`` of a pipeline run)
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,14 @@ from config.config import ETHNICITIES, Config
 from eval.evaluate import find_runs
 from utils import artifacts
 from utils.adaptor import concat_rows
-from utils.embedding_store import open_teacher_stores, read_manifest
+from utils.embedding_store import TeacherStores, open_teacher_stores, read_manifest
+from utils.errors import MissingInputError
 
 
-def target_geometry(targets: np.ndarray, labels: np.ndarray, ethnicity: np.ndarray, *, sample: int,
-                    seed: int = 0) -> dict[str, Any]:
-    """Statistics of unit-norm rows ``targets`` [N, D] with identity ``labels`` and ``ethnicity`` codes."""
+def target_geometry(targets: np.ndarray, labels: np.ndarray, ethnicity: np.ndarray, *,
+                    rows: np.ndarray) -> dict[str, Any]:
+    """Statistics of unit-norm rows ``targets`` [N, D] with identity ``labels`` and ``ethnicity`` codes; the
+    cosines are taken over the ``rows`` sample."""
     targets = np.asarray(targets, dtype=np.float64)
     mean = targets.mean(0)
     singular = np.linalg.svd(targets - mean, compute_uv=False)
@@ -53,7 +54,6 @@ def target_geometry(targets: np.ndarray, labels: np.ndarray, ethnicity: np.ndarr
         return between, within
 
     between, within = spread(targets, labels)
-    rows = np.random.default_rng(seed).permutation(len(targets))[:sample]
     gram, same = targets[rows] @ targets[rows].T, labels[rows][:, None] == labels[rows][None, :]
     np.fill_diagonal(same, False)
     different = labels[rows][:, None] != labels[rows][None, :]
@@ -66,9 +66,16 @@ def target_geometry(targets: np.ndarray, labels: np.ndarray, ethnicity: np.ndarr
                                  / targets.shape[1])}
 
 
-def check_targets(cfg: Config, targets: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
-    """Recompute ``rows`` of the targets from the teacher stores and ``best_adaptor.pth`` (eval and train mode)."""
-    stores = open_teacher_stores(cfg)
+def _history(run_dir: Path) -> dict[str, Any]:
+    history = artifacts.read_history(run_dir)
+    if history is None:
+        raise MissingInputError(f"run {run_dir} has no training history {artifacts.history_file(run_dir).name}")
+    return history
+
+
+def check_targets(cfg: Config, stores: TeacherStores, targets: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+    """Recompute ``rows`` of the targets from the teacher ``stores`` and ``best_adaptor.pth`` (eval and train
+    mode)."""
     run_dir = artifacts.adaptor_dir(cfg)
     model = load_weights(build_adaptor(cfg), artifacts.best_weights(run_dir, "adaptor"), what="best adaptor weights")
     x = torch.from_numpy(concat_rows(stores.arrays, rows))
@@ -77,7 +84,7 @@ def check_targets(cfg: Config, targets: np.ndarray, rows: np.ndarray) -> dict[st
         eval_rows = F.normalize(model.eval()(x), dim=1)
         torch.manual_seed(0)
         train_rows = F.normalize(model.train()(x), dim=1)
-    history = json.loads(artifacts.history_file(run_dir).read_text())
+    history = _history(run_dir)
     lowest = min(history["epochs"], key=lambda record: record["loss_sum"])
     return {"eval_max_diff": float((eval_rows - stored).abs().max()),
             "train_max_diff": float((train_rows - stored).abs().max()),
@@ -94,17 +101,18 @@ def analyse(work_root: Path, sample: int) -> list[dict[str, Any]]:
             continue
         stores = open_teacher_stores(cfg)
         targets = np.load(artifacts.target_files(run_dir).array, mmap_mode="r")
-        rows = np.sort(np.random.default_rng(0).permutation(len(targets))[:sample])
+        rows = np.random.default_rng(0).permutation(len(targets))[:sample]
         students = {}
         for student_dir, student_cfg, student_stage in runs:
             if student_stage == "student" and artifacts.adaptor_dir(student_cfg) == run_dir:
-                epochs = json.loads(artifacts.history_file(student_dir).read_text())["epochs"]
+                epochs = _history(student_dir)["epochs"]
                 students[f"{student_cfg.kd} {student_cfg.student_network}"] = [
                     record["losses"]["kd"] for record in epochs]
-        geometry = target_geometry(targets, stores.index.labels, stores.index.ethnicity, sample=sample)
+        geometry = target_geometry(targets, stores.index.labels, stores.index.ethnicity, rows=rows)
         geometry["constant_kd"] *= cfg.loss_lambda
+        # Sorted, the recomputation reads the memory-mapped stores and targets front to back.
         records.append({"name": f"{cfg.teacher_set} {cfg.adaptor}", "run_dir": str(run_dir),
-                        **check_targets(cfg, targets, rows), **geometry, "students": students})
+                        **check_targets(cfg, stores, targets, np.sort(rows)), **geometry, "students": students})
     return records
 
 

@@ -17,7 +17,7 @@ Biometrics: a figure of merit to assess biometric verification systems", IEEE T-
 Scores are squared Euclidean distances; a pair is a match when ``distance < threshold`` (as in the 10-fold
 protocol). The threshold is the k-th smallest pooled impostor distance with ``k = floor(target * N_imp)``, so
 the pooled FMR is at most the target (less when distances tie). A target is measurable only when
-``target * N_imp >= min_false_matches``: with 600 pooled impostors (the demo) FMR=1e-3 cannot be set.
+``target * N_imp >= 1``: with 600 pooled impostors (the demo) FMR=1e-3 cannot be set.
 """
 from __future__ import annotations
 
@@ -96,15 +96,15 @@ def global_threshold(impostor_distances: np.ndarray, target_fmr: float) -> float
 
 
 def operating_point(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], target_fmr: float, *,
-                    alpha: float = 0.5, min_false_matches: int = 1) -> OperatingPoint | None:
+                    alpha: float = 0.5) -> OperatingPoint | None:
     """Per-group FMR/FNMR at the global threshold for ``target_fmr``; None when the pooled impostor count cannot
-    measure that FMR (fewer than ``min_false_matches`` false matches allowed)."""
+    measure that FMR (it would allow less than one false match)."""
     groups = {g: (np.asarray(d, dtype=np.float64), np.asarray(s, dtype=bool)) for g, (d, s) in pairs.items()}
     for group, (d, s) in groups.items():
         if s.all() or not s.any():
             raise ValueError(f"group {group!r} needs both genuine and impostor pairs for FMR and FNMR")
     pooled = np.concatenate([d[~s] for d, s in groups.values()])
-    if target_fmr * pooled.size < min_false_matches:
+    if target_fmr * pooled.size < 1:
         return None
     threshold = global_threshold(pooled, target_fmr)
     return OperatingPoint(

@@ -14,8 +14,8 @@ import numpy as np
 from config.config import ETHNICITIES
 from eval.fairness import fairness_metrics
 from eval.fairness_stats import (
-    KD_LABELS, StatsSettings, annotate, comparison_summary, comparisons_json, load_pairs, operating_point_extras,
-    operating_point_markdown, save_pairs, teacher_set_comparisons)
+    KD_LABELS, ReportStats, StatsSettings, comparison_summary, comparisons_json, load_pairs, operating_point_extras,
+    operating_point_markdown, operating_points_by_target, report_stats, save_pairs)
 from eval.figures import plot_accuracy_heatmaps, plot_det_families, plot_operating_points, plot_teacher_set_comparison
 from utils.io import atomic_write_text
 from utils.numerics import json_safe
@@ -25,12 +25,11 @@ COLUMNS = (*ETHNICITIES, "Avg", "STD", "SER")
 
 @dataclass
 class ResultRow:
-    """One evaluated model: accuracies in % per ethnicity, free-form scalar extras, optional ROC curves."""
+    """One evaluated model: accuracies in % per ethnicity, free-form scalar extras, optional RFW pairs."""
 
     name: str
     accuracies: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     # The RFW pairs (group -> squared distances, issame) and what eval/fairness_stats.py derives from them.
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # COLUMNS key -> (low, high)
@@ -163,22 +162,23 @@ def _csv_extra(extra: Mapping[str, Any], key: str) -> Any:
 
 
 def _json_data(rows: Sequence[ResultRow], method: str | None = None) -> dict[str, Any]:
+    """The JSON report, non-finite values still in it: write_report makes the whole of it standard JSON."""
     return {
         "units": "accuracies, avg, std and benchmarks in %; ser = (100 - min acc) / (100 - max acc); "
                  "operating-point rates as fractions; tar@far = null where the FAR is below 1 / (number of "
                  "impostor pairs) (not measurable)",
         "interval_method": method,
         "rows": [
-            json_safe({"name": row.name, "accuracies": row.accuracies, **row.metrics(), "benchmarks": row.benchmarks,
-                       "intervals": row.intervals, "operating_points": [p.summary() for p in row.operating_points],
-                       "extra": row.extra})
+            {"name": row.name, "accuracies": row.accuracies, **row.metrics(), "benchmarks": row.benchmarks,
+             "intervals": row.intervals, "operating_points": [p.summary() for p in row.operating_points],
+             "extra": row.extra}
             for row in rows
         ],
     }
 
 
 def read_report_rows(path: str | Path) -> list[ResultRow]:
-    """The rows of a ``<stem>.json`` report (without ROC curves, which the JSON does not keep)."""
+    """The rows of a ``<stem>.json`` report, with their RFW pairs when ``<stem>_pairs.npz`` is beside it."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -231,8 +231,7 @@ def _det_families(rows: Sequence[ResultRow]) -> dict[str, dict[str, tuple[np.nda
 
 def _operating_point_tables(rows: Sequence[ResultRow]) -> dict[float, tuple[list[str], list[str], np.ndarray, np.ndarray]]:
     tables = {}
-    for target in sorted({p.target_fmr for row in rows for p in row.operating_points}):
-        points = [(row.name, p) for row in rows for p in row.operating_points if p.target_fmr == target]
+    for target, points in operating_points_by_target(rows).items():
         groups = list(points[0][1].fmr)
         tables[target] = ([name for name, _ in points], groups,
                           np.array([[p.fmr[g] for g in groups] for _, p in points]),
@@ -252,19 +251,20 @@ def _comparison_figure_data(comparisons: Sequence[Any]) -> tuple[list, list]:
 
 
 def write_report(rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "results",
-                 settings: StatsSettings | None = None) -> dict[str, Path]:
+                 settings: StatsSettings | None = None, stats: ReportStats | None = None) -> dict[str, Path]:
     """Write ``<stem>.md/.csv/.json`` and the figures; returns the paths.
 
     Rows that carry their RFW pairs get bootstrap intervals, operating-point rates (``<stem>_operating_point.png``),
     DET curves (``<stem>_det.png``) and, when students of both teacher sets are present, the paired comparison
     (``<stem>_comparison.png``); the pairs are kept in ``<stem>_pairs.npz`` so a reused report recomputes them.
+    ``stats``: :func:`report_stats` of these rows and ``settings``, when the caller has computed them already.
     """
     if not rows:
         raise ValueError("write_report needs at least one result row")
     settings = settings or StatsSettings()
     out_dir = Path(out_dir)
-    plan = annotate(rows, settings)
-    comparisons = teacher_set_comparisons(rows, plan) if plan is not None else []
+    stats = stats or report_stats(rows, settings)
+    plan, comparisons = stats.plan, stats.comparisons
     paths = {
         "md": out_dir / f"{stem}.md",
         "csv": out_dir / f"{stem}.csv",
@@ -302,12 +302,13 @@ def write_report(rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "re
     return paths
 
 
-def summary_line(rows: Sequence[ResultRow], settings: StatsSettings | None = None) -> str:
+def summary_line(rows: Sequence[ResultRow], settings: StatsSettings | None = None,
+                 stats: ReportStats | None = None) -> str:
     """Students of specialized minus students of balanced teachers per adaptor and KD kind and pooled, with
-    paired bootstrap intervals over the RFW pairs (eval/fairness_stats.py). Also gives rows read back from a
-    report their intervals."""
-    plan = annotate(rows, settings or StatsSettings())
-    summary = comparison_summary(teacher_set_comparisons(rows, plan) if plan is not None else [], plan)
+    paired bootstrap intervals over the RFW pairs (eval/fairness_stats.py). Without ``stats`` (see
+    :func:`write_report`) it computes them, which also gives rows read back from a report their intervals."""
+    stats = stats or report_stats(rows, settings or StatsSettings())
+    summary = comparison_summary(stats.comparisons, stats.plan)
     # A degenerate evaluation (constant or non-finite embeddings) measures nothing: it is left out, by name.
     degenerate = [row.name for row in rows if row.extra.get("stage") == "student" and row.degenerate]
     return summary + (f"\nLeft out as degenerate: {', '.join(degenerate)}." if degenerate else "")

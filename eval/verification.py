@@ -245,6 +245,11 @@ def fold_sizes(n: int, nfolds: int) -> np.ndarray:
     return sizes
 
 
+def fold_bounds(n: int, nfolds: int) -> np.ndarray:
+    """Where the folds of :func:`fold_sizes` start, then ``n``: fold ``f`` is ``bounds[f]:bounds[f + 1]``."""
+    return np.concatenate([[0], np.cumsum(fold_sizes(n, nfolds))])
+
+
 def pair_set_problem(issame: np.ndarray, nfolds: int) -> str | None:
     """Why a pair set cannot give a meaningful k-fold accuracy (no pairs, fewer pairs than folds, a class
     missing overall or in one fold, where a held-out accuracy of 0 would read as "below chance"); None if it can."""
@@ -254,7 +259,7 @@ def pair_set_problem(issame: np.ndarray, nfolds: int) -> str | None:
         return "holds 0 pairs"
     if n < nfolds:
         return f"holds {n} pairs, fewer than the {nfolds} folds of the protocol"
-    bounds = np.concatenate([[0], np.cumsum(fold_sizes(n, nfolds))])
+    bounds = fold_bounds(n, nfolds)
     for f in range(nfolds):
         fold = issame[bounds[f]:bounds[f + 1]]
         if fold.all() or not fold.any():
@@ -281,7 +286,7 @@ def kfold_accuracy(
         raise ValueError(f"distances {distances.shape} and issame {issame.shape} must be 1-D of equal length")
     if n < nfolds:
         raise ValueError(f"{n} pairs cannot be split into {nfolds} folds")
-    bounds = np.concatenate([[0], np.cumsum(fold_sizes(n, nfolds))])
+    bounds = fold_bounds(n, nfolds)
     # [F, T] counts of genuine / impostor pairs of each fold with distance < threshold.
     gen_below = np.empty((nfolds, thresholds.size), dtype=np.int64)
     imp_below = np.empty_like(gen_below)
