@@ -310,14 +310,9 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, teachers: TeacherOutput
 def _sources(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw_root: Path,
              raw_teachers: bool) -> dict[str, Any]:
     """What a report is computed from: the RFW files, each run's config and evaluated weights (content), and
-    how adaptor spaces were evaluated. Each weights file is hashed once, though up to four rows read a teacher's."""
-    hashes: dict[Path, str | None] = {}
-
+    how adaptor spaces were evaluated."""
     def weights_sha(path: Path) -> str | None:
-        path = path.resolve()
-        if path not in hashes:
-            hashes[path] = file_sha256(path) if path.is_file() else None
-        return hashes[path]
+        return file_sha256(path) if path.is_file() else None
 
     entries = []
     for run_dir, cfg, stage in runs:

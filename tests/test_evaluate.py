@@ -289,17 +289,6 @@ def test_a_report_computes_its_statistics_once(rfw_root, tmp_path, monkeypatch):
         assert len(calls) == 1
 
 
-def test_a_report_hashes_each_weights_file_once(rfw_root, tmp_path, monkeypatch):
-    """A teacher's weights serve its own row and the adaptor row over it, but are hashed once."""
-    from eval.evaluate import file_sha256
-
-    _work_dir(tmp_path / "work")
-    hashed = []
-    monkeypatch.setattr("eval.evaluate.file_sha256", lambda path: hashed.append(path.resolve()) or file_sha256(path))
-    report_work_dir(tmp_path / "work", rfw_root, device="cpu")
-    assert len(hashed) == 6 + 6 and len(set(hashed)) == len(hashed)  # six run configs, six weights files
-
-
 def test_summary_needs_the_pairs_of_both_teacher_sets():
     """The comparison is a paired bootstrap over RFW pairs (tests/test_fairness_report.py); rows without their
     pairs, or students of one teacher set only, give a clear sentence instead of a verdict from point values."""
