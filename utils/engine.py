@@ -54,23 +54,24 @@ LossFn = Callable[[nn.Module, "nn.Module | None", Batch], dict[str, torch.Tensor
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """The loop's settings that are the same for every stage (built once from the config by the stage)."""
+    """The loop's settings that are the same for every stage. Each field is the config key of the same name
+    (``utils.stage_parts.train_options`` copies them), so the defaults live in the config only."""
 
     seed: int
     momentum: float
     weight_decay: float
     lr_decay: float
     grad_clip: float
-    amp: str = "none"  # none | bf16 | fp16
-    amp_init_scale: float = 65536.0  # fp16 GradScaler's first loss scale
-    log_every: int = 50
-    verify_every: int = 1
-    resume: bool = False
-    resume_same_world_size: bool = False
-    init_weights: str | None = None
-    stop_after_epoch: int | None = None
-    keep_epoch_weights: bool = True
-    replace: bool = False  # move a run folder of another provenance aside instead of refusing
+    amp: str  # none | bf16 | fp16
+    amp_init_scale: float  # fp16 GradScaler's first loss scale
+    log_every: int
+    verify_every: int
+    resume: bool
+    resume_same_world_size: bool
+    init_weights: str | None
+    stop_after_epoch: int | None
+    keep_epoch_weights: bool
+    replace: bool  # move a run folder of another provenance aside instead of refusing
 
 
 @dataclass

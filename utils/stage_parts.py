@@ -2,6 +2,7 @@
 best-epoch selection and the classification loss."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,13 +17,8 @@ from utils.losses import build_head
 
 
 def train_options(cfg: Config) -> TrainOptions:
-    """The loop's settings, read once from the config."""
-    return TrainOptions(
-        seed=cfg.seed, momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay,
-        grad_clip=cfg.grad_clip, amp=cfg.amp, amp_init_scale=cfg.amp_init_scale, log_every=cfg.log_every,
-        verify_every=cfg.verify_every,
-        resume=cfg.resume, resume_same_world_size=cfg.resume_same_world_size, init_weights=cfg.init_weights,
-        stop_after_epoch=cfg.stop_after_epoch, keep_epoch_weights=cfg.keep_epoch_weights, replace=cfg.replace)
+    """The loop's settings, read once from the config keys of the same names."""
+    return TrainOptions(**{option.name: getattr(cfg, option.name) for option in dataclasses.fields(TrainOptions)})
 
 
 def classification_loss(model: nn.Module, header: nn.Module | None, batch: Batch) -> dict[str, torch.Tensor]:
