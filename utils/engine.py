@@ -181,8 +181,9 @@ def _check_labels(task: TrainingTask) -> None:
 
 
 class _Trainer:
-    def __init__(self, task: TrainingTask, options: TrainOptions, info: DistInfo) -> None:
+    def __init__(self, task: TrainingTask, options: TrainOptions, info: DistInfo, stop: StopRequest) -> None:
         self.options, self.task, self.info = options, task, info
+        self.stop = stop  # filled by train()'s signal handlers
         self.run_dir = Path(task.run_dir)
         self.device = info.device
         # The same autocast + GradScaler path runs on GPU and CPU, so CI exercises what clusters run.
@@ -209,7 +210,6 @@ class _Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
-        self.stop = StopRequest()  # train() replaces it with one its signal handlers fill
         self.mid_epoch: dict[str, Any] | None = None  # where a checkpoint saved on a stop signal left off
         self._resume()
 
@@ -555,6 +555,4 @@ def train(task: TrainingTask, options: TrainOptions, info: DistInfo) -> Training
     """Train ``task`` with ``options`` on this rank; returns where the best weights are."""
     with rank0_folder_lock(task.run_dir, info.is_main, what=f"{task.stage} run folder"), \
             stop_on_signals() as stop:
-        trainer = _Trainer(task, options, info)
-        trainer.stop = stop
-        return trainer.run()
+        return _Trainer(task, options, info, stop).run()
