@@ -381,11 +381,15 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(losses["loss"]).backward()
             self.scaler.unscale_(self.optimizer)
+            model_norm = nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)  # the norm before
             if self.scaler.is_enabled():
-                # The scaler skips the step exactly when a gradient is not finite, i.e. when their norm is not.
-                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                skipped += ~torch.isfinite(nn.utils.get_total_norm(grads))
-            nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)
+                # The scaler skips the step exactly when a gradient is not finite, i.e. when a norm is not; the
+                # header is not clipped, so only its norm is computed here.
+                finite = torch.isfinite(model_norm)
+                if self.header is not None:
+                    header_grads = [p.grad for p in self.header.parameters() if p.grad is not None]
+                    finite &= torch.isfinite(nn.utils.get_total_norm(header_grads))
+                skipped += ~finite
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.global_step += 1
