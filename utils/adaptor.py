@@ -27,11 +27,11 @@ from utils import artifacts
 from utils.distributed import DistInfo, barrier, broadcast_object
 from utils.embedding_store import (
     TeacherStores, checked_rows, manifest_problem, open_teacher_stores, read_manifest, write_rows_sharded)
-from utils.engine import TrainingTask, train
+from utils.engine import TrainingTask, claim_run_folder, train
 from utils.errors import ProvenanceError
 from utils.locks import rank0_folder_lock
 from utils.logs import get_logger, setup_logging
-from utils.provenance import Record, adaptor_record, claim_run_dir, file_fingerprint, run_matches, targets_record
+from utils.provenance import Record, adaptor_record, file_fingerprint, run_matches, targets_record
 from utils.stage_parts import classification_loss, make_header, train_options
 # Share of the available RAM the in-memory copies of the stores (one per local rank) may take.
 MEMORY_FRACTION = 0.8
@@ -203,22 +203,13 @@ def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: Dist
     return files.array
 
 
-def _decide(cfg: Config, record: Record, index_hash: str, flipped: bool) -> tuple[str | None, bool, bool]:
-    """Rank 0's view of the run folder: (error, training finished with this record, targets current too).
-
-    A folder of another record is refused (or moved aside with replace=True) before anything is written.
-    """
+def _finished(cfg: Config, record: Record, index_hash: str, flipped: bool) -> tuple[bool, bool]:
+    """Rank 0's view of the run folder: (training finished with this record, its targets current too)."""
     run_dir = artifacts.adaptor_dir(cfg)
     # Imported weights (utils/release_import.py) are a finished run for the teacher stores given; only their
     # KD targets are computed here.
     trained = run_matches(run_dir, record) or (artifacts.is_imported(run_dir) and artifacts.is_run_complete(run_dir))
-    if trained:
-        return None, True, targets_current(run_dir, record, index_hash, flipped)
-    try:
-        claim_run_dir(run_dir, record, replace=cfg.replace)
-    except ProvenanceError as exc:
-        return str(exc), False, False
-    return None, False, False
+    return trained, trained and targets_current(run_dir, record, index_hash, flipped)
 
 
 def run_adaptor_stage(cfg: Config, info: DistInfo) -> Path | None:
@@ -237,18 +228,19 @@ def _train_and_write_targets(cfg: Config, info: DistInfo) -> Path | None:
     record = adaptor_record(cfg, stores.records)
     index_hash = stores.index.digest()
     flipped = stores.flipped is not None
-    decision = _decide(cfg, record, index_hash, flipped) if info.is_main else None
-    error, trained, done = broadcast_object(decision)  # type: ignore[misc]
-    if error:
-        raise ProvenanceError(error)
-    logger = setup_logging(artifacts.log_file(run_dir), info.is_main)
-    if done:
-        logger.info(f"{run_dir}: training and KD targets are complete for these teacher stores; nothing to do")
-        return artifacts.target_files(run_dir).array
+    finished = _finished(cfg, record, index_hash, flipped) if info.is_main else None
+    trained, done = broadcast_object(finished)  # type: ignore[misc]
     if trained:
+        logger = setup_logging(artifacts.log_file(run_dir), info.is_main)
+        if done:
+            logger.info(f"{run_dir}: training and KD targets are complete for these teacher stores; nothing to do")
+            return artifacts.target_files(run_dir).array
         logger.info(f"{run_dir}: training is complete; writing its KD targets")
     else:
-        result = train(build_adaptor_task(cfg, stores, record), train_options(cfg), info)
+        # Claimed before the task is built: a folder of another run is refused (or moved aside with replace=True)
+        # before the stores are loaded, and the task's log lines go to this run's log.
+        logger = claim_run_folder(run_dir, record, replace=cfg.replace, is_main=info.is_main)
+        result = train(build_adaptor_task(cfg, stores, record), train_options(cfg), info, logger=logger)
         if not result.complete:
             logger.info("training stopped before its last epoch; the KD targets are written once it completes")
             return None

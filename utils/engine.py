@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -180,8 +181,31 @@ def _check_labels(task: TrainingTask) -> None:
                          f"classes (expected labels in [0, {num_classes}))")
 
 
+def claim_run_folder(run_dir: Path, record: Record, *, replace: bool, is_main: bool) -> logging.Logger:
+    """Make ``run_dir`` the folder of a run with ``record`` and return the logger set up to its log.
+
+    Rank 0 claims the folder (``provenance.claim_run_dir``) and every rank learns the verdict, so all raise the
+    same ProvenanceError; a run moved aside with ``replace`` is reported in the new run's log.
+    """
+    verdict: tuple[str | None, str | None] = (None, None)
+    if is_main:
+        try:
+            aside = claim_run_dir(run_dir, record, replace=replace)
+            verdict = (None, str(aside) if aside else None)
+        except ProvenanceError as exc:
+            verdict = (str(exc), None)
+    error, aside = broadcast_object(verdict)  # type: ignore[misc]
+    if error:
+        raise ProvenanceError(error)
+    logger = setup_logging(artifacts.log_file(run_dir), is_main)
+    if aside is not None:
+        logger.warning(f"replace=True: the run made with other settings was moved to {aside}")
+    return logger
+
+
 class _Trainer:
-    def __init__(self, task: TrainingTask, options: TrainOptions, info: DistInfo, stop: StopRequest) -> None:
+    def __init__(self, task: TrainingTask, options: TrainOptions, info: DistInfo, stop: StopRequest,
+                 logger: logging.Logger | None) -> None:
         self.options, self.task, self.info = options, task, info
         self.stop = stop  # filled by train()'s signal handlers
         self.run_dir = Path(task.run_dir)
@@ -189,10 +213,9 @@ class _Trainer:
         # The same autocast + GradScaler path runs on GPU and CPU, so CI exercises what clusters run.
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
         _check_labels(task)
-        aside = self._claim_run_dir()
-        self.logger = setup_logging(artifacts.log_file(self.run_dir), info.is_main)
-        if aside is not None:
-            self.logger.warning(f"replace=True: the run made with other settings was moved to {aside}")
+        if logger is None:
+            logger = claim_run_folder(self.run_dir, task.provenance, replace=options.replace, is_main=info.is_main)
+        self.logger = logger
 
         self.model = task.model.to(self.device)
         self.header = task.header.to(self.device) if task.header is not None else None
@@ -233,20 +256,6 @@ class _Trainer:
         self.verify = VerificationCallback(task.evaluate, self.logger) if task.evaluate is not None else None
 
     # ---- persistence ----------------------------------------------------------------------------------------
-    def _claim_run_dir(self) -> Path | None:
-        """Rank 0 checks the folder's provenance against this run's; every rank learns the verdict."""
-        verdict: tuple[str | None, str | None] = (None, None)
-        if self.info.is_main:
-            try:
-                aside = claim_run_dir(self.run_dir, self.task.provenance, replace=self.options.replace)
-                verdict = (None, str(aside) if aside else None)
-            except ProvenanceError as exc:
-                verdict = (str(exc), None)
-        error, aside = broadcast_object(verdict)  # type: ignore[misc]
-        if error:
-            raise ProvenanceError(error)
-        return Path(aside) if aside else None
-
     def _resume(self) -> None:
         path = artifacts.checkpoint_file(self.run_dir)
         if not self.options.resume:
@@ -555,8 +564,13 @@ class _Trainer:
                               self.history, complete, self.model)
 
 
-def train(task: TrainingTask, options: TrainOptions, info: DistInfo) -> TrainingResult:
-    """Train ``task`` with ``options`` on this rank; returns where the best weights are."""
+def train(task: TrainingTask, options: TrainOptions, info: DistInfo, *,
+          logger: logging.Logger | None = None) -> TrainingResult:
+    """Train ``task`` with ``options`` on this rank; returns where the best weights are.
+
+    A stage that claimed ``task.run_dir`` itself with :func:`claim_run_folder` passes the ``logger`` it got, so the
+    folder is not claimed twice; by default the run claims it here.
+    """
     with rank0_folder_lock(task.run_dir, info.is_main, what=f"{task.stage} run folder"), \
             stop_on_signals() as stop:
-        return _Trainer(task, options, info, stop).run()
+        return _Trainer(task, options, info, stop, logger).run()
