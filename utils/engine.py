@@ -92,7 +92,7 @@ class TrainingTask:
     header: nn.Module | None = None
     flip: bool = True  # random horizontal flip of whole image batches
     selection: str = "last"  # how `best` is chosen: "verification" (RFW Avg), "loss" (lowest epoch loss), "last"
-    evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = None  # {ethnicity: VerificationResult}
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None  # callbacks.summarize_verification of the model
     collate_fn: Callable | None = None
     num_workers: int = 0
 
