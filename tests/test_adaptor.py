@@ -21,6 +21,7 @@ from helpers import fake_teacher_set, run_torchrun, tiny_overrides, write_fake_t
 from utils.adaptor import ConcatStoreDataset, build_adaptor_task, passthrough_collate
 from utils.cli import run_stage
 from utils.embedding_store import member_files, open_targets, open_teacher_stores, target_files
+from utils.errors import ProvenanceError
 from utils.provenance import file_fingerprint
 from utils import artifacts
 
@@ -170,6 +171,19 @@ def test_sl_adaptor_learns_keeps_lowest_loss_epoch_and_writes_targets(extracted,
     member_files(artifacts.store_dir(cfg), "Indian").manifest.unlink()
     with pytest.raises(RuntimeError, match="3 are usable"):
         run_stage(fc_EArc.main, overrides)
+
+
+def test_adaptor_folder_of_other_settings_is_refused_or_moved_aside_and_logged_once(extracted, tmp_path):
+    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=1", "milestones_fc=[1]"]
+    run_stage(fc_EArc.main, overrides)
+    run_dir = artifacts.adaptor_dir(load_config(overrides))
+    with pytest.raises(ProvenanceError, match="replace=True"):
+        run_stage(fc_EArc.main, overrides + ["lr_fc=0.5"])
+    run_stage(fc_EArc.main, overrides + ["lr_fc=0.5", "replace=True"])
+    aside = list(run_dir.parent.glob(f"{run_dir.name}.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "best_adaptor.pth").is_file()
+    # The folder is claimed once, so the new run's log names where the old run went, once.
+    assert artifacts.log_file(run_dir).read_text().count(f"moved to {aside[0]}") == 1
 
 
 def test_dual_script_trains_dul_or_dldpo_from_has_drop_out(extracted, tmp_path):

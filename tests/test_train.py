@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from backbones import build_backbone
 from config.config import load_config
 from helpers import run_torchrun, tiny_overrides
 from utils.cli import run_stage
@@ -15,7 +16,7 @@ from utils.artifacts import is_run_complete
 from utils.engine import step_decay
 
 import train
-from utils import artifacts
+from utils import artifacts, stage_parts
 
 
 def _train(data: Path, out: Path, **extra):
@@ -49,6 +50,15 @@ def test_step_decay_is_the_release_lr_func_epoch_by_epoch(milestones, num_epochs
     # Milestone m counts epochs from 1: the drop is for the m-th epoch, i.e. 0-based index m - 1.
     first = milestones[0]
     assert (ours(first - 2), ours(first - 1)) == pytest.approx((1.0, 0.1))
+
+
+def test_epoch_verification_intervals_follow_the_bootstrap_keys(tiny_synthetic, tmp_path, monkeypatch):
+    settings = []
+    monkeypatch.setattr(stage_parts, "summarize_verification", lambda results, *given: settings.append(given) or {})
+    cfg = load_config(tiny_overrides(tiny_synthetic, tmp_path, rfw_root=str(tiny_synthetic / "rfw"),
+                                     bootstrap_resamples=50, bootstrap_seed=3, confidence=0.5))
+    stage_parts.backbone_evaluator(cfg, torch.device("cpu"))(build_backbone(cfg).eval())
+    assert settings == [(50, 3, 0.5)]
 
 
 def test_teacher_run_writes_every_file_and_learns(tiny_synthetic, tmp_path):

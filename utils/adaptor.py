@@ -27,11 +27,11 @@ from utils import artifacts
 from utils.distributed import DistInfo, barrier, broadcast_object
 from utils.embedding_store import (
     TeacherStores, checked_rows, manifest_problem, open_teacher_stores, read_manifest, write_rows_sharded)
-from utils.engine import TrainingTask, train
+from utils.engine import TrainingTask, claim_run_folder, train
 from utils.errors import ProvenanceError
 from utils.locks import rank0_folder_lock
 from utils.logs import get_logger, setup_logging
-from utils.provenance import Record, adaptor_record, claim_run_dir, file_fingerprint, run_matches, targets_record
+from utils.provenance import Record, adaptor_record, file_fingerprint, run_matches, targets_record
 from utils.stage_parts import classification_loss, make_header, train_options
 # Share of the available RAM the in-memory copies of the stores (one per local rank) may take.
 MEMORY_FRACTION = 0.8
@@ -162,21 +162,21 @@ def best_record(run_dir: Path) -> dict[str, Any]:
     return best
 
 
-def expected_targets_record(run_dir: Path, record: Record) -> Record:
-    """The record the KD targets of a finished run with ``record`` must carry (its current best weights)."""
-    weights = artifacts.best_weights(run_dir, "adaptor")
-    return targets_record(record, file_fingerprint(weights)["sha256"])
-
-
-def targets_current(run_dir: Path, record: Record, index_hash: str, flipped: bool) -> bool:
-    """True when the run's target store was written from its current best weights for these teacher stores."""
+def targets_current(run_dir: Path, record: Record, index_hash: str, flipped: bool, weights_sha256: str) -> bool:
+    """True when the run's target store was written from its current best weights (``weights_sha256``) for
+    these teacher stores."""
     files = artifacts.target_files(run_dir)
     return manifest_problem(read_manifest(files.manifest), files, index_hash, flipped=flipped,
-                            record=expected_targets_record(run_dir, record)) is None
+                            record=targets_record(record, weights_sha256)) is None
 
 
-def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: DistInfo) -> Path:
-    """Write the KD targets of the run's best epoch; every rank computes its own rows."""
+def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: DistInfo, index_hash: str,
+                  checkpoint: dict[str, Any] | None = None) -> Path:
+    """Write the KD targets of the run's best epoch; every rank computes its own rows.
+
+    ``index_hash`` is ``stores.index.digest()``, which the caller has computed already; ``checkpoint`` is the best
+    weights' ``file_fingerprint`` when the caller has that too (None: hashed here).
+    """
     run_dir = artifacts.adaptor_dir(cfg)
     weights = artifacts.best_weights(run_dir, "adaptor")
     best = best_record(run_dir)
@@ -193,32 +193,28 @@ def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: Dist
                     out[chunk] = checked_rows(F.normalize(model(x).float(), dim=1).cpu().numpy(),
                                               np.arange(chunk.start, chunk.stop), getattr(files, name), weights)
 
-    checkpoint = file_fingerprint(weights)
+    checkpoint = checkpoint or file_fingerprint(weights)
     manifest = {"adaptor": cfg.adaptor, "teacher_set": cfg.teacher_set, "network": cfg.network,
-                "N": len(stores.index), "dim": cfg.embedding_size, "index_hash": stores.index.digest(),
+                "N": len(stores.index), "dim": cfg.embedding_size, "index_hash": index_hash,
                 "checkpoint": checkpoint, "best_epoch": best["epoch"], "best_step": best["global_step"],
                 "flipped": stores.flipped is not None, "teachers": stores.checkpoints,
                 "provenance": targets_record(record, checkpoint["sha256"])}
     write_rows_sharded(files, manifest, info, fill)
+    get_logger().info(f"KD targets of epoch {best['epoch']} written to {files.array}")
     return files.array
 
 
-def _decide(cfg: Config, record: Record, index_hash: str, flipped: bool) -> tuple[str | None, bool, bool]:
-    """Rank 0's view of the run folder: (error, training finished with this record, targets current too).
-
-    A folder of another record is refused (or moved aside with replace=True) before anything is written.
-    """
+def _finished(cfg: Config, record: Record, index_hash: str, flipped: bool) -> tuple[dict[str, Any] | None, bool]:
+    """Rank 0's view of the run folder: (the ``file_fingerprint`` of its best weights when training finished
+    with this record, else None; whether its targets are current too)."""
     run_dir = artifacts.adaptor_dir(cfg)
     # Imported weights (utils/release_import.py) are a finished run for the teacher stores given; only their
     # KD targets are computed here.
     trained = run_matches(run_dir, record) or (artifacts.is_imported(run_dir) and artifacts.is_run_complete(run_dir))
-    if trained:
-        return None, True, targets_current(run_dir, record, index_hash, flipped)
-    try:
-        claim_run_dir(run_dir, record, replace=cfg.replace)
-    except ProvenanceError as exc:
-        return str(exc), False, False
-    return None, False, False
+    if not trained:
+        return None, False
+    checkpoint = file_fingerprint(artifacts.best_weights(run_dir, "adaptor"))
+    return checkpoint, targets_current(run_dir, record, index_hash, flipped, checkpoint["sha256"])
 
 
 def run_adaptor_stage(cfg: Config, info: DistInfo) -> Path | None:
@@ -237,22 +233,21 @@ def _train_and_write_targets(cfg: Config, info: DistInfo) -> Path | None:
     record = adaptor_record(cfg, stores.records)
     index_hash = stores.index.digest()
     flipped = stores.flipped is not None
-    decision = _decide(cfg, record, index_hash, flipped) if info.is_main else None
-    error, trained, done = broadcast_object(decision)  # type: ignore[misc]
-    if error:
-        raise ProvenanceError(error)
-    logger = setup_logging(artifacts.log_file(run_dir), info.is_main)
-    if done:
-        logger.info(f"{run_dir}: training and KD targets are complete for these teacher stores; nothing to do")
-        return artifacts.target_files(run_dir).array
-    if trained:
+    finished = _finished(cfg, record, index_hash, flipped) if info.is_main else None
+    checkpoint, done = broadcast_object(finished)  # type: ignore[misc]
+    if checkpoint is not None:
+        logger = setup_logging(artifacts.log_file(run_dir), info.is_main)
+        if done:
+            logger.info(f"{run_dir}: training and KD targets are complete for these teacher stores; nothing to do")
+            return artifacts.target_files(run_dir).array
         logger.info(f"{run_dir}: training is complete; writing its KD targets")
     else:
-        result = train(build_adaptor_task(cfg, stores, record), train_options(cfg), info)
+        # Claimed before the task is built: a folder of another run is refused (or moved aside with replace=True)
+        # before the stores are loaded, and the task's log lines go to this run's log.
+        logger = claim_run_folder(run_dir, record, replace=cfg.replace, is_main=info.is_main)
+        result = train(build_adaptor_task(cfg, stores, record), train_options(cfg), info, logger=logger)
         if not result.complete:
             logger.info("training stopped before its last epoch; the KD targets are written once it completes")
             return None
     barrier()
-    path = write_targets(cfg, stores, record, info)
-    logger.info(f"KD targets of epoch {best_record(run_dir)['epoch']} written to {path}")
-    return path
+    return write_targets(cfg, stores, record, info, index_hash, checkpoint)

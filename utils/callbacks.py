@@ -106,17 +106,17 @@ class TrainingMonitor:
             self.writer.close()
 
 
-def summarize_verification(results: Mapping[str, object]) -> dict[str, float]:
+def summarize_verification(results: Mapping[str, object], n_resamples: int = 1000, seed: int = 0,
+                           confidence: float = 0.95) -> dict[str, float]:
     """Accuracy (%) of every pair set plus the fairness summary of the RFW ethnicities, from
-    ``{name: VerificationResult}`` (ethnicities and ``val_targets`` benchmarks), the RFW keys each with its 95 %
-    bootstrap interval as ``<key>_low`` / ``<key>_high`` (1000 resamples, seed 0: eval/bootstrap.py)."""
-    accuracies = {name: 100.0 * float(result.accuracy)  # type: ignore[attr-defined]
-                  for name, result in results.items()}
-    summary = dict(accuracies)
-    summary.update(fairness_metrics({eth: acc for eth, acc in accuracies.items() if eth in ETHNICITIES}))
-    pairs = {eth: (result.distances, result.issame)  # type: ignore[attr-defined]
-             for eth, result in results.items() if eth in ETHNICITIES}
-    for key, estimate in bootstrap_fairness(pairs).items():
+    ``{name: VerificationResult}`` (ethnicities and ``val_targets`` benchmarks), the RFW keys each with its
+    bootstrap interval as ``<key>_low`` / ``<key>_high`` (eval/bootstrap.py; the defaults are the config's)."""
+    summary = {name: 100.0 * float(result.accuracy)  # type: ignore[attr-defined]
+               for name, result in results.items()}
+    rfw = [eth for eth in results if eth in ETHNICITIES]
+    summary.update(fairness_metrics({eth: summary[eth] for eth in rfw}))
+    pairs = {eth: (results[eth].distances, results[eth].issame) for eth in rfw}  # type: ignore[attr-defined]
+    for key, estimate in bootstrap_fairness(pairs, n_resamples, seed, confidence).items():
         summary[f"{key}_low"], summary[f"{key}_high"] = estimate.low, estimate.high
     return summary
 
@@ -136,9 +136,12 @@ def format_verification(summary: Mapping[str, float]) -> str:
 
 
 class VerificationCallback:
-    """Runs the RFW evaluation on rank 0 at the end of each epoch and logs accuracy, Avg, STD and SER."""
+    """Runs the RFW evaluation on rank 0 at the end of each epoch and logs accuracy, Avg, STD and SER.
 
-    def __init__(self, evaluate: Callable[[torch.nn.Module], Mapping[str, object]], logger: logging.Logger) -> None:
+    ``evaluate`` returns the :func:`summarize_verification` of the model (the stage picks its bootstrap settings).
+    """
+
+    def __init__(self, evaluate: Callable[[torch.nn.Module], Mapping[str, float]], logger: logging.Logger) -> None:
         self.evaluate = evaluate
         self.logger = logger
 
@@ -146,7 +149,7 @@ class VerificationCallback:
         was_training = model.training
         model.eval()
         try:
-            summary = summarize_verification(self.evaluate(model))
+            summary = dict(self.evaluate(model))
         finally:
             model.train(was_training)
         self.logger.info(f"epoch {epoch + 1} RFW (95% bootstrap intervals): {format_verification(summary)}")

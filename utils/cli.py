@@ -41,13 +41,9 @@ def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | Non
             return main(cfg, info)
         finally:
             cleanup_distributed()
-    except TrainingInterrupted as exc:
+    except (TrainingInterrupted, UserError) as exc:
         if argv is not None:
             raise
-        print(f"interrupted (rank {rank}): {exc}", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
-    except UserError as exc:
-        if argv is not None:
-            raise
-        print(f"error (rank {rank}): {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CODE) from None
+        interrupted = isinstance(exc, TrainingInterrupted)
+        print(f"{'interrupted' if interrupted else 'error'} (rank {rank}): {exc}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE if interrupted else EXIT_CODE) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -54,23 +55,24 @@ LossFn = Callable[[nn.Module, "nn.Module | None", Batch], dict[str, torch.Tensor
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """The loop's settings that are the same for every stage (built once from the config by the stage)."""
+    """The loop's settings that are the same for every stage. Each field is the config key of the same name
+    (``utils.stage_parts.train_options`` copies them), so the defaults live in the config only."""
 
     seed: int
     momentum: float
     weight_decay: float
     lr_decay: float
     grad_clip: float
-    amp: str = "none"  # none | bf16 | fp16
-    amp_init_scale: float = 65536.0  # fp16 GradScaler's first loss scale
-    log_every: int = 50
-    verify_every: int = 1
-    resume: bool = False
-    resume_same_world_size: bool = False
-    init_weights: str | None = None
-    stop_after_epoch: int | None = None
-    keep_epoch_weights: bool = True
-    replace: bool = False  # move a run folder of another provenance aside instead of refusing
+    amp: str  # none | bf16 | fp16
+    amp_init_scale: float  # fp16 GradScaler's first loss scale
+    log_every: int
+    verify_every: int
+    resume: bool
+    resume_same_world_size: bool
+    init_weights: str | None
+    stop_after_epoch: int | None
+    keep_epoch_weights: bool
+    replace: bool  # move a run folder of another provenance aside instead of refusing
 
 
 @dataclass
@@ -90,7 +92,7 @@ class TrainingTask:
     header: nn.Module | None = None
     flip: bool = True  # random horizontal flip of whole image batches
     selection: str = "last"  # how `best` is chosen: "verification" (RFW Avg), "loss" (lowest epoch loss), "last"
-    evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = None  # {ethnicity: VerificationResult}
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None  # callbacks.summarize_verification of the model
     collate_fn: Callable | None = None
     num_workers: int = 0
 
@@ -179,18 +181,41 @@ def _check_labels(task: TrainingTask) -> None:
                          f"classes (expected labels in [0, {num_classes}))")
 
 
+def claim_run_folder(run_dir: Path, record: Record, *, replace: bool, is_main: bool) -> logging.Logger:
+    """Make ``run_dir`` the folder of a run with ``record`` and return the logger set up to its log.
+
+    Rank 0 claims the folder (``provenance.claim_run_dir``) and every rank learns the verdict, so all raise the
+    same ProvenanceError; a run moved aside with ``replace`` is reported in the new run's log.
+    """
+    verdict: tuple[str | None, str | None] = (None, None)
+    if is_main:
+        try:
+            aside = claim_run_dir(run_dir, record, replace=replace)
+            verdict = (None, str(aside) if aside else None)
+        except ProvenanceError as exc:
+            verdict = (str(exc), None)
+    error, aside = broadcast_object(verdict)  # type: ignore[misc]
+    if error:
+        raise ProvenanceError(error)
+    logger = setup_logging(artifacts.log_file(run_dir), is_main)
+    if aside is not None:
+        logger.warning(f"replace=True: the run made with other settings was moved to {aside}")
+    return logger
+
+
 class _Trainer:
-    def __init__(self, task: TrainingTask, options: TrainOptions, info: DistInfo) -> None:
+    def __init__(self, task: TrainingTask, options: TrainOptions, info: DistInfo, stop: StopRequest,
+                 logger: logging.Logger | None) -> None:
         self.options, self.task, self.info = options, task, info
+        self.stop = stop  # filled by train()'s signal handlers
         self.run_dir = Path(task.run_dir)
         self.device = info.device
         # The same autocast + GradScaler path runs on GPU and CPU, so CI exercises what clusters run.
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
         _check_labels(task)
-        aside = self._claim_run_dir()
-        self.logger = setup_logging(artifacts.log_file(self.run_dir), info.is_main)
-        if aside is not None:
-            self.logger.warning(f"replace=True: the run made with other settings was moved to {aside}")
+        if logger is None:
+            logger = claim_run_folder(self.run_dir, task.provenance, replace=options.replace, is_main=info.is_main)
+        self.logger = logger
 
         self.model = task.model.to(self.device)
         self.header = task.header.to(self.device) if task.header is not None else None
@@ -208,7 +233,6 @@ class _Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
-        self.stop = StopRequest()  # train() replaces it with one its signal handlers fill
         self.mid_epoch: dict[str, Any] | None = None  # where a checkpoint saved on a stop signal left off
         self._resume()
 
@@ -232,20 +256,6 @@ class _Trainer:
         self.verify = VerificationCallback(task.evaluate, self.logger) if task.evaluate is not None else None
 
     # ---- persistence ----------------------------------------------------------------------------------------
-    def _claim_run_dir(self) -> Path | None:
-        """Rank 0 checks the folder's provenance against this run's; every rank learns the verdict."""
-        verdict: tuple[str | None, str | None] = (None, None)
-        if self.info.is_main:
-            try:
-                aside = claim_run_dir(self.run_dir, self.task.provenance, replace=self.options.replace)
-                verdict = (None, str(aside) if aside else None)
-            except ProvenanceError as exc:
-                verdict = (str(exc), None)
-        error, aside = broadcast_object(verdict)  # type: ignore[misc]
-        if error:
-            raise ProvenanceError(error)
-        return Path(aside) if aside else None
-
     def _resume(self) -> None:
         path = artifacts.checkpoint_file(self.run_dir)
         if not self.options.resume:
@@ -380,11 +390,15 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(losses["loss"]).backward()
             self.scaler.unscale_(self.optimizer)
+            model_norm = nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)  # the norm before
             if self.scaler.is_enabled():
-                # The scaler skips the step exactly when a gradient is not finite, i.e. when their norm is not.
-                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                skipped += ~torch.isfinite(nn.utils.get_total_norm(grads))
-            nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)
+                # The scaler skips the step exactly when a gradient is not finite, i.e. when a norm is not; the
+                # header is not clipped, so only its norm is computed here.
+                finite = torch.isfinite(model_norm)
+                if self.header is not None:
+                    header_grads = [p.grad for p in self.header.parameters() if p.grad is not None]
+                    finite &= torch.isfinite(nn.utils.get_total_norm(header_grads))
+                skipped += ~finite
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.global_step += 1
@@ -550,10 +564,13 @@ class _Trainer:
                               self.history, complete, self.model)
 
 
-def train(task: TrainingTask, options: TrainOptions, info: DistInfo) -> TrainingResult:
-    """Train ``task`` with ``options`` on this rank; returns where the best weights are."""
+def train(task: TrainingTask, options: TrainOptions, info: DistInfo, *,
+          logger: logging.Logger | None = None) -> TrainingResult:
+    """Train ``task`` with ``options`` on this rank; returns where the best weights are.
+
+    A stage that claimed ``task.run_dir`` itself with :func:`claim_run_folder` passes the ``logger`` it got, so the
+    folder is not claimed twice; by default the run claims it here.
+    """
     with rank0_folder_lock(task.run_dir, info.is_main, what=f"{task.stage} run folder"), \
             stop_on_signals() as stop:
-        trainer = _Trainer(task, options, info)
-        trainer.stop = stop
-        return trainer.run()
+        return _Trainer(task, options, info, stop, logger).run()

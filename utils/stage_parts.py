@@ -2,27 +2,24 @@
 best-epoch selection and the classification loss."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from config.config import Config
 from eval.verification import RFWEvaluator, backbone_embed_fn
+from utils.callbacks import summarize_verification
 from utils.engine import Batch, TrainOptions
 from utils.errors import InvalidInputError, MissingInputError
 from utils.losses import build_head
 
 
 def train_options(cfg: Config) -> TrainOptions:
-    """The loop's settings, read once from the config."""
-    return TrainOptions(
-        seed=cfg.seed, momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay,
-        grad_clip=cfg.grad_clip, amp=cfg.amp, amp_init_scale=cfg.amp_init_scale, log_every=cfg.log_every,
-        verify_every=cfg.verify_every,
-        resume=cfg.resume, resume_same_world_size=cfg.resume_same_world_size, init_weights=cfg.init_weights,
-        stop_after_epoch=cfg.stop_after_epoch, keep_epoch_weights=cfg.keep_epoch_weights, replace=cfg.replace)
+    """The loop's settings, read once from the config keys of the same names."""
+    return TrainOptions(**{option.name: getattr(cfg, option.name) for option in dataclasses.fields(TrainOptions)})
 
 
 def classification_loss(model: nn.Module, header: nn.Module | None, batch: Batch) -> dict[str, torch.Tensor]:
@@ -41,8 +38,9 @@ def make_header(cfg: Config, num_classes: int, adaptor_stage: bool = False) -> n
     return build_head(cfg, num_classes, adaptor_stage=adaptor_stage)
 
 
-def backbone_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module], Mapping[str, Any]] | None:
-    """Per-epoch RFW verification of a backbone (flip TTA), or None when no RFW root is configured."""
+def backbone_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module], Mapping[str, float]] | None:
+    """Per-epoch RFW verification of a backbone (flip TTA) summarised with the config's bootstrap settings, or
+    None when no RFW root is configured."""
     if cfg.rfw_root is None:
         return None
     rfw_root = Path(cfg.rfw_root)
@@ -51,4 +49,5 @@ def backbone_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module
                                 "RFW archive)")
     evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size,
                              allow_resize=cfg.allow_resize, val_root=cfg.val_root, val_targets=cfg.val_targets)
-    return lambda model: evaluator(backbone_embed_fn(model), device)
+    return lambda model: summarize_verification(evaluator(backbone_embed_fn(model), device), cfg.bootstrap_resamples,
+                                                cfg.bootstrap_seed, cfg.confidence)
