@@ -12,10 +12,10 @@ Weights land in work_dirs/students/<teacher_set>_<network>/<adaptor>_aKD_<studen
 from __future__ import annotations
 
 from config.config import Config
-from utils.cli import run_stage
-from utils.distill import run_student
-from utils.distributed import DistInfo
-from utils.engine import TrainingResult
+from utils.stages.cli import run_stage
+from utils.stages.student import run_student
+from utils.core.distributed import DistInfo
+from utils.train.loop import TrainingResult
 
 
 def main(cfg: Config, info: DistInfo) -> TrainingResult:

@@ -12,15 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.config import ETHNICITIES, NUM_BASELINE_SPLITS, Config
-from utils import artifacts
-from utils.cli import run_stage
-from utils.dataset import load_index
-from utils.distributed import DistInfo
-from utils.io import atomic_write_json
-from utils.logs import setup_logging
-from utils.provenance import identities_fingerprint, split_record
-from utils.errors import ExistingOutputError
-from utils.splits import load_split_manifest, make_baseline_split, materialize_split, save_split_manifest
+from utils.workdir import artifacts
+from utils.stages.cli import run_stage
+from utils.data.index import load_index
+from utils.core.distributed import DistInfo
+from utils.core.io import atomic_write_json
+from utils.core.logs import setup_logging
+from utils.workdir.provenance import identities_fingerprint, split_record
+from utils.core.errors import ExistingOutputError
+from utils.data.splits import load_split_manifest, make_baseline_split, materialize_split, save_split_manifest
 
 
 def main(cfg: Config, info: DistInfo) -> Path:

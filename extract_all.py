@@ -13,13 +13,19 @@ index and checkpoint is skipped; an interrupted one is redone.
 from __future__ import annotations
 
 from config.config import Config
-from utils import artifacts
-from utils.cli import run_stage
-from utils.distributed import DistInfo
-from utils.embedding_store import (check_index_images, extract_teacher, extraction_members, plan_extraction,
-                                  prepare_index, teacher_checkpoint)
-from utils.locks import rank0_folder_lock
-from utils.logs import setup_logging
+from utils.workdir import artifacts
+from utils.stages.cli import run_stage
+from utils.core.distributed import DistInfo
+from utils.workdir.store import (
+    check_index_images,
+    extract_teacher,
+    extraction_members,
+    plan_extraction,
+    prepare_index,
+    teacher_checkpoint,
+)
+from utils.core.locks import rank0_folder_lock
+from utils.core.logs import setup_logging
 
 
 def main(cfg: Config, info: DistInfo) -> list[str]:

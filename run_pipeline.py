@@ -22,14 +22,25 @@ import time
 from pathlib import Path
 
 from config.config import format_override, load_config
-from utils import artifacts
-from utils.errors import EXIT_CODE, InvalidInputError, UserError
-from utils.locks import folder_lock
-from utils.logs import format_duration
-from utils.pipeline import (
-    PRESETS, STAGES, TEACHER_SET_CHOICES, PipelineInterrupted, StageFailed, plan, plan_jobs, report_command,
-    run_command, run_jobs_side_by_side, run_one_by_one, select_jobs)
-from utils.signals import INTERRUPTED_EXIT_CODE, StopRequest, stop_on_signals
+from utils.workdir import artifacts
+from utils.core.errors import EXIT_CODE, InvalidInputError, UserError
+from utils.core.locks import folder_lock
+from utils.core.logs import format_duration
+from utils.pipeline.plan import (
+    PRESETS,
+    STAGES,
+    TEACHER_SET_CHOICES,
+    PipelineInterrupted,
+    StageFailed,
+    plan,
+    plan_jobs,
+    report_command,
+    run_command,
+    run_jobs_side_by_side,
+    run_one_by_one,
+    select_jobs,
+)
+from utils.core.signals import INTERRUPTED_EXIT_CODE, StopRequest, stop_on_signals
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,15 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare_synthetic(sizes: dict[str, float], data_dir: Path, seed: int) -> None:
     """Generate the preset's synthetic data; a complete identical set is reused, another one replaced."""
-    from utils.synthetic import generate_synthetic
+    from utils.data.synthetic import generate_synthetic
 
     generate_synthetic(data_dir, seed=seed, overwrite=True, **sizes)
 
 
 def sweep_shared(args: argparse.Namespace, preset_name: str, root: Path) -> int:
     """The pipeline once per shared fraction (each in its own output root), then one comparison table."""
-    from eval.report import read_report_rows
-    from eval.shared_sweep import sweep_table
+    from eval.report.tables import read_report_rows
+    from eval.report.sweep import sweep_table
 
     reports = {}
     overrides = [text for text in args.overrides if not text.startswith("output_root=")]
@@ -143,7 +154,7 @@ def run(argv: list[str] | None = None) -> int:
             if out_dir is not None:
                 reports[seed] = out_dir / f"{artifacts.REPORT_STEM}.json"
     if reports:
-        from eval.seeds import seed_summary
+        from eval.report.seeds import seed_summary
 
         print("\n" + seed_summary(reports, artifacts.work_root(cfg)))
         print(f"across-seed summary written to {artifacts.work_root(cfg) / 'seeds_summary.md'} (and .json)")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from backbones import build_backbone
 from config.config import Config
-from utils import artifacts
-from utils.cli import run_stage
-from utils.dataset import build_training_dataset
-from utils.distributed import DistInfo
-from utils.engine import TrainingResult, TrainingTask, train
-from utils.errors import InvalidInputError
-from utils.provenance import data_fingerprint, teacher_record
-from utils.stage_parts import backbone_evaluator, classification_loss, make_header, train_options
+from utils.workdir import artifacts
+from utils.stages.cli import run_stage
+from utils.data.index import build_training_dataset
+from utils.core.distributed import DistInfo
+from utils.train.loop import TrainingResult, TrainingTask, train
+from utils.core.errors import InvalidInputError
+from utils.workdir.provenance import data_fingerprint, teacher_record
+from utils.stages.common import backbone_evaluator, classification_loss, make_header, train_options
 
 
 def main(cfg: Config, info: DistInfo) -> TrainingResult:

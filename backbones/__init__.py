@@ -15,8 +15,8 @@ from torch import nn
 from backbones.adaptors import DualLayerAdaptor, SLAdaptor
 from backbones.iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100
 from backbones.mobilefacenet import MobileFaceNet, mbf, mobilefacenet
-from utils.errors import IncompatibleInputError
-from utils.io import load_state_dict_file
+from utils.core.errors import IncompatibleInputError
+from utils.core.io import load_state_dict_file
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "iresnet18": iresnet18,

@@ -28,7 +28,7 @@ from numpy.lib.format import open_memmap  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from config.config import CONCAT_ORDER  # noqa: E402
-from utils.adaptor import ConcatStoreDataset, passthrough_collate  # noqa: E402
+from utils.stages.adaptor import ConcatStoreDataset, passthrough_collate  # noqa: E402
 
 BUPT_IMAGES = 1_248_932
 RESULT = ROOT / "benchmarks" / "results" / "adaptor_input.json"

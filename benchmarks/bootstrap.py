@@ -20,8 +20,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from config.config import ETHNICITIES  # noqa: E402
-from eval.bootstrap import bootstrap_fairness  # noqa: E402
-from utils.io import atomic_write_text  # noqa: E402
+from eval.metrics.bootstrap import bootstrap_fairness  # noqa: E402
+from utils.core.io import atomic_write_text  # noqa: E402
 
 
 def make_pairs(n_pairs: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -45,13 +45,18 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from backbones import build_backbone  # noqa: E402
 from config.config import load_config  # noqa: E402
-from utils import artifacts  # noqa: E402
-from utils.dataset import build_training_dataset  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
-from utils.embedding_store import (check_index_images, extract_teacher, plan_extraction,  # noqa: E402
-                                  prepare_index, teacher_checkpoint)
-from utils.stage_parts import make_header  # noqa: E402
-from utils.synthetic import generate_synthetic  # noqa: E402
+from utils.workdir import artifacts  # noqa: E402
+from utils.data.index import build_training_dataset  # noqa: E402
+from utils.core.distributed import DistInfo  # noqa: E402
+from utils.workdir.store import (
+    check_index_images,
+    extract_teacher,
+    plan_extraction,
+    prepare_index,
+    teacher_checkpoint,
+)
+from utils.stages.common import make_header  # noqa: E402
+from utils.data.synthetic import generate_synthetic  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}

@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config.config import ETHNICITIES  # noqa: E402
-from utils.dataset import scan_image_folder  # noqa: E402
-from utils.io import atomic_write_text  # noqa: E402
+from utils.data.index import scan_image_folder  # noqa: E402
+from utils.core.io import atomic_write_text  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "scan_folder.json"
 BUPT_IMAGES = 1_248_932

@@ -23,11 +23,11 @@ from torch import nn  # noqa: E402
 
 from backbones import get_backbone  # noqa: E402
 from config.config import load_config  # noqa: E402
-from utils.dataset import build_training_dataset  # noqa: E402
-from utils.distributed import init_distributed  # noqa: E402
-from utils.engine import TrainingTask, train  # noqa: E402
-from utils.stage_parts import classification_loss, make_header, train_options  # noqa: E402
-from utils.synthetic import generate_synthetic  # noqa: E402
+from utils.data.index import build_training_dataset  # noqa: E402
+from utils.core.distributed import init_distributed  # noqa: E402
+from utils.train.loop import TrainingTask, train  # noqa: E402
+from utils.stages.common import classification_loss, make_header, train_options  # noqa: E402
+from utils.data.synthetic import generate_synthetic  # noqa: E402
 
 NETWORKS = ("iresnet34", "iresnet50", "mobilefacenet", "mbf")
 

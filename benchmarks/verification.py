@@ -18,9 +18,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from eval.verification import kfold_accuracy, pair_distances, verify  # noqa: E402
-from eval.reference_verification import reference_verify  # noqa: E402
-from utils.io import atomic_write_text  # noqa: E402
+from eval.metrics.protocol import kfold_accuracy, pair_distances, verify  # noqa: E402
+from eval.metrics.reference_protocol import reference_verify  # noqa: E402
+from utils.core.io import atomic_write_text  # noqa: E402
 
 
 def make_embeddings(n_pairs: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,10 +20,10 @@ import torch
 
 from backbones import BACKBONES, get_backbone, load_weights
 from eval.evaluate import default_device
-from eval.rfw_data import load_bin
-from eval.verification import backbone_embed_fn, embed_images
-from utils.dataset import IMAGE_EXTENSIONS, decode_image
-from utils.io import atomic_path, atomic_write_text
+from eval.rfw.pairs import load_bin
+from eval.metrics.protocol import backbone_embed_fn, embed_images
+from utils.data.index import IMAGE_EXTENSIONS, decode_image
+from utils.core.io import atomic_path, atomic_write_text
 
 EMBEDDINGS_NAME, ROWS_NAME = "embeddings.npy", "rows.tsv"
 

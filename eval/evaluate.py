@@ -34,16 +34,23 @@ from tqdm import tqdm
 from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
 from config.config import (
     ADAPTORS as ADAPTOR_NAMES, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
-from eval.fairness_stats import KD_LABELS, StatsSettings, report_stats
-from eval.report import ResultRow, read_report_rows, results_table, summary_line, write_report
-from eval.rfw_data import find_benchmark
-from eval.verification import (
-    EmbedFn, ImageOutputs, RFWEvaluator, VerificationResult, adaptor_outputs, backbone_embed_fn, multi_teacher_embed_fn)
-from utils import artifacts
-from utils.errors import InvalidInputError, MissingInputError, UserError
-from utils.io import atomic_write_json
-from utils.provenance import file_sha256, tree_fingerprint
-from utils.release_import import parse_named_paths
+from eval.report.stats import KD_LABELS, StatsSettings, report_stats
+from eval.report.tables import ResultRow, read_report_rows, results_table, summary_line, write_report
+from eval.rfw.pairs import find_benchmark
+from eval.metrics.protocol import (
+    EmbedFn,
+    ImageOutputs,
+    RFWEvaluator,
+    VerificationResult,
+    adaptor_outputs,
+    backbone_embed_fn,
+    multi_teacher_embed_fn,
+)
+from utils.workdir import artifacts
+from utils.core.errors import InvalidInputError, MissingInputError, UserError
+from utils.core.io import atomic_write_json
+from utils.workdir.provenance import file_sha256, tree_fingerprint
+from utils.stages.release_import import parse_named_paths
 
 STAGE_ORDER = ("teacher", "adaptor", "student")
 

@@ -26,12 +26,12 @@ from torch import nn
 
 from backbones import BACKBONES, get_backbone, load_weights
 from eval.evaluate import read_run_config
-from utils import artifacts
-from utils.dataset import IMAGE_EXTENSIONS
-from utils.errors import InvalidInputError, MissingInputError, UserError
-from utils.image import decode_image, normalize_images, to_tensor
-from utils.io import atomic_path, atomic_write_json
-from utils.provenance import file_sha256
+from utils.workdir import artifacts
+from utils.data.index import IMAGE_EXTENSIONS
+from utils.core.errors import InvalidInputError, MissingInputError, UserError
+from utils.data.image import decode_image, normalize_images, to_tensor
+from utils.core.io import atomic_path, atomic_write_json
+from utils.workdir.provenance import file_sha256
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 

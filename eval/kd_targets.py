@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from backbones import build_adaptor, load_weights
 from config.config import ETHNICITIES, Config
 from eval.evaluate import find_runs
-from utils import artifacts
-from utils.adaptor import concat_rows
-from utils.embedding_store import TeacherStores, open_teacher_stores, read_manifest
-from utils.errors import MissingInputError
+from utils.workdir import artifacts
+from utils.stages.adaptor import concat_rows
+from utils.workdir.store import TeacherStores, open_teacher_stores, read_manifest
+from utils.core.errors import MissingInputError
 
 
 def target_geometry(targets: np.ndarray, labels: np.ndarray, ethnicity: np.ndarray, *,

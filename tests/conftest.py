@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
     """A tiny synthetic BUPT/RFW set shared by the slow tests: <dir>/train and <dir>/rfw, 32x32 images."""
-    from utils.synthetic import generate_synthetic
+    from utils.data.synthetic import generate_synthetic
 
     out = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(out, ids_per_ethnicity=6, images_per_id=4, pairs_per_ethnicity=20, image_size=32, seed=0)

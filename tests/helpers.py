@@ -14,7 +14,7 @@ import torch
 
 from backbones import get_backbone
 from config.config import ETHNICITIES, load_config, teacher_members
-from utils import artifacts
+from utils.workdir import artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 

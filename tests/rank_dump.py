@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from utils.cli import run_stage  # noqa: E402
+from utils.stages.cli import run_stage  # noqa: E402
 
 script, dump_dir, *overrides = sys.argv[1:]
 spec = importlib.util.spec_from_file_location("stage", ROOT / script)

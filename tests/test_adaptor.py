@@ -18,12 +18,12 @@ import fc_EArc
 from backbones import build_adaptor, load_weights
 from config.config import CONCAT_ORDER, load_config
 from helpers import fake_teacher_set, run_torchrun, tiny_overrides, write_fake_teacher
-from utils.adaptor import ConcatStoreDataset, build_adaptor_task, passthrough_collate
-from utils.cli import run_stage
-from utils.embedding_store import member_files, open_targets, open_teacher_stores, target_files
-from utils.errors import ProvenanceError
-from utils.provenance import file_fingerprint
-from utils import artifacts
+from utils.stages.adaptor import ConcatStoreDataset, build_adaptor_task, passthrough_collate
+from utils.stages.cli import run_stage
+from utils.workdir.store import member_files, open_targets, open_teacher_stores, target_files
+from utils.core.errors import ProvenanceError
+from utils.workdir.provenance import file_fingerprint
+from utils.workdir import artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("dual_layer_eaf_fusion", ROOT / "dual_layer_EAF-Fusion.py")

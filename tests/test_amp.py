@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import tiny_overrides
-from utils.cli import run_stage
+from utils.stages.cli import run_stage
 
 import train
 

@@ -3,9 +3,16 @@ import math
 import numpy as np
 import pytest
 
-from eval.bootstrap import Bootstrap, bootstrap_accuracies, bootstrap_fairness, draw_resamples, fairness_arrays, paired_comparison
-from eval.fairness import fairness_metrics
-from eval.verification import kfold_accuracy
+from eval.metrics.bootstrap import (
+    Bootstrap,
+    bootstrap_accuracies,
+    bootstrap_fairness,
+    draw_resamples,
+    fairness_arrays,
+    paired_comparison,
+)
+from eval.metrics.fairness import fairness_metrics
+from eval.metrics.protocol import kfold_accuracy
 
 # True error rates of a simulated model (see _simulated_pairs): accuracy 95, 90, 85, 92 %.
 TRUE_ERRORS = {"African": 0.05, "Asian": 0.10, "Caucasian": 0.15, "Indian": 0.08}
@@ -138,8 +145,8 @@ def test_fairness_arrays_match_fairness_metrics_including_edge_cases():
 def test_too_few_pairs_per_fold_give_no_intervals_rather_than_falsely_narrow_ones():
     """One genuine and one impostor pair per fold: every resample equals the data, so an interval would be a
     point and any difference "significant". The report gives no interval and no verdict instead."""
-    from eval.fairness_stats import StatsSettings, annotate
-    from eval.report import ResultRow, summary_line
+    from eval.report.stats import StatsSettings, annotate
+    from eval.report.tables import ResultRow, summary_line
 
     rng = np.random.default_rng(0)
 

@@ -10,7 +10,7 @@ import pytest
 
 from config.config import CONCAT_ORDER, load_config, parse_cli, teacher_members
 from helpers import ROOT
-from utils import artifacts
+from utils.workdir import artifacts
 
 
 def test_defaults_are_the_papers():

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from config.config import ETHNICITIES, load_config
-from utils import dataset as ds
-from utils.image import normalize_images, random_horizontal_flip
-from utils.splits import make_baseline_split, save_split_manifest
+from utils.data import index as ds
+from utils.data.image import normalize_images, random_horizontal_flip
+from utils.data.splits import make_baseline_split, save_split_manifest
 from helpers import IDS, colour_of, make_tree, write_jpeg
-from utils import artifacts
+from utils.workdir import artifacts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 def config(tmp_path: Path, **overrides) -> object:

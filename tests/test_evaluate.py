@@ -12,11 +12,11 @@ from PIL import Image
 from backbones import get_adaptor, get_backbone
 from config.config import CONCAT_ORDER, ETHNICITIES, load_config
 from eval.evaluate import TeacherOutputs, evaluate_multi_teacher, main, report_work_dir
-from eval.report import ResultRow, results_table, summary_line, write_report
-from utils.binfile import read_bin, write_bin
-from eval.verification import RFWEvaluator, backbone_embed_fn
-from utils.io import atomic_write_json
-from utils import artifacts
+from eval.report.tables import ResultRow, results_table, summary_line, write_report
+from utils.data.binfile import read_bin, write_bin
+from eval.metrics.protocol import RFWEvaluator, backbone_embed_fn
+from utils.core.io import atomic_write_json
+from utils.workdir import artifacts
 
 SIZE, EMB, WIDTH, PAIRS = 32, 16, 8, 20
 SMALL = ["--input-size", str(SIZE), "--embedding-size", str(EMB), "--width", str(WIDTH), "--batch-size", "16",
@@ -278,11 +278,11 @@ def test_report_is_reused_until_weights_or_rfw_files_change(rfw_root, tmp_path):
 
 def test_a_report_computes_its_statistics_once(rfw_root, tmp_path, monkeypatch):
     """Fresh or reused, a report annotates its rows once for the table, the files and the summary."""
-    from eval.fairness_stats import annotate
+    from eval.report.stats import annotate
 
     _work_dir(tmp_path / "work")
     calls = []
-    monkeypatch.setattr("eval.fairness_stats.annotate", lambda *args: calls.append(1) or annotate(*args))
+    monkeypatch.setattr("eval.report.stats.annotate", lambda *args: calls.append(1) or annotate(*args))
     for reused in (False, True):
         calls.clear()
         assert report_work_dir(tmp_path / "work", rfw_root, device="cpu").reused == reused

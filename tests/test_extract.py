@@ -12,11 +12,11 @@ import extract_all
 from backbones import get_backbone
 from config.config import CONCAT_ORDER, load_config
 from helpers import fake_teacher_set, make_tree, run_torchrun, tiny_overrides, write_fake_teacher
-from utils.cli import run_stage
-from utils.dataset import ImageIndex, dataset_for
-from utils import artifacts
-from utils.embedding_store import member_files, read_manifest, teacher_store_complete
-from utils.provenance import data_fingerprint
+from utils.stages.cli import run_stage
+from utils.data.index import ImageIndex, dataset_for
+from utils.workdir import artifacts
+from utils.workdir.store import member_files, read_manifest, teacher_store_complete
+from utils.workdir.provenance import data_fingerprint
 
 
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from eval.fairness import fairness_metrics
+from eval.metrics.fairness import fairness_metrics
 
 
 def test_hand_computed_avg_std_ser():

@@ -18,16 +18,16 @@ from backbones import get_backbone
 from config.config import ETHNICITIES, load_config
 from eval.embed import main as embed_main
 from eval.evaluate import report_work_dir, result_row
-from eval.report import write_report
-from eval.rfw_data import load_bin
-from eval.verification import RFWEvaluator, backbone_embed_fn, embed_images, verify_distances
+from eval.report.tables import write_report
+from eval.rfw.pairs import load_bin
+from eval.metrics.protocol import RFWEvaluator, backbone_embed_fn, embed_images, verify_distances
 from helpers import tiny_overrides
-from utils.align import ARCFACE_TEMPLATE, align_face, template
-from utils.binfile import read_bin
-from utils.cli import run_stage
-from utils.dataset import FaceDataset, scan_image_folder
-from utils.image import decode_image, random_horizontal_flip
-from utils.synthetic import generate_synthetic
+from utils.data.align import ARCFACE_TEMPLATE, align_face, template
+from utils.data.binfile import read_bin
+from utils.stages.cli import run_stage
+from utils.data.index import FaceDataset, scan_image_folder
+from utils.data.image import decode_image, random_horizontal_flip
+from utils.data.synthetic import generate_synthetic
 
 import train
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from config.config import MARGIN_DEFAULTS, load_config
-from utils.losses import HEADS, build_head, cos_plus_margin, get_head
+from utils.train.heads import HEADS, build_head, cos_plus_margin, get_head
 
 E, C = 8, 50
 

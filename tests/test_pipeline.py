@@ -22,9 +22,9 @@ from PIL import Image
 
 import run_pipeline
 from helpers import tiny_pipeline
-from utils import artifacts
-from utils.pipeline import STAGES, Job, StageFailed, Step, Verdict, plan_jobs, run_jobs_side_by_side, select_jobs
-from utils.signals import StopRequest
+from utils.workdir import artifacts
+from utils.pipeline.plan import STAGES, Job, StageFailed, Step, Verdict, plan_jobs, run_jobs_side_by_side, select_jobs
+from utils.core.signals import StopRequest
 
 TEACHER_RUNS = [f"teachers/specialized/iresnet18_{eth}" for eth in ("African", "Asian", "Caucasian", "Indian")] + [
     f"teachers/baseline/iresnet18_split{k}" for k in range(4)]

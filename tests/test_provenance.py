@@ -16,10 +16,10 @@ import pytest
 import train
 from config.config import load_config
 from helpers import ROOT, tiny_overrides
-from utils import artifacts
-from utils.cli import run_stage
-from utils.errors import ProvenanceError
-from utils.provenance import describe_changes, file_sha256
+from utils.workdir import artifacts
+from utils.stages.cli import run_stage
+from utils.core.errors import ProvenanceError
+from utils.workdir.provenance import describe_changes, file_sha256
 
 
 def _train(data: Path, out: Path, **extra):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils import recordio
-from utils.image import decode_image
+from utils.data import recordio
+from utils.data.image import decode_image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

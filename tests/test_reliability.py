@@ -22,18 +22,25 @@ from torch.utils.data import Dataset
 
 from config.config import load_config
 from helpers import ROOT, tiny_overrides
-from utils.distributed import DistInfo
-from utils.embedding_store import (
-    array_file_problem, checked_rows, member_files, open_targets, read_manifest, target_files, manifest_problem,
-    write_rows_sharded)
-from utils import artifacts
-from utils.artifacts import CHECKPOINT_FILE as CHECKPOINT_NAME, HISTORY_FILE as HISTORY_NAME, is_run_complete
-from utils.engine import TrainingTask, train
-from utils.stage_parts import train_options
-from utils.io import atomic_torch_save, atomic_write_json
-from utils.locks import FolderLocked, LOCK_NAME, acquire, is_locked, release
-from utils.numerics import NonFiniteError
-from utils.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
+from utils.core.distributed import DistInfo
+from utils.workdir.store import (
+    array_file_problem,
+    checked_rows,
+    member_files,
+    open_targets,
+    read_manifest,
+    target_files,
+    manifest_problem,
+    write_rows_sharded,
+)
+from utils.workdir import artifacts
+from utils.workdir.artifacts import CHECKPOINT_FILE as CHECKPOINT_NAME, HISTORY_FILE as HISTORY_NAME, is_run_complete
+from utils.train.loop import TrainingTask, train
+from utils.stages.common import train_options
+from utils.core.io import atomic_torch_save, atomic_write_json
+from utils.core.locks import FolderLocked, LOCK_NAME, acquire, is_locked, release
+from utils.core.numerics import NonFiniteError
+from utils.core.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -124,7 +131,7 @@ def fake_teachers(cfg) -> None:
 def test_second_training_and_second_extraction_refuse_at_once_and_the_first_ones_finish(tiny_synthetic, tmp_path):
     import extract_all
     import train as train_script
-    from utils.cli import run_stage
+    from utils.stages.cli import run_stage
 
     train_args = tiny_overrides(tiny_synthetic, tmp_path / "training", ethnicity="Asian", num_epoch=1)
     extract_args = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="all")
@@ -245,7 +252,7 @@ def test_non_finite_batchnorm_statistics_are_never_saved(tmp_path):
 
 def test_nan_teacher_leaves_its_store_incomplete(tiny_synthetic, tmp_path):
     import extract_all
-    from utils.cli import run_stage
+    from utils.stages.cli import run_stage
 
     args = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian")
     cfg = load_config(args)
@@ -268,8 +275,8 @@ def test_target_rows_are_checked_before_they_are_written(tmp_path):
 @pytest.mark.parametrize("embeddings", ["constant", "nan"])
 def test_degenerate_evaluation_is_reported_as_such_not_as_fair(tmp_path, embeddings):
     from eval.evaluate import result_row
-    from eval.report import results_table, write_report
-    from eval.verification import verify
+    from eval.report.tables import results_table, write_report
+    from eval.metrics.protocol import verify
 
     issame = np.tile([True, False], 20)
     value = 0.5 if embeddings == "constant" else np.nan
@@ -286,8 +293,8 @@ def test_degenerate_evaluation_is_reported_as_such_not_as_fair(tmp_path, embeddi
 
 
 def test_summary_leaves_degenerate_students_out_by_name():
-    from eval.fairness_stats import StatsSettings
-    from eval.report import ResultRow, summary_line
+    from eval.report.stats import StatsSettings
+    from eval.report.tables import ResultRow, summary_line
 
     rng = np.random.default_rng(0)
     issame = np.tile(np.r_[np.ones(10, bool), np.zeros(10, bool)], 10)
@@ -309,7 +316,7 @@ def test_summary_leaves_degenerate_students_out_by_name():
 
 
 def test_report_json_is_standard_json_with_infinite_ser(tmp_path):
-    from eval.report import ResultRow, write_report
+    from eval.report.tables import ResultRow, write_report
 
     row = ResultRow("perfect on one group", {"African": 100.0, "Asian": 90.0, "Caucasian": 95.0, "Indian": 99.0})
     assert math.isinf(row.metrics()["ser"])
@@ -452,7 +459,7 @@ def train_tree(tiny_synthetic, tmp_path) -> Path:
     ("broken_link", "broken symbolic link"),
 ])
 def test_unusable_names_are_refused_by_name(train_tree, damage, message):
-    from utils.dataset import scan_image_folder
+    from utils.data.index import scan_image_folder
 
     identity = next((train_tree / "Asian").iterdir())
     if damage == "tab":
@@ -469,7 +476,7 @@ def test_unusable_names_are_refused_by_name(train_tree, damage, message):
 
 
 def test_unknown_data_folder_is_warned_about_by_name(train_tree, caplog):
-    from utils.dataset import scan_image_folder
+    from utils.data.index import scan_image_folder
 
     (train_tree / "Martian" / "x").mkdir(parents=True)
     with caplog.at_level("WARNING"):
@@ -479,7 +486,7 @@ def test_unknown_data_folder_is_warned_about_by_name(train_tree, caplog):
 
 def test_corrupt_image_fails_before_training_by_name(train_tree, tmp_path):
     import train as train_script
-    from utils.cli import run_stage
+    from utils.stages.cli import run_stage
 
     victim = next((train_tree / "Indian").glob("*/*.jpg"))
     victim.write_bytes(b"not a jpeg")
@@ -496,8 +503,8 @@ def test_corrupt_image_fails_before_training_by_name(train_tree, tmp_path):
 def test_unusable_rfw_pair_sets_name_file_and_ethnicity(tiny_synthetic, tmp_path, issame, message):
     import shutil
 
-    from utils.binfile import write_bin
-    from eval.verification import RFWEvaluator
+    from utils.data.binfile import write_bin
+    from eval.metrics.protocol import RFWEvaluator
 
     root = Path(shutil.copytree(tiny_synthetic / "rfw", tmp_path / "rfw"))
     image = next((tiny_synthetic / "train" / "Asian").glob("*/*.jpg")).read_bytes()

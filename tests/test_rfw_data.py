@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from eval.rfw_data import load_bin, load_pair_list, load_rfw
+from eval.rfw.pairs import load_bin, load_pair_list, load_rfw
 from helpers import jpeg_bytes
-from utils.binfile import write_bin
+from utils.data.binfile import write_bin
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 20)]  # make_bin_fixtures.py

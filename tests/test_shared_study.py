@@ -9,8 +9,8 @@ import pytest
 import run_pipeline
 from config.config import ETHNICITIES, load_config
 from eval.kd_targets import target_geometry
-from eval.report import ResultRow, write_report
-from utils.errors import InvalidInputError
+from eval.report.tables import ResultRow, write_report
+from utils.core.errors import InvalidInputError
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -9,8 +9,8 @@ import pytest
 
 from config.config import ETHNICITIES
 from helpers import tiny_overrides
-from utils.cli import run_stage
-from utils.synthetic import SHARED_FRACTION, generate_synthetic
+from utils.stages.cli import run_stage
+from utils.data.synthetic import SHARED_FRACTION, generate_synthetic
 
 import train
 

@@ -18,13 +18,13 @@ import KD_CEL
 import KD_alone
 from config.config import ETHNICITIES, load_config
 from helpers import run_torchrun, tiny_overrides
-from utils.cli import run_stage
-from utils.distill import akd_loss, build_kd_dataset, build_student_task, eafkd_loss, kd_term
-from utils.distributed import init_distributed
-from utils.embedding_store import target_files
-from utils.engine import Batch, seed_everything, train
-from utils.stage_parts import train_options
-from utils import artifacts
+from utils.stages.cli import run_stage
+from utils.stages.student import akd_loss, build_kd_dataset, build_student_task, eafkd_loss, kd_term
+from utils.core.distributed import init_distributed
+from utils.workdir.store import target_files
+from utils.train.loop import Batch, seed_everything, train
+from utils.stages.common import train_options
+from utils.workdir import artifacts
 
 # Students learn faster than the teachers' default lr allows in a dozen steps.
 STUDENT = {"lr": 1.0, "batch_size": 16}

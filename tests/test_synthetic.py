@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from config.config import ETHNICITIES
-from eval.rfw_data import load_bin
-from utils import synthetic
-from utils.dataset import scan_image_folder
-from utils.image import normalize_images
+from eval.rfw.pairs import load_bin
+from utils.data import synthetic
+from utils.data.index import scan_image_folder
+from utils.data.image import normalize_images
 
 TINY = dict(ids_per_ethnicity=3, images_per_id=2, pairs_per_ethnicity=6, image_size=16)
 

@@ -11,12 +11,13 @@ import torch
 from backbones import build_backbone
 from config.config import load_config
 from helpers import run_torchrun, tiny_overrides
-from utils.cli import run_stage
-from utils.artifacts import is_run_complete
-from utils.engine import step_decay
+from utils.stages.cli import run_stage
+from utils.workdir.artifacts import is_run_complete
+from utils.train.loop import step_decay
 
 import train
-from utils import artifacts, stage_parts
+from utils.workdir import artifacts
+from utils.stages import common as stage_parts
 
 
 def _train(data: Path, out: Path, **extra):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config.config import CONCAT_ORDER, ETHNICITIES
-from eval.verification import (
+from eval.metrics.protocol import (
     THRESHOLDS,
     adaptor_outputs,
     backbone_embed_fn,
@@ -17,7 +17,7 @@ from eval.verification import (
     verify,
     verify_distances,
 )
-from eval.reference_verification import reference_verify as _reference_verify
+from eval.metrics.reference_protocol import reference_verify as _reference_verify
 
 
 def random_pairs(seed, n_pairs, dim=64, noise=1.2):
