@@ -13,14 +13,15 @@ Weights land in work_dirs/students/<teacher_set>_<network>/<adaptor>_EAFKD_<stud
 from __future__ import annotations
 
 from config.config import Config
+from eval.rfw.during_training import epoch_evaluator
+from utils.core.distributed import DistInfo
 from utils.stages.cli import run_stage
 from utils.stages.student import run_student
-from utils.core.distributed import DistInfo
-from utils.train.loop import TrainingResult
+from utils.train.task import TrainingResult
 
 
 def main(cfg: Config, info: DistInfo) -> TrainingResult:
-    return run_student(cfg, info, kd="EAFKD")
+    return run_student(cfg, info, "EAFKD", epoch_evaluator(cfg, info.device))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ Weights land in work_dirs/students/<teacher_set>_<network>/<adaptor>_aKD_<studen
 from __future__ import annotations
 
 from config.config import Config
+from eval.rfw.during_training import epoch_evaluator
+from utils.core.distributed import DistInfo
 from utils.stages.cli import run_stage
 from utils.stages.student import run_student
-from utils.core.distributed import DistInfo
-from utils.train.loop import TrainingResult
+from utils.train.task import TrainingResult
 
 
 def main(cfg: Config, info: DistInfo) -> TrainingResult:
-    return run_student(cfg, info, kd="aKD")
+    return run_student(cfg, info, "aKD", epoch_evaluator(cfg, info.device))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.config import ETHNICITIES, NUM_BASELINE_SPLITS, Config
-from utils.workdir import artifacts
-from utils.stages.cli import run_stage
-from utils.data.index import load_index
 from utils.core.distributed import DistInfo
+from utils.core.errors import ExistingOutputError
 from utils.core.io import atomic_write_json
 from utils.core.logs import setup_logging
-from utils.workdir.provenance import identities_fingerprint, split_record
-from utils.core.errors import ExistingOutputError
 from utils.data.splits import load_split_manifest, make_baseline_split, materialize_split, save_split_manifest
+from utils.stages.cli import run_stage
+from utils.workdir import artifacts
+from utils.workdir.inputs import load_index
+from utils.workdir.provenance import identities_fingerprint, split_record
 
 
 def main(cfg: Config, info: DistInfo) -> Path:

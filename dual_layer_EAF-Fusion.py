@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.config import Config
+from utils.core.distributed import DistInfo
 from utils.stages.adaptor import run_adaptor_stage
 from utils.stages.cli import run_stage
-from utils.core.distributed import DistInfo
 
 
 def main(cfg: Config, info: DistInfo) -> Path | None:

@@ -13,19 +13,14 @@ index and checkpoint is skipped; an interrupted one is redone.
 from __future__ import annotations
 
 from config.config import Config
-from utils.workdir import artifacts
-from utils.stages.cli import run_stage
 from utils.core.distributed import DistInfo
-from utils.workdir.store import (
-    check_index_images,
-    extract_teacher,
-    extraction_members,
-    plan_extraction,
-    prepare_index,
-    teacher_checkpoint,
-)
 from utils.core.locks import rank0_folder_lock
 from utils.core.logs import setup_logging
+from utils.stages.cli import run_stage
+from utils.stages.extract import (
+    check_index_images, extract_teacher, extraction_members, plan_extraction, prepare_index, teacher_checkpoint
+)
+from utils.workdir import artifacts
 
 
 def main(cfg: Config, info: DistInfo) -> list[str]:

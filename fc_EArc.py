@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.config import Config
-from utils.stages.adaptor import run_adaptor_stage
-from utils.stages.cli import run_stage
 from utils.core.distributed import DistInfo
 from utils.core.errors import InvalidInputError
+from utils.stages.adaptor import run_adaptor_stage
+from utils.stages.cli import run_stage
 
 
 def main(cfg: Config, info: DistInfo) -> Path | None:

@@ -22,25 +22,15 @@ import time
 from pathlib import Path
 
 from config.config import format_override, load_config
-from utils.workdir import artifacts
 from utils.core.errors import EXIT_CODE, InvalidInputError, UserError
 from utils.core.locks import folder_lock
 from utils.core.logs import format_duration
-from utils.pipeline.plan import (
-    PRESETS,
-    STAGES,
-    TEACHER_SET_CHOICES,
-    PipelineInterrupted,
-    StageFailed,
-    plan,
-    plan_jobs,
-    report_command,
-    run_command,
-    run_jobs_side_by_side,
-    run_one_by_one,
-    select_jobs,
-)
 from utils.core.signals import INTERRUPTED_EXIT_CODE, StopRequest, stop_on_signals
+from utils.pipeline.launch import (
+    PipelineInterrupted, StageFailed, report_command, run_command, run_jobs_side_by_side, run_one_by_one
+)
+from utils.pipeline.plan import PRESETS, STAGES, TEACHER_SET_CHOICES, plan, plan_jobs, select_jobs
+from utils.workdir import artifacts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the rest of the line goes to torchrun (multi-node rendezvous options)")
     parser.add_argument("--shared-fraction", type=float, default=None,
                         help="synthetic presets: share of identity directions shared by every ethnicity "
-                             "(default: the preset's; see utils/synthetic.py)")
+                             "(default: the preset's; see utils/data/synthetic.py)")
     parser.add_argument("--sweep-shared", type=float, nargs="+", metavar="F", default=None,
                         help="synthetic presets: run the pipeline once per shared fraction F, in "
                              "<output root>/shared_<F>, then print the specialized-vs-balanced comparison of each "
@@ -83,8 +73,8 @@ def prepare_synthetic(sizes: dict[str, float], data_dir: Path, seed: int) -> Non
 
 def sweep_shared(args: argparse.Namespace, preset_name: str, root: Path) -> int:
     """The pipeline once per shared fraction (each in its own output root), then one comparison table."""
-    from eval.report.tables import read_report_rows
     from eval.report.sweep import sweep_table
+    from eval.report.tables import read_report_rows
 
     reports = {}
     overrides = [text for text in args.overrides if not text.startswith("output_root=")]

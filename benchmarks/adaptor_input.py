@@ -4,7 +4,7 @@
 
 Both layouts hold the same random unit rows of four teachers. The release's layout is read as it was: a
 Dataset loading four small .npy files per sample, batched by the default collate. The store is read through
-the adaptor stage's own dataset (``utils.adaptor.ConcatStoreDataset``: one gather per store and batch), from
+the adaptor stage's own dataset (``utils.stages.adaptor.ConcatStoreDataset``: one gather per store and batch), from
 the memory map and from RAM. Every pipeline is a DataLoader over a shuffled epoch with batch 128, no workers,
 warm page cache. Also reports the files and bytes of each layout, measured and extrapolated to
 BUPT-BalancedFace. Prints one line and writes benchmarks/results/adaptor_input.json.

@@ -4,7 +4,7 @@
     make gpu-check                     # the full check on every GPU of the node
     make gpu-check ARGS="--preset quick --out /tmp/gpu_check"
 
-1. Writes synthetic face data (utils.synthetic) at ``--image-size`` (112 px by default).
+1. Writes synthetic face data (utils.data.synthetic) at ``--image-size`` (112 px by default).
 2. For each precision (fp32, bf16, fp16) trains an African teacher (train.py) under torchrun (NCCL on GPUs,
    gloo on CPU) for two epochs, split over two launches: the second resumes from checkpoint_last.pt.
    Checks: finite losses, epoch 2's loss below epoch 1's, the resume continued the run (and, for fp16,
@@ -12,7 +12,7 @@
 3. Measures, on one device: training samples/s per GPU through the engine (train.log, warm-up windows left
    out) vs a bare forward/backward/SGD loop on the same model, head and precision with data already on the
    device; data-loader images/s per worker (JPEG decode and resize, as in training); extraction images/s
-   (utils.embedding_store.extract_teacher with the fp32 teacher over every image).
+   (utils.stages.extract.extract_teacher with the fp32 teacher over every image).
 4. Prints a table and writes ``gpu_check.json``, ``gpu_check.txt`` and each run's ``<precision>_train.log``
    to ``--out``; exits 1 when a check fails.
 
@@ -45,18 +45,13 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from backbones import build_backbone  # noqa: E402
 from config.config import load_config  # noqa: E402
-from utils.workdir import artifacts  # noqa: E402
-from utils.data.index import build_training_dataset  # noqa: E402
 from utils.core.distributed import DistInfo  # noqa: E402
-from utils.workdir.store import (
-    check_index_images,
-    extract_teacher,
-    plan_extraction,
-    prepare_index,
-    teacher_checkpoint,
-)
-from utils.stages.common import make_header  # noqa: E402
 from utils.data.synthetic import generate_synthetic  # noqa: E402
+from utils.stages.common import make_header  # noqa: E402
+from utils.stages.extract import (  # noqa: E402
+    check_index_images, extract_teacher, plan_extraction, prepare_index, teacher_checkpoint)
+from utils.workdir import artifacts  # noqa: E402
+from utils.workdir.inputs import build_training_dataset  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}

@@ -4,7 +4,7 @@
 
 Builds ``ROOT/<Ethnicity>/<identity>/<n>.jpg`` with 4 x ids x images empty files (scanning never decodes,
 so empty files cost the same to list as real images), in a temporary folder that is removed afterwards, or
-in ``--root`` (built there once, reused by later runs). Times ``utils.dataset.scan_image_folder``:
+in ``--root`` (built there once, reused by later runs). Times ``utils.data.index.scan_image_folder``:
 the first full scan of the process and the best of ``--repeats`` full scans, both without an index
 cache (the operating system's directory cache is warm either way, as it is after building the tree;
 dropping it needs privileges a benchmark should not assume), the first scan with a cache path (scan +
@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config.config import ETHNICITIES  # noqa: E402
-from utils.data.index import scan_image_folder  # noqa: E402
 from utils.core.io import atomic_write_text  # noqa: E402
+from utils.data.index import scan_image_folder  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "scan_folder.json"
 BUPT_IMAGES = 1_248_932

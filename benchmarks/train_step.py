@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--networks iresnet34 mbf] [--steps 4]
 
 The bare loop runs forward, margin head, cross-entropy, backward and an SGD step on one random batch; the engine
-runs the same model and head on synthetic JPEG images through ``utils.engine.train``. The engine's overhead is
+runs the same model and head on synthetic JPEG images through ``utils.train.loop.train``. The engine's overhead is
 (bare samples/s / engine samples/s - 1); each side keeps its fastest round. Prints one line per network and writes benchmarks/results/train_step.json.
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ from torch import nn  # noqa: E402
 
 from backbones import get_backbone  # noqa: E402
 from config.config import load_config  # noqa: E402
-from utils.data.index import build_training_dataset  # noqa: E402
 from utils.core.distributed import init_distributed  # noqa: E402
-from utils.train.loop import TrainingTask, train  # noqa: E402
-from utils.stages.common import classification_loss, make_header, train_options  # noqa: E402
 from utils.data.synthetic import generate_synthetic  # noqa: E402
+from utils.stages.common import classification_loss, make_header, train_options  # noqa: E402
+from utils.train.loop import train  # noqa: E402
+from utils.train.task import TrainingTask  # noqa: E402
+from utils.workdir.inputs import build_training_dataset  # noqa: E402
 
 NETWORKS = ("iresnet34", "iresnet50", "mobilefacenet", "mbf")
 

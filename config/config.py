@@ -3,7 +3,7 @@
 Stage scripts call :func:`parse_cli` (``key=value`` overrides, values parsed as Python literals) and get a
 :class:`Config`. Derived values (scaled learning rates) are properties computed from the final values, so
 importing this module does nothing and an override always reaches them; run directories are derived from a
-Config in ``utils/artifacts.py``.
+Config in ``utils/workdir/artifacts.py``.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ ADAPTOR_SCRIPTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "DLDPO": ("dual_layer_EAF-Fusion.py", ("has_drop_out=True",)),
 }
 KD_SCRIPTS = {"aKD": "KD_alone.py", "EAFKD": "KD_CEL.py"}
+KD_LABELS = {"aKD": "a-KD", "EAFKD": "EAF-KD"}  # as the paper's tables name them
 
 # Default margin-head hyperparameters per loss (s, m, std); `s`, `m`, `std` keys override them for `loss`.
 # As in the release's config, except CosFace: the release has no CosFace branch (it would get m = 0.5).
@@ -114,7 +115,7 @@ class Config:
     amp_init_scale: float = 65536.0  # fp16 only: the GradScaler's first loss scale (PyTorch's default, 2**16)
     log_every: int = 50  # steps between log lines and TensorBoard points
     verify_every: int = 1  # epochs between RFW verifications when rfw_root is set (the last epoch always)
-    # ---- report statistics (eval/bootstrap.py, eval/operating_point.py) ----------------------------------
+    # ---- report statistics (eval/metrics/bootstrap.py, eval/metrics/operating_point.py) ----------------------------------
     bootstrap_resamples: int = 1000  # bootstrap resamples of the RFW pairs for intervals and paired comparisons
     bootstrap_seed: int = 0  # seed of the resampling plan (same seed = same intervals)
     confidence: float = 0.95  # level of the bootstrap percentile intervals

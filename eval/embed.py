@@ -5,7 +5,7 @@
 writes ``OUT/embeddings.npy``, a float32 ``[N, E]`` array of L2-normalised embeddings (open it with
 ``np.load(path, mmap_mode="r")``), and ``OUT/rows.tsv``, one line per row: the row number and the image (its
 path relative to the folder, or ``<file>.bin[i]``). Folders are walked recursively in sorted order; images must be
-aligned ``--input-size`` squares (``utils/align.py``) unless ``--allow-resize``. ``--flip`` adds the embedding
+aligned ``--input-size`` squares (``utils/data/align.py``) unless ``--allow-resize``. ``--flip`` adds the embedding
 of the mirrored image before normalising (the test-time augmentation of the verification protocol).
 Both files are written under temporary names and renamed when complete; the row list is written last.
 """
@@ -18,12 +18,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from backbones import BACKBONES, get_backbone, load_weights
-from eval.evaluate import default_device
+from backbones import BACKBONES, get_backbone
+from eval.rfw.embedding import backbone_embed_fn, embed_images
 from eval.rfw.pairs import load_bin
-from eval.metrics.protocol import backbone_embed_fn, embed_images
-from utils.data.index import IMAGE_EXTENSIONS, decode_image
+from utils.core.distributed import default_device
 from utils.core.io import atomic_path, atomic_write_text
+from utils.core.weights import load_weights
+from utils.data.image import decode_image
+from utils.data.index import IMAGE_EXTENSIONS
 
 EMBEDDINGS_NAME, ROWS_NAME = "embeddings.npy", "rows.tsv"
 

@@ -31,32 +31,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from backbones import ADAPTORS, BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
-from config.config import (
-    ADAPTORS as ADAPTOR_NAMES, CONCAT_ORDER, ETHNICITIES, KD_KINDS, TEACHER_SETS, Config, load_config, teacher_members)
-from eval.report.stats import KD_LABELS, StatsSettings, report_stats
+from backbones import BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone
+from config.config import ADAPTORS, CONCAT_ORDER, ETHNICITIES, TEACHER_SETS, Config, teacher_members
+from eval.metrics.protocol import VerificationResult
+from eval.report.stats import StatsSettings, report_stats
 from eval.report.tables import ResultRow, read_report_rows, results_table, summary_line, write_report
-from eval.rfw.pairs import find_benchmark
-from eval.metrics.protocol import (
-    EmbedFn,
-    ImageOutputs,
-    RFWEvaluator,
-    VerificationResult,
-    adaptor_outputs,
-    backbone_embed_fn,
-    multi_teacher_embed_fn,
+from eval.rfw.embedding import (
+    EmbedFn, ImageOutputs, RFWEvaluator, adaptor_outputs, backbone_embed_fn, multi_teacher_embed_fn
 )
-from utils.workdir import artifacts
+from eval.rfw.pairs import find_benchmark
+from utils.core.distributed import default_device
 from utils.core.errors import InvalidInputError, MissingInputError, UserError
 from utils.core.io import atomic_write_json
-from utils.workdir.provenance import file_sha256, tree_fingerprint
+from utils.core.weights import load_weights
 from utils.stages.release_import import parse_named_paths
-
-STAGE_ORDER = ("teacher", "adaptor", "student")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from utils.workdir import artifacts
+from utils.workdir.provenance import file_sha256, tree_fingerprint
+from utils.workdir.runs import display_name, find_runs, read_run_config, run_weights, teacher_dirs
 
 
 def result_row(name: str, results: Mapping[str, VerificationResult],
@@ -163,40 +154,6 @@ def evaluate_multi_teacher(
 
 # ---- work directories -----------------------------------------------------------------------------------
 
-def read_run_config(run_dir: Path) -> tuple[Config, str | None]:
-    """The run's Config and its stage (None when the config.json records no training stage)."""
-    path = artifacts.config_file(run_dir)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"cannot read run config {path}: {exc}") from exc
-    stage = data.pop("derived", {}).get("stage")
-    try:
-        cfg = load_config(data)
-    except (KeyError, ValueError) as exc:
-        raise InvalidInputError(f"run config {path} does not fit config/config.py: {exc}") from exc
-    return cfg, stage
-
-
-def _weights(run_dir: Path, stage: str, role: str) -> Path:
-    path = artifacts.best_weights(run_dir, stage)
-    if not path.is_file():
-        raise MissingInputError(f"{role} run {run_dir} has no {path.name} (training not finished?)")
-    return path
-
-
-def _teacher_dirs(run_dir: Path, cfg: Config) -> list[Path]:
-    """Teacher run folders of an adaptor run, looked up in the work directory the adaptor run sits in."""
-    recorded = artifacts.adaptor_dir(cfg).relative_to(artifacts.work_root(cfg))
-    depth = len(recorded.parts)
-    if run_dir.parts[-depth:] == recorded.parts:
-        root = run_dir.parents[depth - 1]
-    else:  # the run folder was moved out of its work directory: trust the recorded output_root
-        root = artifacts.work_root(cfg)
-    return [root / artifacts.teacher_dir(cfg, m).relative_to(artifacts.work_root(cfg))
-            for m in teacher_members(cfg.teacher_set)]
-
-
 def _load_teacher(teacher_dir: Path, adaptor_cfg: Config, adaptor_run: Path) -> nn.Module:
     """A teacher of an adaptor run, built from its own config.json, or from the adaptor's config when the
     folder only holds weights put there by hand (the authors' released teachers)."""
@@ -207,46 +164,7 @@ def _load_teacher(teacher_dir: Path, adaptor_cfg: Config, adaptor_run: Path) -> 
             raise InvalidInputError(f"teacher run {teacher_dir} has input_size {cfg.input_size}, adaptor run "
                                     f"{adaptor_run} has {adaptor_cfg.input_size}")
     model = build_backbone(cfg)
-    return load_weights(model, _weights(teacher_dir, "teacher", "teacher"), what="teacher weights")
-
-
-def display_name(stage: str, cfg: Config) -> str:
-    """Paper-style row names: which teacher set, which member / adaptor / KD kind (and the run_name)."""
-    teachers = "specialized" if cfg.teacher_set == "specialized" else "balanced"
-    if stage == "teacher":
-        name = f"teacher {teachers} {cfg.teacher_member} ({cfg.network})"
-    elif stage == "adaptor":
-        name = f"{cfg.adaptor}-EAF-Fusion {teachers} (4x {cfg.network})"
-    else:
-        name = f"student {KD_LABELS[cfg.kd]} {cfg.adaptor} {teachers} ({cfg.student_network})"
-    return f"{name} [{cfg.run_name}]" if cfg.run_name else name
-
-
-def _row_order(run: tuple[Path, Config, str]) -> tuple[Any, ...]:
-    """Paper order: teachers, adaptor spaces, students; specialized before balanced; SL, DuL, DLDPO; a-KD first."""
-    run_dir, cfg, stage = run
-    member = 0
-    if stage == "teacher":
-        member = ETHNICITIES.index(cfg.ethnicity) if cfg.teacher_set == "specialized" else cfg.split
-    return (cfg.run_name, STAGE_ORDER.index(stage), TEACHER_SETS.index(cfg.teacher_set), member,
-            ADAPTOR_NAMES.index(cfg.adaptor) if stage != "teacher" else 0,
-            KD_KINDS.index(cfg.kd) if stage == "student" else 0, str(run_dir))
-
-
-def find_runs(work_dir: str | Path, run_name: str | None = None) -> list[tuple[Path, Config, str]]:
-    """Every teacher/adaptor/student run under ``work_dir`` (of ``run_name`` only, if given), in paper order:
-    ``(run_dir, config, stage)``. Runs moved aside by ``replace=True`` are not listed."""
-    work_dir = Path(work_dir)
-    if not work_dir.is_dir():
-        raise MissingInputError(f"work directory {work_dir} does not exist")
-    runs = []
-    for path in sorted(work_dir.rglob(artifacts.CONFIG_FILE)):
-        if artifacts.is_aside(path.parent.relative_to(work_dir)):
-            continue
-        cfg, stage = read_run_config(path.parent)
-        if stage in STAGE_ORDER and (run_name is None or cfg.run_name == run_name):
-            runs.append((path.parent, cfg, stage))
-    return sorted(runs, key=_row_order)
+    return load_weights(model, run_weights(teacher_dir, "teacher", "teacher"), what="teacher weights")
 
 
 class TeacherOutputs:
@@ -278,7 +196,7 @@ def teacher_readers(runs: Sequence[tuple[Path, Config, str]]) -> Counter[Path]:
         if stage == "teacher":
             readers[artifacts.best_weights(run_dir, "teacher").resolve()] += 1
         elif stage == "adaptor":
-            readers.update(artifacts.best_weights(d, "teacher").resolve() for d in _teacher_dirs(run_dir, cfg))
+            readers.update(artifacts.best_weights(d, "teacher").resolve() for d in teacher_dirs(run_dir, cfg))
     return readers
 
 
@@ -291,14 +209,14 @@ def evaluate_run(run_dir: Path, cfg: Config, stage: str, teachers: TeacherOutput
     if cfg.input_size != evaluator.input_size:
         raise InvalidInputError(f"run {run_dir} has input_size {cfg.input_size}, the RFW evaluator "
                                 f"{evaluator.input_size}")
-    weights = _weights(run_dir, stage, stage)
+    weights = run_weights(run_dir, stage, stage)
     extra: dict[str, Any] = {"stage": stage, "weights": str(weights), "run_dir": str(run_dir),
                              "teacher_set": cfg.teacher_set}
     extra.update({"teacher": {"member": cfg.teacher_member}, "student": {"adaptor": cfg.adaptor, "kd": cfg.kd}}.get(
         stage, {}))  # what the report's comparison and figures group by
     if stage == "adaptor":
-        members = [teachers.read(_weights(d, "teacher", "teacher"), lambda d=d: _load_teacher(d, cfg, run_dir))
-                   for d in _teacher_dirs(run_dir, cfg)]
+        members = [teachers.read(run_weights(d, "teacher", "teacher"), lambda d=d: _load_teacher(d, cfg, run_dir))
+                   for d in teacher_dirs(run_dir, cfg)]
         adaptor = load_weights(build_adaptor(cfg), weights, what=f"{cfg.adaptor} adaptor weights").to(device)
         extra.update(network=cfg.network, adaptor=cfg.adaptor, raw_teachers=raw_teachers)
         outputs = {pairs: adaptor_outputs([member[pairs] for member in members], adaptor, raw_teachers=raw_teachers,
@@ -325,7 +243,7 @@ def _sources(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw_root:
     for run_dir, cfg, stage in runs:
         files = [artifacts.best_weights(run_dir, stage)]
         if stage == "adaptor":
-            files += [artifacts.best_weights(d, "teacher") for d in _teacher_dirs(run_dir, cfg)]
+            files += [artifacts.best_weights(d, "teacher") for d in teacher_dirs(run_dir, cfg)]
         entries.append({"run": run_dir.relative_to(work_dir).as_posix(), "stage": stage,
                         "config": file_sha256(artifacts.config_file(run_dir)),
                         "weights": [weights_sha(path) for path in files]})

@@ -24,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import BACKBONES, get_backbone, load_weights
-from eval.evaluate import read_run_config
-from utils.workdir import artifacts
-from utils.data.index import IMAGE_EXTENSIONS
+from backbones import BACKBONES, get_backbone
 from utils.core.errors import InvalidInputError, MissingInputError, UserError
-from utils.data.image import decode_image, normalize_images, to_tensor
 from utils.core.io import atomic_path, atomic_write_json
+from utils.core.weights import load_weights
+from utils.data.image import decode_image, normalize_images, to_tensor
+from utils.data.index import IMAGE_EXTENSIONS
+from utils.workdir import artifacts
 from utils.workdir.provenance import file_sha256
+from utils.workdir.runs import read_run_config
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 

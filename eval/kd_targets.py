@@ -27,13 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbones import build_adaptor, load_weights
+from backbones import build_adaptor
 from config.config import ETHNICITIES, Config
-from eval.evaluate import find_runs
-from utils.workdir import artifacts
-from utils.stages.adaptor import concat_rows
-from utils.workdir.store import TeacherStores, open_teacher_stores, read_manifest
 from utils.core.errors import MissingInputError
+from utils.core.weights import load_weights
+from utils.stages.adaptor import concat_rows
+from utils.workdir import artifacts
+from utils.workdir.runs import find_runs
+from utils.workdir.store import TeacherStores, open_teacher_stores, read_manifest
 
 
 def target_geometry(targets: np.ndarray, labels: np.ndarray, ethnicity: np.ndarray, *,

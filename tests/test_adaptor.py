@@ -15,15 +15,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fc_EArc
-from backbones import build_adaptor, load_weights
+from backbones import build_adaptor
 from config.config import CONCAT_ORDER, load_config
 from helpers import fake_teacher_set, run_torchrun, tiny_overrides, write_fake_teacher
+from utils.core.errors import ProvenanceError
+from utils.core.weights import load_weights
 from utils.stages.adaptor import ConcatStoreDataset, build_adaptor_task, passthrough_collate
 from utils.stages.cli import run_stage
-from utils.workdir.store import member_files, open_targets, open_teacher_stores, target_files
-from utils.core.errors import ProvenanceError
-from utils.workdir.provenance import file_fingerprint
 from utils.workdir import artifacts
+from utils.workdir.artifacts import member_files, target_files
+from utils.workdir.provenance import file_fingerprint
+from utils.workdir.store import open_targets, open_teacher_stores
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("dual_layer_eaf_fusion", ROOT / "dual_layer_EAF-Fusion.py")

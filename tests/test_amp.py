@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from helpers import tiny_overrides
 from utils.stages.cli import run_stage
-
-import train
 
 
 def _train(data: Path, out: Path, **extra):

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import build_adaptor, build_backbone, get_adaptor, get_backbone, load_weights
+from backbones import build_adaptor, build_backbone, get_adaptor, get_backbone
 from config.config import load_config
+from utils.core.weights import load_weights
 
 IRESNET_PARAMS = {
     "iresnet18": 24_025_600,

@@ -4,12 +4,7 @@ import numpy as np
 import pytest
 
 from eval.metrics.bootstrap import (
-    Bootstrap,
-    bootstrap_accuracies,
-    bootstrap_fairness,
-    draw_resamples,
-    fairness_arrays,
-    paired_comparison,
+    Bootstrap, bootstrap_accuracies, bootstrap_fairness, draw_resamples, fairness_arrays, paired_comparison
 )
 from eval.metrics.fairness import fairness_metrics
 from eval.metrics.protocol import kfold_accuracy

@@ -1,4 +1,4 @@
-"""utils.dataset: folder scanning, label stability, protocols, decoding, RecordIO datasets."""
+"""utils.data.index: folder scanning, label stability, protocols, decoding, RecordIO datasets."""
 from __future__ import annotations
 
 import os
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from config.config import ETHNICITIES, load_config
+from helpers import IDS, colour_of, make_tree, write_jpeg
 from utils.data import index as ds
 from utils.data.image import normalize_images, random_horizontal_flip
 from utils.data.splits import make_baseline_split, save_split_manifest
-from helpers import IDS, colour_of, make_tree, write_jpeg
 from utils.workdir import artifacts
 
 FIXTURES = Path(__file__).parent / "fixtures"

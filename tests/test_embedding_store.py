@@ -10,19 +10,13 @@ import pytest
 import torch
 
 from config.config import CONCAT_ORDER, load_config
-from utils.data.index import ImageIndex
 from utils.core.distributed import DistInfo
+from utils.data.index import ImageIndex
+from utils.stages.extract import teacher_store_complete
 from utils.workdir import artifacts
 from utils.workdir.artifacts import member_files, target_files
-from utils.workdir.store import (
-    manifest_problem,
-    open_targets,
-    open_teacher_stores,
-    read_manifest,
-    teacher_store_complete,
-    write_rows_sharded,
-)
 from utils.workdir.provenance import file_fingerprint, store_record
+from utils.workdir.store import manifest_problem, open_targets, open_teacher_stores, read_manifest, write_rows_sharded
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 DIM = 8

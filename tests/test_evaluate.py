@@ -13,9 +13,9 @@ from backbones import get_adaptor, get_backbone
 from config.config import CONCAT_ORDER, ETHNICITIES, load_config
 from eval.evaluate import TeacherOutputs, evaluate_multi_teacher, main, report_work_dir
 from eval.report.tables import ResultRow, results_table, summary_line, write_report
-from utils.data.binfile import read_bin, write_bin
-from eval.metrics.protocol import RFWEvaluator, backbone_embed_fn
+from eval.rfw.embedding import RFWEvaluator, backbone_embed_fn
 from utils.core.io import atomic_write_json
+from utils.data.binfile import read_bin, write_bin
 from utils.workdir import artifacts
 
 SIZE, EMB, WIDTH, PAIRS = 32, 16, 8, 20

@@ -12,13 +12,14 @@ import extract_all
 from backbones import get_backbone
 from config.config import CONCAT_ORDER, load_config
 from helpers import fake_teacher_set, make_tree, run_torchrun, tiny_overrides, write_fake_teacher
+from utils.data.index import ImageIndex
 from utils.stages.cli import run_stage
-from utils.data.index import ImageIndex, dataset_for
+from utils.stages.extract import teacher_store_complete
 from utils.workdir import artifacts
-from utils.workdir.store import member_files, read_manifest, teacher_store_complete
+from utils.workdir.artifacts import member_files
+from utils.workdir.inputs import dataset_for
 from utils.workdir.provenance import data_fingerprint
-
-
+from utils.workdir.store import read_manifest
 
 
 def extract(overrides: list[str], **extra) -> list[str]:

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from config.config import ADAPTORS, ETHNICITIES, KD_KINDS
+from eval.metrics.protocol import kfold_accuracy
 from eval.report.stats import StatsSettings
 from eval.report.tables import ResultRow, read_report_rows, results_table, summary_line, write_report
-from eval.metrics.protocol import kfold_accuracy
 
 N = 400  # pairs per group: pooled impostors 800, so FMR 1e-2 is measurable and 1e-3 is not
 ISSAME = np.tile(np.r_[np.ones(N // 20, bool), np.zeros(N // 20, bool)], 10)
@@ -71,7 +71,8 @@ def test_rows_on_different_pairs_are_refused(tmp_path):
 
 def test_training_log_verification_line_carries_intervals():
     from eval.metrics.protocol import verify_distances
-    from utils.train.monitor import format_verification, summarize_verification
+    from eval.rfw.during_training import summarize_verification
+    from utils.train.monitor import format_verification
 
     rng = np.random.default_rng(1)
     results = {eth: verify_distances(*_row("m", rng, {}).pairs[eth]) for eth in ETHNICITIES}

@@ -14,22 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import train
 from backbones import get_backbone
 from config.config import ETHNICITIES, load_config
 from eval.embed import main as embed_main
 from eval.evaluate import report_work_dir, result_row
+from eval.metrics.protocol import verify_distances
 from eval.report.tables import write_report
+from eval.rfw.embedding import RFWEvaluator, backbone_embed_fn, embed_images
 from eval.rfw.pairs import load_bin
-from eval.metrics.protocol import RFWEvaluator, backbone_embed_fn, embed_images, verify_distances
 from helpers import tiny_overrides
 from utils.data.align import ARCFACE_TEMPLATE, align_face, template
 from utils.data.binfile import read_bin
-from utils.stages.cli import run_stage
-from utils.data.index import FaceDataset, scan_image_folder
+from utils.data.datasets import FaceDataset
 from utils.data.image import decode_image, random_horizontal_flip
+from utils.data.index import scan_image_folder
 from utils.data.synthetic import generate_synthetic
-
-import train
+from utils.stages.cli import run_stage
 
 SIZE, PAIRS, CANVAS = 32, 300, 160
 # Lossless enough that the comparison measures alignment, not JPEG (no chroma subsampling: the synthetic

@@ -1,5 +1,5 @@
 """The code is arranged in layers that import only downwards (README, "Code layout"), and the work
-directory's file names are spelled only in utils/artifacts.py."""
+directory's file names are spelled only in utils/workdir/artifacts.py."""
 from __future__ import annotations
 
 import ast
@@ -9,20 +9,20 @@ from helpers import ROOT
 
 # Bottom to top. A module may import modules of its own layer (without circles) or of lower layers.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("ground", ["config.config", "utils.errors", "utils.io", "utils.distributed", "utils.logs", "utils.image",
-                "utils.binfile", "utils.align", "utils.recordio", "eval.fairness", "utils.locks", "utils.numerics",
-                "utils.signals"]),
-    ("artifacts", ["utils.artifacts"]),
+    ("ground", ["config.config", "utils.core.errors", "utils.core.io", "utils.core.distributed", "utils.core.logs", "utils.data.image",
+                "utils.data.binfile", "utils.data.align", "utils.data.recordio", "eval.metrics.fairness", "utils.core.locks", "utils.core.numerics",
+                "utils.core.signals"]),
+    ("artifacts", ["utils.workdir.artifacts"]),
     ("models and data", ["backbones", "backbones.adaptors", "backbones.iresnet", "backbones.mobilefacenet",
-                         "utils.splits", "utils.dataset", "utils.synthetic", "eval.rfw_data"]),
-    ("provenance and measures", ["utils.provenance", "eval.verification", "eval.reference_verification",
-                                 "eval.bootstrap", "eval.operating_point", "eval.figures", "eval.fairness_stats",
-                                 "eval.seeds", "eval.report"]),
-    ("training loop", ["utils.losses", "utils.callbacks", "utils.engine"]),
-    ("stage logic", ["utils.stage_parts", "utils.embedding_store", "utils.adaptor", "utils.distill", "utils.cli",
-                     "utils.release_import"]),
-    ("evaluation and report", ["eval.evaluate", "eval.embed", "eval.export", "eval.kd_targets", "eval.shared_sweep"]),
-    ("pipeline", ["utils.pipeline"]),
+                         "utils.data.splits", "utils.data.index", "utils.data.synthetic", "eval.rfw.pairs"]),
+    ("provenance and measures", ["utils.workdir.provenance", "eval.metrics.protocol", "eval.metrics.reference_protocol",
+                                 "eval.metrics.bootstrap", "eval.metrics.operating_point", "eval.report.figures", "eval.report.stats",
+                                 "eval.report.seeds", "eval.report.tables"]),
+    ("training loop", ["utils.train.heads", "utils.train.monitor", "utils.train.loop"]),
+    ("stage logic", ["utils.stages.common", "utils.workdir.store", "utils.stages.adaptor", "utils.stages.student", "utils.stages.cli",
+                     "utils.stages.release_import"]),
+    ("evaluation and report", ["eval.evaluate", "eval.embed", "eval.export", "eval.kd_targets", "eval.report.sweep"]),
+    ("pipeline", ["utils.pipeline.plan"]),
     ("scripts", ["baseline_data_split", "train", "extract_all", "fc_EArc", "dual_layer_EAF-Fusion", "KD_alone",
                  "KD_CEL", "run_pipeline", "benchmarks.adaptor_input", "benchmarks.scan_folder",
                  "benchmarks.train_step", "benchmarks.verification", "benchmarks.bootstrap",
@@ -92,8 +92,8 @@ def test_imports_point_downwards_without_circles():
 
 
 # Within a layer, modules that must stay independent of each other (what a line of code should know).
-INDEPENDENT = [("config.", "*"), ("eval.rfw_data", "utils.dataset"), ("utils.synthetic", "eval."),
-               ("utils.dataset", "eval."), ("backbones", "utils.dataset")]
+INDEPENDENT = [("config.", "*"), ("eval.rfw.pairs", "utils.data.index"), ("utils.data.synthetic", "eval."),
+               ("utils.data.index", "eval."), ("backbones", "utils.data.index")]
 
 
 def test_independent_modules_do_not_import_each_other():
@@ -107,7 +107,7 @@ def test_independent_modules_do_not_import_each_other():
     assert not wrong, "\n".join(wrong)
 
 
-# Work-directory names that only utils/artifacts.py may spell (string literals; docstrings may mention them).
+# Work-directory names that only utils/workdir/artifacts.py may spell (string literals; docstrings may mention them).
 WORK_DIR_NAMES = (".pth", "checkpoint_last", "config.json", "provenance.json", "history.json", "train.log",
                   "index.tsv", "sources.json", "teacher_stores.json", "_flip.npy", "baseline_split", "targets.",
                   "results.json")
@@ -125,7 +125,7 @@ def _string_literals(tree: ast.AST) -> list[ast.Constant]:
 def test_work_dir_names_are_spelled_only_in_the_artifacts_module():
     offenders = []
     for name, path in _our_modules().items():
-        if name in ("utils.artifacts",) or name.startswith("benchmarks."):
+        if name in ("utils.workdir.artifacts",) or name.startswith("benchmarks."):
             continue
         for node in _string_literals(ast.parse(path.read_text())):
             if any(token in node.value for token in WORK_DIR_NAMES) or node.value == "tensorboard":

@@ -3,12 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from eval.metrics.operating_point import (
-    fairness_discrepancy_rate,
-    global_threshold,
-    operating_point,
-    operating_points,
-)
+from eval.metrics.operating_point import fairness_discrepancy_rate, global_threshold, operating_point, operating_points
 
 # Two groups, 5 impostor and 3 genuine squared distances each (a match is distance < threshold).
 HAND = {

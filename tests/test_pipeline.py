@@ -22,9 +22,10 @@ from PIL import Image
 
 import run_pipeline
 from helpers import tiny_pipeline
-from utils.workdir import artifacts
-from utils.pipeline.plan import STAGES, Job, StageFailed, Step, Verdict, plan_jobs, run_jobs_side_by_side, select_jobs
 from utils.core.signals import StopRequest
+from utils.pipeline.launch import StageFailed, run_jobs_side_by_side
+from utils.pipeline.plan import STAGES, Job, Step, Verdict, plan_jobs, select_jobs
+from utils.workdir import artifacts
 
 TEACHER_RUNS = [f"teachers/specialized/iresnet18_{eth}" for eth in ("African", "Asian", "Caucasian", "Indian")] + [
     f"teachers/baseline/iresnet18_split{k}" for k in range(4)]

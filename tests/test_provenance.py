@@ -16,9 +16,9 @@ import pytest
 import train
 from config.config import load_config
 from helpers import ROOT, tiny_overrides
-from utils.workdir import artifacts
-from utils.stages.cli import run_stage
 from utils.core.errors import ProvenanceError
+from utils.stages.cli import run_stage
+from utils.workdir import artifacts
 from utils.workdir.provenance import describe_changes, file_sha256
 
 
@@ -88,7 +88,7 @@ def test_user_mistakes_end_in_one_line_other_errors_keep_their_traceback(tmp_pat
     assert missing.returncode == 2, missing.stderr
     assert missing.stderr.strip().splitlines() == [f"error (rank 0): data_root {tmp_path / 'nowhere'} is not a folder"]
 
-    bug = _python("-c", "import sys; from utils.cli import run_stage\n"
+    bug = _python("-c", "import sys; from utils.stages.cli import run_stage\n"
                         "def main(cfg, info):\n    raise RuntimeError('injected bug')\n"
                         "sys.argv = ['stage.py']; run_stage(main)")
     assert bug.returncode == 1

@@ -11,8 +11,8 @@ import torch
 from backbones import get_adaptor, get_backbone
 from config.config import ADAPTORS, CONCAT_ORDER, KD_KINDS, load_config
 from helpers import tiny_pipeline
-from utils.workdir import artifacts
 from utils.stages.release_import import main as import_main
+from utils.workdir import artifacts
 
 TINY = {"network": "iresnet18", "student_network": "iresnet18", "width": 8, "input_size": 32, "embedding_size": 64}
 

@@ -23,24 +23,20 @@ from torch.utils.data import Dataset
 from config.config import load_config
 from helpers import ROOT, tiny_overrides
 from utils.core.distributed import DistInfo
-from utils.workdir.store import (
-    array_file_problem,
-    checked_rows,
-    member_files,
-    open_targets,
-    read_manifest,
-    target_files,
-    manifest_problem,
-    write_rows_sharded,
-)
-from utils.workdir import artifacts
-from utils.workdir.artifacts import CHECKPOINT_FILE as CHECKPOINT_NAME, HISTORY_FILE as HISTORY_NAME, is_run_complete
-from utils.train.loop import TrainingTask, train
-from utils.stages.common import train_options
 from utils.core.io import atomic_torch_save, atomic_write_json
-from utils.core.locks import FolderLocked, LOCK_NAME, acquire, is_locked, release
+from utils.core.locks import LOCK_NAME, FolderLocked, acquire, is_locked, release
 from utils.core.numerics import NonFiniteError
 from utils.core.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
+from utils.stages.common import train_options
+from utils.train.loop import train
+from utils.train.task import TrainingTask
+from utils.workdir import artifacts
+from utils.workdir.artifacts import CHECKPOINT_FILE as CHECKPOINT_NAME
+from utils.workdir.artifacts import HISTORY_FILE as HISTORY_NAME
+from utils.workdir.artifacts import is_run_complete, member_files, target_files
+from utils.workdir.store import (
+    array_file_problem, checked_rows, manifest_problem, open_targets, read_manifest, write_rows_sharded
+)
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -91,7 +87,7 @@ GATED = """
 import runpy, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import utils.locks as locks
+import utils.core.locks as locks
 gate, script = Path(sys.argv[1]), sys.argv[2]
 original = locks.acquire
 def gated(folder, what="folder"):
@@ -172,7 +168,7 @@ def test_second_training_and_second_extraction_refuse_at_once_and_the_first_ones
 
 def test_lock_of_a_dead_process_is_taken_over_and_locks_nest(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-                               f"from utils.locks import acquire; acquire({str(tmp_path)!r}); print('x', flush=True); "
+                               f"from utils.core.locks import acquire; acquire({str(tmp_path)!r}); print('x', flush=True); "
                                "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "x"
     assert is_locked(tmp_path) and f"pid={holder.pid}" in (tmp_path / LOCK_NAME).read_text()
@@ -275,8 +271,8 @@ def test_target_rows_are_checked_before_they_are_written(tmp_path):
 @pytest.mark.parametrize("embeddings", ["constant", "nan"])
 def test_degenerate_evaluation_is_reported_as_such_not_as_fair(tmp_path, embeddings):
     from eval.evaluate import result_row
-    from eval.report.tables import results_table, write_report
     from eval.metrics.protocol import verify
+    from eval.report.tables import results_table, write_report
 
     issame = np.tile([True, False], 20)
     value = 0.5 if embeddings == "constant" else np.nan
@@ -503,8 +499,8 @@ def test_corrupt_image_fails_before_training_by_name(train_tree, tmp_path):
 def test_unusable_rfw_pair_sets_name_file_and_ethnicity(tiny_synthetic, tmp_path, issame, message):
     import shutil
 
+    from eval.rfw.embedding import RFWEvaluator
     from utils.data.binfile import write_bin
-    from eval.metrics.protocol import RFWEvaluator
 
     root = Path(shutil.copytree(tiny_synthetic / "rfw", tmp_path / "rfw"))
     image = next((tiny_synthetic / "train" / "Asian").glob("*/*.jpg")).read_bytes()

@@ -1,4 +1,4 @@
-"""eval.rfw_data: .bin files (round trip, historic encodings, malicious pickles) and RFW pair lists."""
+"""eval.rfw.pairs: .bin files (round trip, historic encodings, malicious pickles) and RFW pair lists."""
 from __future__ import annotations
 
 import os

@@ -7,12 +7,11 @@ from typing import Callable
 
 import pytest
 
+import train
 from config.config import ETHNICITIES
 from helpers import tiny_overrides
-from utils.stages.cli import run_stage
 from utils.data.synthetic import SHARED_FRACTION, generate_synthetic
-
-import train
+from utils.stages.cli import run_stage
 
 SIZES = dict(ids_per_ethnicity=30, images_per_id=8, pairs_per_ethnicity=150, image_size=32, seed=3)
 

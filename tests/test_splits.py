@@ -10,8 +10,8 @@ import pytest
 import baseline_data_split
 from config.config import ETHNICITIES, load_config
 from helpers import make_tree
-from utils.stages.cli import run_stage
 from utils.data.splits import load_split_manifest, make_baseline_split, save_split_manifest
+from utils.stages.cli import run_stage
 from utils.workdir import artifacts
 
 BUPT_SIZES = {"African": 7000, "Asian": 7000, "Caucasian": 7000, "Indian": 6997}

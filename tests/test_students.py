@@ -14,17 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-import KD_CEL
 import KD_alone
+import KD_CEL
 from config.config import ETHNICITIES, load_config
+from eval.rfw.during_training import epoch_evaluator
 from helpers import run_torchrun, tiny_overrides
-from utils.stages.cli import run_stage
-from utils.stages.student import akd_loss, build_kd_dataset, build_student_task, eafkd_loss, kd_term
 from utils.core.distributed import init_distributed
-from utils.workdir.store import target_files
-from utils.train.loop import Batch, seed_everything, train
+from utils.stages.cli import run_stage
 from utils.stages.common import train_options
+from utils.stages.student import akd_loss, build_kd_dataset, build_student_task, eafkd_loss, kd_term
+from utils.train.loop import train
+from utils.train.sampling import seed_everything
+from utils.train.task import Batch
 from utils.workdir import artifacts
+from utils.workdir.artifacts import target_files
 
 # Students learn faster than the teachers' default lr allows in a dozen steps.
 STUDENT = {"lr": 1.0, "batch_size": 16}
@@ -106,8 +109,8 @@ class GarbageLabels(Dataset):
 def test_akd_never_uses_identity_labels(chain, akd_run, tmp_path):
     cfg = load_config(fresh_work(chain, tmp_path / "work", stop_after_epoch=1))
     info = init_distributed()
-    seed_everything(cfg.seed)  # what utils.cli.run_stage does before every stage
-    task = build_student_task(cfg, info)
+    seed_everything(cfg.seed)  # what utils.stages.cli.run_stage does before every stage
+    task = build_student_task(cfg, epoch_evaluator(cfg, info.device))
     result = train(dataclasses.replace(task, dataset=GarbageLabels(task.dataset)), train_options(cfg), info)
     step = result.history[0]["global_step"]
     # Same seed, same first epoch: garbage labels give bit-identical weights to the real-label run.

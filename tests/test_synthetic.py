@@ -1,4 +1,4 @@
-"""utils.synthetic: layout, determinism, held-out test identities, reuse rules, difficulty.
+"""utils.data.synthetic: layout, determinism, held-out test identities, reuse rules, difficulty.
 
 The demo-size speed (4 x 50 ids x 10 images, 300 pairs, 112x112 in well under 30 s) is measured, not
 asserted: wall-clock limits fail on a busy shared machine."""
@@ -17,8 +17,8 @@ import torch
 from config.config import ETHNICITIES
 from eval.rfw.pairs import load_bin
 from utils.data import synthetic
-from utils.data.index import scan_image_folder
 from utils.data.image import normalize_images
+from utils.data.index import scan_image_folder
 
 TINY = dict(ids_per_ethnicity=3, images_per_id=2, pairs_per_ethnicity=6, image_size=16)
 

@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from backbones import build_backbone
 from config.config import load_config
+from eval.rfw import during_training
 from helpers import run_torchrun, tiny_overrides
 from utils.stages.cli import run_stage
-from utils.workdir.artifacts import is_run_complete
 from utils.train.loop import step_decay
-
-import train
 from utils.workdir import artifacts
-from utils.stages import common as stage_parts
+from utils.workdir.artifacts import is_run_complete
 
 
 def _train(data: Path, out: Path, **extra):
@@ -55,10 +54,10 @@ def test_step_decay_is_the_release_lr_func_epoch_by_epoch(milestones, num_epochs
 
 def test_epoch_verification_intervals_follow_the_bootstrap_keys(tiny_synthetic, tmp_path, monkeypatch):
     settings = []
-    monkeypatch.setattr(stage_parts, "summarize_verification", lambda results, *given: settings.append(given) or {})
+    monkeypatch.setattr(during_training, "summarize_verification", lambda results, *given: settings.append(given) or {})
     cfg = load_config(tiny_overrides(tiny_synthetic, tmp_path, rfw_root=str(tiny_synthetic / "rfw"),
                                      bootstrap_resamples=50, bootstrap_seed=3, confidence=0.5))
-    stage_parts.backbone_evaluator(cfg, torch.device("cpu"))(build_backbone(cfg).eval())
+    during_training.epoch_evaluator(cfg, torch.device("cpu"))(build_backbone(cfg).eval())
     assert settings == [(50, 3, 0.5)]
 
 

@@ -5,19 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from config.config import CONCAT_ORDER, ETHNICITIES
-from eval.metrics.protocol import (
-    THRESHOLDS,
-    adaptor_outputs,
-    backbone_embed_fn,
-    embed_images,
-    image_outputs,
-    kfold_accuracy,
-    multi_teacher_embed_fn,
-    pair_distances,
-    verify,
-    verify_distances,
-)
+from eval.metrics.protocol import THRESHOLDS, kfold_accuracy, pair_distances, verify, verify_distances
 from eval.metrics.reference_protocol import reference_verify as _reference_verify
+from eval.rfw.embedding import adaptor_outputs, backbone_embed_fn, embed_images, image_outputs, multi_teacher_embed_fn
 
 
 def random_pairs(seed, n_pairs, dim=64, noise=1.2):

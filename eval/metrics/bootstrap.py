@@ -74,7 +74,7 @@ def bootstrap_accuracies(distances: np.ndarray, issame: np.ndarray, indices: np.
                          thresholds: np.ndarray = THRESHOLDS) -> np.ndarray:
     """Held-out 10-fold accuracy (fraction) of each resample ``[B]``, for indices from :func:`draw_resamples`.
 
-    Same protocol and tie-breaking as :func:`eval.verification.kfold_accuracy` (identity indices give its
+    Same protocol and tie-breaking as :func:`eval.metrics.protocol.kfold_accuracy` (identity indices give its
     number exactly). Vectorised: each pair's threshold bin is found once; per resample and cell a weighted
     histogram over bins and a cumulative sum give the counts below every threshold.
     """
@@ -113,7 +113,7 @@ def bootstrap_accuracies(distances: np.ndarray, issame: np.ndarray, indices: np.
 
 def fairness_arrays(accuracies: np.ndarray) -> dict[str, np.ndarray]:
     """Avg, STD (population) and SER of accuracies in % ``[..., groups]``; same conventions as
-    :func:`eval.fairness.fairness_metrics` (SER inf when only the best group makes no error, NaN when none does)."""
+    :func:`eval.metrics.fairness.fairness_metrics` (SER inf when only the best group makes no error, NaN when none does)."""
     acc = np.asarray(accuracies, dtype=np.float64)
     worst, best = 100.0 - acc.min(axis=-1), 100.0 - acc.max(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):

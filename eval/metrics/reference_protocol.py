@@ -1,6 +1,6 @@
 """The plain insightface verification loop (400 thresholds per training split, one at a time).
 
-Kept as the oracle the vectorised ``eval.verification`` is tested and benchmarked against; nothing else uses it.
+Kept as the oracle the vectorised ``eval.metrics.protocol`` is tested and benchmarked against; nothing else uses it.
 """
 from __future__ import annotations
 

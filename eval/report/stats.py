@@ -2,7 +2,7 @@
 
 Rows carry their RFW pairs (``ResultRow.pairs``: group -> (squared distances, issame)); every row must have
 been evaluated on the same pairs, so one seeded resampling plan serves them all and differences between rows
-are paired. The pure statistics live in :mod:`eval.bootstrap` and :mod:`eval.operating_point`.
+are paired. The pure statistics live in :mod:`eval.metrics.bootstrap` and :mod:`eval.metrics.operating_point`.
 """
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from config.config import KD_LABELS
 from eval.metrics.bootstrap import MIN_CELL_PAIRS, Bootstrap, Estimate, smallest_cell
 from eval.metrics.operating_point import DEFAULT_FMR_TARGETS, OperatingPoint, operating_points
 from utils.core.io import atomic_path
-
-KD_LABELS = {"aKD": "a-KD", "EAFKD": "EAF-KD"}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The shared-fraction study: one table line per synthetic world, read from the reports of its pipeline runs.
 
 ``run_pipeline.py --sweep-shared 0 0.5 0.8`` runs the whole pipeline once per ``shared_fraction`` of the
-generator (``utils/synthetic.py``) and prints :func:`sweep_table`: how specialized the specialized teachers
+generator (``utils/data/synthetic.py``) and prints :func:`sweep_table`: how specialized the specialized teachers
 are (own group vs the other three), and how the students of specialized teachers compare with the students
 of balanced teachers, so a user sees when specialized teachers help on synthetic data and when they do not.
 """
@@ -12,8 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from eval.evaluate import read_run_config
 from eval.report.tables import ResultRow
+from utils.workdir.runs import read_run_config
 
 
 def teacher_specialization(rows: Sequence[ResultRow]) -> tuple[float, float]:

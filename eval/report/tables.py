@@ -11,26 +11,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from config.config import ETHNICITIES
+from config.config import ETHNICITIES, KD_LABELS
 from eval.metrics.fairness import fairness_metrics
-from eval.report.stats import (
-    KD_LABELS,
-    ReportStats,
-    StatsSettings,
-    comparison_summary,
-    comparisons_json,
-    load_pairs,
-    operating_point_extras,
-    operating_point_markdown,
-    operating_points_by_target,
-    report_stats,
-    save_pairs,
-)
 from eval.report.figures import (
-    plot_accuracy_heatmaps,
-    plot_det_families,
-    plot_operating_points,
-    plot_teacher_set_comparison,
+    plot_accuracy_heatmaps, plot_det_families, plot_operating_points, plot_teacher_set_comparison
+)
+from eval.report.stats import (
+    ReportStats, StatsSettings, comparison_summary, comparisons_json, load_pairs, operating_point_extras,
+    operating_point_markdown, operating_points_by_target, report_stats, save_pairs
 )
 from utils.core.io import atomic_write_text
 from utils.core.numerics import json_safe
@@ -45,7 +33,7 @@ class ResultRow:
     name: str
     accuracies: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
-    # The RFW pairs (group -> squared distances, issame) and what eval/fairness_stats.py derives from them.
+    # The RFW pairs (group -> squared distances, issame) and what eval/report/stats.py derives from them.
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # COLUMNS key -> (low, high)
     operating_points: list[Any] = field(default_factory=list, repr=False)
@@ -320,7 +308,7 @@ def write_report(rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "re
 def summary_line(rows: Sequence[ResultRow], settings: StatsSettings | None = None,
                  stats: ReportStats | None = None) -> str:
     """Students of specialized minus students of balanced teachers per adaptor and KD kind and pooled, with
-    paired bootstrap intervals over the RFW pairs (eval/fairness_stats.py). Without ``stats`` (see
+    paired bootstrap intervals over the RFW pairs (eval/report/stats.py). Without ``stats`` (see
     :func:`write_report`) it computes them, which also gives rows read back from a report their intervals."""
     stats = stats or report_stats(rows, settings or StatsSettings())
     summary = comparison_summary(stats.comparisons, stats.plan)

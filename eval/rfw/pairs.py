@@ -1,6 +1,6 @@
 """Loaders for verification pairs: insightface ``.bin`` files and RFW as its authors distribute it.
 
-``.bin`` files (format in ``utils/binfile.py``) hold aligned crops: RFW's ``<Race>_test.bin`` and
+``.bin`` files (format in ``utils/data/binfile.py``) hold aligned crops: RFW's ``<Race>_test.bin`` and
 insightface's lfw, cfp_fp, agedb_30, ... benchmarks.
 
 RFW as distributed (``rfw_root`` = the archive root, or its ``test/`` folder)::
@@ -11,7 +11,7 @@ RFW as distributed (``rfw_root`` = the archive root, or its ``test/`` folder)::
     test/txts/<Race>/<Race>_lmk.txt           one line per image: its path (``/test/data/<Race>/<id>/<file>``),
                                               a label, then 5 landmarks as 10 numbers x1 y1 ... x5 y5
 
-Images are aligned from their landmarks to the ArcFace template (``utils.align``); an image without
+Images are aligned from their landmarks to the ArcFace template (``utils.data.align``); an image without
 landmarks must already be an ``input_size`` square (or ``allow_resize``). An LFW-style first line of two
 integers (folds, pairs per fold) in a pair list is skipped.
 """
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from config.config import ETHNICITIES
+from utils.core.errors import InvalidInputError, MissingInputError
+from utils.core.logs import LOGGER_NAME
 from utils.data.align import align_face, as_landmarks
 from utils.data.binfile import read_bin
-from utils.core.errors import InvalidInputError, MissingInputError
 from utils.data.image import decode_bgr, decode_image
-from utils.core.logs import LOGGER_NAME
 
 # A child of the project logger, so the format found reaches the run's train.log.
 logger = logging.getLogger(f"{LOGGER_NAME}.rfw")

@@ -2,7 +2,7 @@
 
 Writes go to ``.<name>.<random>.tmp`` next to the target and are renamed onto it; a kill can leave such a temp
 file, which the next holder of the folder's lock removes (:func:`remove_temp_files`). JSON is standard JSON:
-NaN is written as ``null`` and infinities as the strings ``"inf"`` / ``"-inf"`` (see ``utils.numerics.json_safe``).
+NaN is written as ``null`` and infinities as the strings ``"inf"`` / ``"-inf"`` (see ``utils.core.numerics.json_safe``).
 OS errors of a write (disk full, read-only, not a folder, name too long) become one-line ``OSError`` messages that
 name the path.
 """

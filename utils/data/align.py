@@ -80,7 +80,7 @@ def check_input_size(image: np.ndarray, input_size: int, name: str, allow_resize
     if not allow_resize:
         raise UnalignedImageError(
             f"image {name} is {width}x{height}, not the {input_size}x{input_size} aligned crop the networks "
-            f"expect: align the images to the ArcFace template first (5-point landmarks; utils/align.py, or "
+            f"expect: align the images to the ArcFace template first (5-point landmarks; utils/data/align.py, or "
             f"RFW's <Race>_lmk.txt files, which are used automatically), or set allow_resize=True to resize "
             f"them on purpose (only right for images that are already aligned crops of another size)")
     shrink = height > input_size or width > input_size

@@ -19,7 +19,7 @@ def decode_bgr(data: bytes | np.ndarray, name: str) -> np.ndarray:
 
 def decode_image(data: bytes | np.ndarray, input_size: int, name: str, allow_resize: bool = False) -> np.ndarray:
     """Encoded aligned crop -> RGB uint8 [S, S, 3]. An image of another size is refused unless
-    ``allow_resize`` (see :func:`utils.align.check_input_size`)."""
+    ``allow_resize`` (see :func:`utils.data.align.check_input_size`)."""
     image = check_input_size(decode_bgr(data, name), input_size, name, allow_resize)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 

@@ -22,17 +22,12 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from config.config import ETHNICITIES, Config
-from utils.workdir import artifacts
-from utils.data import recordio
-from utils.core.errors import InvalidInputError, MissingInputError
-from utils.data.image import decode_image, normalize_array, to_tensor
+from config.config import ETHNICITIES
+from utils.core.errors import MissingInputError
 from utils.core.io import atomic_write_text
 from utils.core.logs import LOGGER_NAME
-from utils.data.splits import load_split_manifest
+from utils.data import recordio
 
 # A child of the project logger, so data warnings reach the run's train.log.
 logger = logging.getLogger(f"{LOGGER_NAME}.data")
@@ -41,7 +36,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 UNKNOWN_ETHNICITY = "unknown"
 REC_NAME, IDX_NAME, ETHNICITY_MAP_NAME = "train.rec", "train.idx", "ethnicity.tsv"
 _INDEX_HEADER = "# mst-kd image index v1"
-_REC_SEPARATOR = "#"
+REC_SEPARATOR = "#"
 
 
 def _ethnicity_code(name: str) -> int:
@@ -305,7 +300,7 @@ def scan_recordio(root: str | Path, cache_path: str | Path | None = None) -> Ima
             eth, identity = mapping[label]
         else:
             raise ValueError(f"{map_path} has no line for label {label} (record {key} of {root / REC_NAME})")
-        items.append((eth, identity, f"{key:012d}", f"{REC_NAME}{_REC_SEPARATOR}{key}"))
+        items.append((eth, identity, f"{key:012d}", f"{REC_NAME}{REC_SEPARATOR}{key}"))
     reader.close()
     if not items:
         raise ValueError(f"{root / REC_NAME} holds no image records")
@@ -314,24 +309,7 @@ def scan_recordio(root: str | Path, cache_path: str | Path | None = None) -> Ima
     return index
 
 
-# ---- the run's universe and its subsets --------------------------------------------------------------
-
-
-def load_index(cfg: Config) -> ImageIndex:
-    """The run's training images: all of cfg.data_root, or cfg.ids_per_ethnicity identities per
-    ethnicity drawn with cfg.seed (the same on every call), labels renumbered 0..K-1."""
-    if cfg.data_root is None:
-        raise InvalidInputError("config key data_root is not set: point it at the training images")
-    root = Path(cfg.data_root)
-    if not root.is_dir():
-        raise MissingInputError(f"data_root {root} is not a folder")
-    if (root / REC_NAME).is_file():
-        index = scan_recordio(root, artifacts.index_cache_file(cfg))
-    else:
-        index = scan_image_folder(root, artifacts.index_cache_file(cfg))
-    if cfg.ids_per_ethnicity is None:
-        return index
-    return restrict_identities(index, cfg.ids_per_ethnicity, cfg.seed)
+# ---- subsets ------------------------------------------------------------------------------------------
 
 
 def restrict_identities(index: ImageIndex, ids_per_ethnicity: int, seed: int) -> ImageIndex:
@@ -387,128 +365,3 @@ def select_rows(
     rows = np.flatnonzero(mask)
     _, labels = np.unique(index.labels[rows], return_inverse=True)
     return rows, labels.astype(np.int64).reshape(-1)
-
-
-# ---- datasets -----------------------------------------------------------------------------------------
-
-
-class FaceDataset(Dataset):
-    """Images of ``rows`` of an index as ``(float image [3, S, S], label, row)``.
-
-    No augmentation here: the training engine flips whole batches so it knows which samples were
-    flipped. Paths are kept in a numpy array so forked DataLoader workers share them instead of
-    copying a list of a million Python strings on first touch.
-    """
-
-    def __init__(self, index: ImageIndex, rows: np.ndarray | None = None, labels: np.ndarray | None = None,
-                 input_size: int = 112, allow_resize: bool = False):
-        self.index = index
-        self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.labels = index.labels[self.rows] if labels is None else np.asarray(labels, dtype=np.int64)
-        if len(self.labels) != len(self.rows):
-            raise ValueError(f"{len(self.rows)} rows but {len(self.labels)} labels")
-        self.input_size = input_size
-        self.allow_resize = allow_resize
-        self.root = str(index.root)
-        self._paths = np.array([index.paths[r].encode("utf-8") for r in self.rows.tolist()], dtype=bytes)
-        self._reader: recordio.IndexedRecordReader | None = None
-        if index.kind == "recordio":
-            self._reader = recordio.IndexedRecordReader(index.root / IDX_NAME, index.root / REC_NAME)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _read(self, i: int) -> tuple[bytes, str]:
-        path = self._paths[i].decode("utf-8")
-        if self._reader is not None:
-            key = int(path.rsplit(_REC_SEPARATOR, 1)[1])
-            name = f"{self._reader.path}#{key}"
-            return recordio.unpack(self._reader.read_idx(key))[1], name
-        name = os.path.join(self.root, path)
-        try:
-            with open(name, "rb") as handle:
-                return handle.read(), name
-        except OSError as exc:
-            raise OSError(f"cannot read image {name}: {exc.strerror}") from exc
-
-    def read_uint8(self, i: int) -> torch.Tensor:
-        """The ``i``-th image as uint8 RGB [3, S, S] (what ``__getitem__`` normalises)."""
-        data, name = self._read(i)
-        return to_tensor(decode_image(data, self.input_size, name, self.allow_resize))
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        data, name = self._read(i)
-        image = normalize_array(decode_image(data, self.input_size, name, self.allow_resize).transpose(2, 0, 1))
-        return torch.from_numpy(image), int(self.labels[i]), int(self.rows[i])
-
-
-class RecordDataset(FaceDataset):
-    """A FaceDataset over a RecordIO index (``train.rec#<key>`` rows); same item format."""
-
-    def __init__(self, index: ImageIndex, rows: np.ndarray | None = None, labels: np.ndarray | None = None,
-                 input_size: int = 112, allow_resize: bool = False):
-        if index.kind != "recordio":
-            raise ValueError(f"RecordDataset needs a RecordIO index, got a {index.kind} index of {index.root}")
-        super().__init__(index, rows, labels, input_size, allow_resize)
-
-
-def dataset_for(cfg: Config, index: ImageIndex, rows: np.ndarray | None = None,
-                labels: np.ndarray | None = None) -> FaceDataset:
-    """The dataset of ``rows`` of ``index`` (all by default) decoded as ``cfg`` says (input_size, allow_resize):
-    the one place a stage builds it, so training, the image check and extraction read images alike."""
-    dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
-    return dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize)
-
-
-PROTOCOLS = ("ethnicity", "all", "split")
-
-
-def training_rows(cfg: Config, index: ImageIndex, protocol: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``index`` a training stage reads, and their labels 0..k-1.
-
-    ``ethnicity``: identities of cfg.ethnicity (``all`` = every identity); ``all``: every identity;
-    ``split``: balanced baseline split cfg.split from the split manifest.
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    if protocol == "ethnicity" and cfg.ethnicity != "all":
-        return select_rows(index, ethnicity=cfg.ethnicity)
-    if protocol == "split":
-        manifest = artifacts.split_manifest(cfg)
-        splits = load_split_manifest(manifest)
-        if not 0 <= cfg.split < len(splits):
-            raise InvalidInputError(f"split={cfg.split} but {manifest} holds {len(splits)} splits")
-        return select_rows(index, identities=splits[cfg.split])
-    return np.arange(len(index)), index.labels
-
-
-def build_training_dataset(cfg: Config, protocol: str) -> tuple[FaceDataset, int]:
-    """The dataset a training stage uses (rows as in :func:`training_rows`) and its number of classes."""
-    index = load_index(cfg)
-    rows, labels = training_rows(cfg, index, protocol)
-    num_classes = int(labels.max()) + 1
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise InvalidInputError(f"config key num_classes={cfg.num_classes} but the {protocol} data of "
-                                f"{cfg.data_root} has {num_classes} identities")
-    dataset = dataset_for(cfg, index, rows, labels)
-    check_images(dataset, cfg.check_images, seed=cfg.seed, workers=cfg.num_workers)
-    return dataset, num_classes
-
-
-def check_images(dataset: FaceDataset, sample: int, *, seed: int = 0, workers: int = 1) -> int:
-    """Decode ``sample`` seeded-random images of ``dataset`` (all of them when ``sample`` < 0 or exceeds its
-    size), so a corrupt or unreadable file fails in seconds with its name, not hours into a run. Returns how many
-    were decoded."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if sample == 0 or len(dataset) == 0:
-        return 0
-    count = len(dataset) if sample < 0 else min(sample, len(dataset))
-    positions = np.random.default_rng(seed).choice(len(dataset), size=count, replace=False)
-    # cv2 decodes without the GIL: threads are enough, and errors arrive with their own message. A RecordIO
-    # reader is one file handle (seek, then read), so those records are read by one thread.
-    threads = 1 if dataset.index.kind == "recordio" else max(1, workers)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for _ in pool.map(dataset.read_uint8, positions.tolist()):
-            pass
-    return count

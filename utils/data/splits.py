@@ -1,7 +1,7 @@
 """Balanced baseline splits: part k of every ethnicity's identities forms baseline teacher k.
 
 The manifest (JSON) lists the identities of each split per ethnicity; training reads it through
-``utils.dataset.select_rows`` so no image is copied. ``materialize_split`` optionally builds the
+``utils.data.index.select_rows`` so no image is copied. ``materialize_split`` optionally builds the
 per-split folder trees with hard links (symlinks where hard links are impossible).
 """
 from __future__ import annotations

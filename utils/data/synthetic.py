@@ -1,6 +1,6 @@
 """Synthetic face-like data in the real layouts, for the demo, the tests and the benchmarks.
 
-    python -m utils.synthetic --out DIR [--ids-per-ethnicity 50] [--images-per-id 10]
+    python -m utils.data.synthetic --out DIR [--ids-per-ethnicity 50] [--images-per-id 10]
         [--pairs-per-ethnicity 300] [--image-size 112] [--seed 0] [--jpeg-quality 95]
         [--shared-fraction 0.4] [--overwrite]
 
@@ -48,9 +48,9 @@ import cv2
 import numpy as np
 
 from config.config import ETHNICITIES
-from utils.data.binfile import write_bin
 from utils.core.errors import ExistingOutputError
 from utils.core.io import atomic_write_json
+from utils.data.binfile import write_bin
 
 BASES_PER_ETHNICITY = 12
 # RGB base colours: a face tone per ethnicity (it tells ethnicities apart, never identities).

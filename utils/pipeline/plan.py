@@ -1,47 +1,29 @@
 """The paper's whole pipeline as a list of jobs: which script, which overrides, what it depends on, and
 whether it has to run.
 
-A job is done only when its outputs are complete *and* their provenance record (``utils/provenance.py``)
+A job is done only when its outputs are complete *and* their provenance record (``utils/workdir/provenance.py``)
 matches the one the current config and the current upstream outputs call for; a job whose upstream job runs
 runs too. :func:`plan` decides every job before anything runs and says why; each job then runs as its own
-process (python, or torchrun with several processes per node) with ``resume=True`` (an interrupted run with
-the same record continues) and ``replace=True`` (a run of other settings or inputs is moved aside). The
-pipeline reads artifacts only; it imports no training code.
+process (``utils.pipeline.launch``). The pipeline reads artifacts only; it imports no training code.
 """
 from __future__ import annotations
 
 import functools
-import os
-import shlex
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from config.config import (
-    ADAPTOR_SCRIPTS, ADAPTORS, ETHNICITIES, KD_KINDS, KD_SCRIPTS, TEACHER_SETS, Config, load_config, teacher_members)
-from utils.workdir import artifacts
-from utils.data.index import ImageIndex, load_index, training_rows
-from utils.core.errors import InvalidInputError
-from utils.workdir.provenance import (
-    Record,
-    adaptor_record,
-    data_fingerprint,
-    describe_changes,
-    file_sha256,
-    identities_fingerprint,
-    read_record,
-    record_digest,
-    split_record,
-    store_record,
-    student_record,
-    targets_record,
-    teacher_record,
+    ADAPTOR_SCRIPTS, ADAPTORS, ETHNICITIES, KD_KINDS, KD_SCRIPTS, TEACHER_SETS, Config, load_config, teacher_members
 )
-from utils.core.signals import StopRequest
+from utils.core.errors import InvalidInputError
+from utils.data.index import ImageIndex
+from utils.workdir import artifacts
+from utils.workdir.inputs import load_index, training_rows
+from utils.workdir.provenance import (
+    Record, adaptor_record, data_fingerprint, describe_changes, file_sha256, identities_fingerprint, read_record,
+    record_digest, split_record, store_record, student_record, targets_record, teacher_record
+)
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("split", "teachers", "extract", "adaptors", "students", "report")
@@ -121,7 +103,7 @@ def _changed(what: str, recorded: Record, wanted: Record) -> Verdict:
 
 
 def _imported(run_dir: Path) -> Verdict | None:
-    """Weights imported by utils/release_import.py are a finished run, whatever the settings and inputs."""
+    """Weights imported by utils/stages/release_import.py are a finished run, whatever the settings and inputs."""
     if artifacts.is_imported(run_dir) and artifacts.is_run_complete(run_dir):
         return Verdict(True, f"imported weights ({artifacts.IMPORTED_FILE}): used as they are")
     return None
@@ -157,7 +139,7 @@ def _store_verdict(manifest_path: Path, wanted: Record, what: str) -> Verdict:
 
 class _Inputs:
     """What the checks share, computed once per plan: the image index and the data fingerprints (file digests
-    are reused by :func:`utils.provenance.file_sha256` itself)."""
+    are reused by :func:`utils.workdir.provenance.file_sha256` itself)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -335,137 +317,3 @@ def select_jobs(jobs: list[Job], only: Sequence[str] | None, start: str | None) 
         first = STAGES.index(start)
         return [job for job in jobs if STAGES.index(job.stage) >= first]
     return jobs
-
-
-# The pipeline continues interrupted runs and moves runs of other settings or inputs aside (the plan says so).
-JOB_FLAGS = ("resume=True", "replace=True")
-
-
-def launch_command(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[str]) -> list[str]:
-    """The command line of a job: plain python, or torchrun when several processes are asked for."""
-    script = str(REPO / job.script)
-    args = [*base, *job.overrides, *JOB_FLAGS]
-    if nproc > 1 and job.distributed:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *torchrun_args]
-        if not any(arg.startswith(("--rdzv", "--nnodes", "--master")) for arg in torchrun_args):
-            launcher.append("--standalone")
-        return [*launcher, script, *args]
-    return [sys.executable, script, *args]
-
-
-class StageFailed(Exception):
-    """A stage's process ended with a non-zero exit code; it printed its own error."""
-
-    def __init__(self, what: str, returncode: int) -> None:
-        super().__init__(f"{what} failed with exit code {returncode} (its output is above)")
-        self.returncode = returncode
-
-
-def run_command(command: Sequence[str], what: str) -> None:
-    """Run one stage as its own process; a failure stops the pipeline."""
-    print("$ " + shlex.join(command), flush=True)
-    completed = subprocess.run(list(command), cwd=REPO)
-    if completed.returncode != 0:
-        raise StageFailed(what, completed.returncode)
-
-
-def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torchrun_args: Sequence[str],
-                   stop: StopRequest, started: float) -> None:
-    """Run the steps that must run in order, each in the foreground (its output is the pipeline's)."""
-    for number, step in enumerate(steps, 1):
-        if not step.run:
-            continue
-        print(f"{step.job.line(number, len(steps))} -- running ({time.perf_counter() - started:.0f} s elapsed)",
-              flush=True)
-        run_command(launch_command(step.job, base, nproc, torchrun_args), step.job.describe())
-        if stop.signal is not None:  # the stage got the signal too, and ended resumable
-            raise PipelineInterrupted(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same "
-                                      "command to continue")
-        verdict = step.job.check()
-        if not verdict.done:
-            raise InvalidInputError(f"{step.job.describe()} ended without complete outputs ({verdict.reason}; "
-                                    "stopped early?)")
-
-
-class PipelineInterrupted(Exception):
-    """SIGTERM/SIGINT reached the pipeline and its running jobs, which saved resumable checkpoints."""
-
-
-def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: Path, workers: int,
-                          stop: StopRequest, started: float) -> None:
-    """Run the steps that must run, up to ``workers`` at a time, each once every job it reads from has finished.
-
-    Each job writes its output to its own log (``artifacts.job_log_file``), shown when it fails. A failure or a
-    stop signal lets no new job start and asks the running ones to save a resumable checkpoint (SIGTERM).
-    """
-    pending = [step for step in steps if step.run]
-    to_run = {step.job.key for step in pending}
-    number = {step.job.key: index for index, step in enumerate(steps, 1)}
-    finished: set[str] = set()
-    running: dict[str, tuple[Step, subprocess.Popen, Path]] = {}
-    failure: Exception | None = None
-    stopping = False
-    # Jobs side by side share the cores instead of each taking all of them (unless the user chose a number).
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), **os.environ}
-
-    def stop_running() -> None:
-        for _, process, _ in running.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-
-    while pending or running:
-        if failure is None and stop.signal is None:
-            for step in [s for s in pending if all(k in finished or k not in to_run for k in s.job.upstream)]:
-                if len(running) >= workers:
-                    break
-                log = artifacts.job_log_file(work_dir, step.job.key)
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "w") as handle:
-                    process = subprocess.Popen(launch_command(step.job, base, 1, []), cwd=REPO, env=env,
-                                               stdout=handle, stderr=subprocess.STDOUT)
-                running[step.job.key] = (step, process, log)
-                pending.remove(step)
-                print(f"{step.job.line(number[step.job.key], len(steps))} -- running "
-                      f"({time.perf_counter() - started:.0f} s elapsed; output in {log})", flush=True)
-        elif not stopping:
-            stopping = True
-            pending.clear()
-            stop_running()
-        time.sleep(0.1)
-        for key, (step, process, log) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[key]
-            if stop.signal is not None or failure is not None:
-                continue
-            if process.returncode != 0:
-                print(log.read_text()[-4000:], file=sys.stderr)
-                failure = StageFailed(f"{step.job.describe()} (log {log})", process.returncode)
-                continue
-            verdict = step.job.check()
-            if not verdict.done:
-                failure = InvalidInputError(f"{step.job.describe()} ended without complete outputs "
-                                            f"({verdict.reason}; log {log})")
-                continue
-            finished.add(key)
-            print(f"{step.job.line(number[key], len(steps))} -- done", flush=True)
-    if stop.signal is not None:
-        raise PipelineInterrupted(f"{stop.name}: pipeline stopped; the running jobs saved resumable checkpoints; run "
-                              "the same command to continue")
-    if failure is not None:
-        raise failure
-
-
-def report_command(cfg: Config) -> list[str]:
-    """The report of the runs of this config's run_name: ``python -m eval.evaluate --work-dir ...``, with the
-    config's bootstrap and operating-point settings."""
-    if cfg.rfw_root is None:
-        raise InvalidInputError("the report needs rfw_root=<folder with <Ethnicity>_test.bin>")
-    command = [sys.executable, "-m", "eval.evaluate", "--work-dir", str(artifacts.work_root(cfg)), "--rfw-root",
-               str(cfg.rfw_root), "--run-name", cfg.run_name, "--batch-size", str(cfg.extract_batch_size),
-               "--bootstrap-resamples", str(cfg.bootstrap_resamples), "--bootstrap-seed", str(cfg.bootstrap_seed),
-               "--confidence", str(cfg.confidence), "--fdr-alpha", str(cfg.fdr_alpha),
-               "--fmr-targets", *map(str, cfg.fmr_targets)]
-    if cfg.val_targets:
-        command += ["--val-root", str(cfg.val_root), "--val-targets", *cfg.val_targets]
-    return command + (["--allow-resize"] if cfg.allow_resize else [])

@@ -21,24 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from backbones import build_adaptor, load_weights
+from backbones import build_adaptor
 from config.config import Config, torchrun_launch
-from utils.workdir import artifacts
 from utils.core.distributed import DistInfo, barrier, broadcast_object
-from utils.workdir.store import (
-    TeacherStores,
-    checked_rows,
-    manifest_problem,
-    open_teacher_stores,
-    read_manifest,
-    write_rows_sharded,
-)
-from utils.train.loop import TrainingTask, claim_run_folder, train
 from utils.core.errors import ProvenanceError
 from utils.core.locks import rank0_folder_lock
 from utils.core.logs import get_logger, setup_logging
+from utils.core.weights import load_weights
+from utils.stages.common import classification_loss, make_header, stage_task, train_options
+from utils.train.checkpoint import claim_run_folder
+from utils.train.loop import train
+from utils.train.task import TrainingTask
+from utils.workdir import artifacts
 from utils.workdir.provenance import Record, adaptor_record, file_fingerprint, run_matches, targets_record
-from utils.stages.common import classification_loss, make_header, train_options
+from utils.workdir.store import (
+    TeacherStores, checked_rows, manifest_problem, open_teacher_stores, read_manifest, write_rows_sharded
+)
+
 # Share of the available RAM the in-memory copies of the stores (one per local rank) may take.
 MEMORY_FRACTION = 0.8
 
@@ -138,26 +137,13 @@ def build_adaptor_task(cfg: Config, stores: TeacherStores, record: Record | None
         f"adaptor inputs: {len(stores.members)} teacher stores ({', '.join(stores.members)}) read "
         f"{'into RAM' if in_memory else 'from the memory map'}")
     dataset = ConcatStoreDataset(stores.arrays, stores.index.labels, in_memory=in_memory)
-    return TrainingTask(
-        stage="adaptor",
-        run_dir=artifacts.adaptor_dir(cfg),
-        config=cfg.to_dict(),
-        provenance=record or adaptor_record(cfg, stores.records),
-        model=build_adaptor(cfg),
-        model_name="adaptor",
-        dataset=dataset,
-        loss_fn=classification_loss,
-        lr=cfg.scaled_lr_fc,
-        num_epochs=cfg.num_epoch_fc,
-        milestones=cfg.milestones_fc,
-        batch_size=cfg.batch_size_fc,
-        header=make_header(cfg, stores.index.num_classes, adaptor_stage=True),
-        flip=False,
-        selection="loss",
-        collate_fn=passthrough_collate,
-        # Gathers from RAM take microseconds; workers only pay off when pages come from disk.
-        num_workers=0 if in_memory else cfg.num_workers,
-    )
+    return stage_task(cfg, stage="adaptor", run_dir=artifacts.adaptor_dir(cfg),
+                      provenance=record or adaptor_record(cfg, stores.records), model=build_adaptor(cfg),
+                      dataset=dataset, loss_fn=classification_loss,
+                      header=make_header(cfg, stores.index.num_classes, adaptor_stage=True),
+                      flip=False, collate_fn=passthrough_collate,
+                      # Gathers from RAM take microseconds; workers only pay off when pages come from disk.
+                      num_workers=0 if in_memory else cfg.num_workers)
 
 
 def best_record(run_dir: Path) -> dict[str, Any]:
@@ -214,7 +200,7 @@ def _finished(cfg: Config, record: Record, index_hash: str, flipped: bool) -> tu
     """Rank 0's view of the run folder: (the ``file_fingerprint`` of its best weights when training finished
     with this record, else None; whether its targets are current too)."""
     run_dir = artifacts.adaptor_dir(cfg)
-    # Imported weights (utils/release_import.py) are a finished run for the teacher stores given; only their
+    # Imported weights (utils/stages/release_import.py) are a finished run for the teacher stores given; only their
     # KD targets are computed here.
     trained = run_matches(run_dir, record) or (artifacts.is_imported(run_dir) and artifacts.is_run_complete(run_dir))
     if not trained:

@@ -1,6 +1,6 @@
 """Entry point shared by the stage scripts: config from argv, process group, and the two kinds of errors.
 
-A :class:`~utils.errors.UserError` (bad key or value, missing input, a folder of another configuration) is
+A :class:`~utils.core.errors.UserError` (bad key or value, missing input, a folder of another configuration) is
 reported in one line and exits with code 2; every other exception (a bug, CUDA out of memory, NCCL) keeps
 its traceback.
 """
@@ -11,9 +11,9 @@ from typing import Any, Callable, Sequence
 
 from config.config import Config, parse_cli
 from utils.core.distributed import DistInfo, cleanup_distributed, init_distributed
-from utils.train.loop import seed_everything
 from utils.core.errors import EXIT_CODE, InvalidInputError, UserError
 from utils.core.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
+from utils.train.sampling import seed_everything
 
 
 def _parse(argv: Sequence[str] | None, stage_defaults: dict[str, Any]) -> Config:

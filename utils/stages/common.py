@@ -1,20 +1,20 @@
-"""Parts every training stage builds from the config: loop options, the margin header, the RFW evaluator for
-best-epoch selection and the classification loss."""
+"""Parts every training stage builds from the config: loop options, the margin header, the classification loss,
+and the one construction of a stage's :class:`TrainingTask`."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from config.config import Config
-from eval.metrics.protocol import RFWEvaluator, backbone_embed_fn
-from utils.train.monitor import summarize_verification
-from utils.train.loop import Batch, TrainOptions
-from utils.core.errors import InvalidInputError, MissingInputError
+from utils.core.errors import InvalidInputError
 from utils.train.heads import build_head
+from utils.train.task import Batch, Evaluate, LossFn, TrainingTask, TrainOptions
+from utils.workdir.provenance import Record
 
 
 def train_options(cfg: Config) -> TrainOptions:
@@ -38,16 +38,20 @@ def make_header(cfg: Config, num_classes: int, adaptor_stage: bool = False) -> n
     return build_head(cfg, num_classes, adaptor_stage=adaptor_stage)
 
 
-def backbone_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module], Mapping[str, float]] | None:
-    """Per-epoch RFW verification of a backbone (flip TTA) summarised with the config's bootstrap settings, or
-    None when no RFW root is configured."""
-    if cfg.rfw_root is None:
-        return None
-    rfw_root = Path(cfg.rfw_root)
-    if not rfw_root.is_dir():
-        raise MissingInputError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files or the "
-                                "RFW archive)")
-    evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size,
-                             allow_resize=cfg.allow_resize, val_root=cfg.val_root, val_targets=cfg.val_targets)
-    return lambda model: summarize_verification(evaluator(backbone_embed_fn(model), device), cfg.bootstrap_resamples,
-                                                cfg.bootstrap_seed, cfg.confidence)
+def stage_task(cfg: Config, *, stage: str, run_dir: Path, provenance: Record, model: nn.Module, dataset: Dataset,
+               loss_fn: LossFn, header: nn.Module | None, evaluate: Evaluate | None = None,
+               **loop_settings: Any) -> TrainingTask:
+    """The training task of ``stage`` with the config's schedule: the adaptor stage's ``*_fc`` keys, the
+    teachers' and students' plain ones. The best epoch is the lowest-loss one for adaptors (the release's rule),
+    else the best RFW Avg when an evaluator is given, else the last."""
+    adaptor = stage == "adaptor"
+    selection = "loss" if adaptor else "verification" if evaluate is not None else "last"
+    loop_settings.setdefault("num_workers", cfg.num_workers)
+    return TrainingTask(
+        stage=stage, run_dir=run_dir, config=cfg.to_dict(), provenance=provenance, model=model,
+        model_name="adaptor" if adaptor else "backbone", dataset=dataset, loss_fn=loss_fn,
+        lr=cfg.scaled_lr_fc if adaptor else cfg.scaled_lr,
+        num_epochs=cfg.num_epoch_fc if adaptor else cfg.num_epoch,
+        milestones=cfg.milestones_fc if adaptor else cfg.milestones,
+        batch_size=cfg.batch_size_fc if adaptor else cfg.batch_size,
+        header=header, selection=selection, evaluate=evaluate, **loop_settings)

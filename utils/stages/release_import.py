@@ -1,6 +1,6 @@
 """Import released weights (the authors' teachers, adaptors, students) into the work directory as finished runs.
 
-    python -m utils.release_import output_root=work_dirs network=iresnet34 teacher_set=specialized \
+    python -m utils.stages.release_import output_root=work_dirs network=iresnet34 teacher_set=specialized \
         --teacher Asian=ASIAN.pth --teacher African=AFRICAN.pth --teacher Caucasian=CAUCASIAN.pth \
         --teacher Indian=INDIAN.pth --adaptor DLDPO=ADAPTOR.pth --student DLDPO_EAFKD=STUDENT.pth
 
@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from backbones import build_adaptor, build_backbone, load_weights
+from backbones import build_adaptor, build_backbone
 from config.config import ADAPTORS, KD_KINDS, Config, load_config, teacher_members
-from utils.workdir import artifacts
 from utils.core.errors import ExistingOutputError, InvalidInputError, MissingInputError, UserError
 from utils.core.io import atomic_path, atomic_write_json
+from utils.core.weights import load_weights
+from utils.workdir import artifacts
 from utils.workdir.provenance import file_sha256
 
 
@@ -145,7 +146,7 @@ def _import_one(item: Import, *, replace: bool) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.release_import", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m utils.stages.release_import", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (config/config.py)")
     parser.add_argument("--teacher", action="append", default=[], metavar="MEMBER=PATH",

@@ -24,14 +24,16 @@ from torch.utils.data import Dataset
 
 from backbones import build_backbone
 from config.config import ADAPTOR_SCRIPTS, KD_SCRIPTS, Config
-from utils.workdir import artifacts
-from utils.data.index import FaceDataset, build_training_dataset
 from utils.core.distributed import DistInfo
-from utils.workdir.store import open_targets, read_manifest
-from utils.train.loop import Batch, LossFn, TrainingResult, TrainingTask, train
 from utils.core.errors import InvalidInputError, MissingInputError, ProvenanceError
+from utils.data.datasets import FaceDataset
+from utils.stages.common import make_header, stage_task, train_options
+from utils.train.loop import train
+from utils.train.task import Batch, Evaluate, LossFn, TrainingResult, TrainingTask
+from utils.workdir import artifacts
+from utils.workdir.inputs import build_training_dataset
 from utils.workdir.provenance import data_fingerprint, record_digest, student_record
-from utils.stages.common import backbone_evaluator, make_header, train_options
+from utils.workdir.store import open_targets, read_manifest
 
 
 class KDTargetDataset(Dataset):
@@ -152,39 +154,21 @@ def build_kd_dataset(cfg: Config) -> tuple[KDTargetDataset, int]:
     return dataset, num_classes
 
 
-def build_student_task(cfg: Config, info: DistInfo) -> TrainingTask:
+def build_student_task(cfg: Config, evaluate: Evaluate | None) -> TrainingTask:
     """The student run of ``cfg``: a-KD or EAF-KD (``cfg.kd``) from ``cfg.adaptor``'s targets."""
     dataset, num_classes = build_kd_dataset(cfg)
     targets = read_manifest(artifacts.target_files(artifacts.adaptor_dir(cfg)).manifest) or {}
     record = student_record(cfg, data_fingerprint(dataset.base.index, dataset.base.rows),
                             record_digest(targets.get("provenance") or {}))
-    evaluate = backbone_evaluator(cfg, info.device)
-    model = build_backbone(cfg, student=True)
     header = make_header(cfg, num_classes) if cfg.kd == "EAFKD" else None
-    return TrainingTask(
-        stage="student",
-        run_dir=artifacts.student_dir(cfg),
-        config=cfg.to_dict(),
-        provenance=record,
-        model=model,
-        model_name="backbone",
-        dataset=dataset,
-        loss_fn=kd_loss_fn(cfg),
-        lr=cfg.scaled_lr,
-        num_epochs=cfg.num_epoch,
-        milestones=cfg.milestones,
-        batch_size=cfg.batch_size,
-        header=header,
-        flip=True,
-        selection="verification" if evaluate is not None else "last",
-        evaluate=evaluate,
-        num_workers=cfg.num_workers,
-    )
+    return stage_task(cfg, stage="student", run_dir=artifacts.student_dir(cfg), provenance=record,
+                      model=build_backbone(cfg, student=True), dataset=dataset, loss_fn=kd_loss_fn(cfg),
+                      header=header, evaluate=evaluate)
 
 
-def run_student(cfg: Config, info: DistInfo, kd: str) -> TrainingResult:
+def run_student(cfg: Config, info: DistInfo, kd: str, evaluate: Evaluate | None) -> TrainingResult:
     """Train the student of a stage script that trains ``kd`` students (it refuses the other kind)."""
     if cfg.kd != kd:
         raise InvalidInputError(f"{KD_SCRIPTS[kd]} trains kd={kd} students but the config says kd={cfg.kd}; "
                          f"use {KD_SCRIPTS[cfg.kd]} for kd={cfg.kd}")
-    return train(build_student_task(cfg, info), train_options(cfg), info)
+    return train(build_student_task(cfg, evaluate), train_options(cfg), info)

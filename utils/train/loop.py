@@ -1,167 +1,38 @@
 """The one training loop of the project, shared by teachers, adaptors and students.
 
-A stage describes *what* to train as a :class:`TrainingTask` (model, optional margin header, data, loss, run
-folder, the record of what determines the run) and the loop's settings as :class:`TrainOptions`;
+A stage describes *what* to train as a :class:`~utils.train.task.TrainingTask` (model, optional margin header,
+data, loss, run folder, the record of what determines the run) and the loop's settings as ``TrainOptions``;
 :func:`train` does the rest: DDP, SGD with the step schedule, clipping, mixed precision, seeding, logging,
-verification, checkpoints and resume. The loop knows no config and no stage.
+verification, checkpoints (``utils.train.checkpoint``) and resume. The loop knows no config and no stage.
 """
 from __future__ import annotations
 
 import bisect
-import itertools
 import json
 import logging
-import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
-from backbones import load_weights
-from utils.workdir import artifacts
-from utils.train.monitor import TrainingMonitor, VerificationCallback
 from utils.core.distributed import (
-    DistInfo,
-    all_gather_object,
-    all_reduce_sum,
-    barrier,
-    broadcast_buffers,
-    broadcast_object,
+    DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_buffers, broadcast_object
 )
-from utils.core.errors import InvalidInputError, ProvenanceError
-from utils.data.image import random_horizontal_flip
-from utils.core.io import atomic_torch_save, atomic_write_json
+from utils.core.errors import InvalidInputError
 from utils.core.locks import rank0_folder_lock
-from utils.core.logs import setup_logging
 from utils.core.numerics import NonFiniteError, nonfinite_entries
-from utils.workdir.provenance import Record, claim_run_dir
 from utils.core.signals import StopRequest, TrainingInterrupted, stop_on_signals
-
-
-@dataclass
-class Batch:
-    """One training batch on the device. ``flipped`` marks the samples the augmentation mirrored; ``extras`` are
-    any further per-sample tensors the dataset yields after ``(inputs, label, row)`` (KD targets, for example)."""
-
-    inputs: torch.Tensor
-    labels: torch.Tensor
-    rows: torch.Tensor
-    flipped: torch.Tensor
-    extras: tuple[torch.Tensor, ...] = ()
-
-
-LossFn = Callable[[nn.Module, "nn.Module | None", Batch], dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """The loop's settings that are the same for every stage. Each field is the config key of the same name
-    (``utils.stage_parts.train_options`` copies them), so the defaults live in the config only."""
-
-    seed: int
-    momentum: float
-    weight_decay: float
-    lr_decay: float
-    grad_clip: float
-    amp: str  # none | bf16 | fp16
-    amp_init_scale: float  # fp16 GradScaler's first loss scale
-    log_every: int
-    verify_every: int
-    resume: bool
-    resume_same_world_size: bool
-    init_weights: str | None
-    stop_after_epoch: int | None
-    keep_epoch_weights: bool
-    replace: bool  # move a run folder of another provenance aside instead of refusing
-
-
-@dataclass
-class TrainingTask:
-    stage: str  # teacher | adaptor | student: recorded in config.json for the evaluation and the pipeline
-    run_dir: Path
-    config: Mapping[str, Any]  # the resolved config, saved as the run's config.json
-    provenance: Record  # what determines this run's outputs; a folder holding another run is refused
-    model: nn.Module  # the backbone or adaptor: clipped, and saved as `{step}{model_name}.pth`
-    model_name: str  # "backbone" | "adaptor": the release's weights-file naming
-    dataset: Dataset  # yields (inputs, label, row, *extras)
-    loss_fn: LossFn  # returns named loss terms; "loss" is the one optimised
-    lr: float  # already scaled by batch size and world size
-    num_epochs: int
-    milestones: Sequence[int]
-    batch_size: int  # per rank
-    header: nn.Module | None = None
-    flip: bool = True  # random horizontal flip of whole image batches
-    selection: str = "last"  # how `best` is chosen: "verification" (RFW Avg), "loss" (lowest epoch loss), "last"
-    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None  # callbacks.summarize_verification of the model
-    collate_fn: Callable | None = None
-    num_workers: int = 0
-
-
-@dataclass
-class TrainingResult:
-    run_dir: Path
-    best_epoch: int
-    best_weights: Path
-    history: list[dict[str, Any]] = field(default_factory=list)
-    complete: bool = False
-    model: nn.Module | None = None  # this rank's final model (unwrapped), for callers that go on using it
-
-
-def derive_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of one rank's epoch: every epoch restarts its random streams, so a resumed run is exact."""
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**31 - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _rng_state(flip_generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every random stream of this rank in the middle of an epoch (plain types: checkpoints load weights_only)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "flip": flip_generator.get_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(internal), gauss_next]}
-
-
-def _set_rng_state(state: dict[str, Any], flip_generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    flip_generator.set_state(state["flip"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-class _SkippingSampler(DistributedSampler):
-    """DistributedSampler that can leave out the first ``skip`` indices of an epoch (a run resumed mid-epoch
-    goes on with exactly the batches it had not trained on yet)."""
-
-    skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return super().__len__() - self.skip
-
-
-def _seed_worker(worker_id: int) -> None:
-    worker_seed = torch.initial_seed() % (2**32)
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
+from utils.core.weights import load_weights
+from utils.data.image import random_horizontal_flip
+from utils.train.checkpoint import Progress, RunFiles, TrainingParts, claim_run_folder, rng_state, set_rng_state
+from utils.train.monitor import TrainingMonitor, VerificationCallback
+from utils.train.sampling import SkippingSampler, derive_seed, seed_everything, seed_worker
+from utils.train.task import Batch, TrainingResult, TrainingTask, TrainOptions
 
 
 def step_decay(milestones: Sequence[int], decay: float) -> Callable[[int], float]:
@@ -187,34 +58,13 @@ def _check_labels(task: TrainingTask) -> None:
                          f"classes (expected labels in [0, {num_classes}))")
 
 
-def claim_run_folder(run_dir: Path, record: Record, *, replace: bool, is_main: bool) -> logging.Logger:
-    """Make ``run_dir`` the folder of a run with ``record`` and return the logger set up to its log.
-
-    Rank 0 claims the folder (``provenance.claim_run_dir``) and every rank learns the verdict, so all raise the
-    same ProvenanceError; a run moved aside with ``replace`` is reported in the new run's log.
-    """
-    verdict: tuple[str | None, str | None] = (None, None)
-    if is_main:
-        try:
-            aside = claim_run_dir(run_dir, record, replace=replace)
-            verdict = (None, str(aside) if aside else None)
-        except ProvenanceError as exc:
-            verdict = (str(exc), None)
-    error, aside = broadcast_object(verdict)  # type: ignore[misc]
-    if error:
-        raise ProvenanceError(error)
-    logger = setup_logging(artifacts.log_file(run_dir), is_main)
-    if aside is not None:
-        logger.warning(f"replace=True: the run made with other settings was moved to {aside}")
-    return logger
-
-
 class _Trainer:
     def __init__(self, task: TrainingTask, options: TrainOptions, info: DistInfo, stop: StopRequest,
                  logger: logging.Logger | None) -> None:
         self.options, self.task, self.info = options, task, info
         self.stop = stop  # filled by train()'s signal handlers
         self.run_dir = Path(task.run_dir)
+        self.files = RunFiles(self.run_dir, task.model_name, options.keep_epoch_weights)
         self.device = info.device
         # The same autocast + GradScaler path runs on GPU and CPU, so CI exercises what clusters run.
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
@@ -242,11 +92,11 @@ class _Trainer:
         self.mid_epoch: dict[str, Any] | None = None  # where a checkpoint saved on a stop signal left off
         self._resume()
 
-        self.sampler = _SkippingSampler(task.dataset, num_replicas=info.world_size, rank=info.rank,
-                                        shuffle=True, seed=options.seed)
+        self.sampler = SkippingSampler(task.dataset, num_replicas=info.world_size, rank=info.rank,
+                                       shuffle=True, seed=options.seed)
         self.loader = DataLoader(task.dataset, batch_size=task.batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=task.num_workers, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=task.num_workers > 0, worker_init_fn=_seed_worker,
+                                 persistent_workers=task.num_workers > 0, worker_init_fn=seed_worker,
                                  collate_fn=task.collate_fn)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -262,90 +112,48 @@ class _Trainer:
         self.verify = VerificationCallback(task.evaluate, self.logger) if task.evaluate is not None else None
 
     # ---- persistence ----------------------------------------------------------------------------------------
+    def _parts(self) -> TrainingParts:
+        return TrainingParts(self.model, self.header, self.optimizer, self.scheduler, self.scaler)
+
+    def _progress(self, mid_epoch: dict[str, Any] | None = None) -> Progress:
+        return Progress(self.epoch, self.global_step, self.history, self.best, mid_epoch, self.info.world_size)
+
     def _resume(self) -> None:
-        path = artifacts.checkpoint_file(self.run_dir)
         if not self.options.resume:
             return
-        if not path.is_file():
+        path = self.files.checkpoint
+        loaded = self.files.load_state(self._parts(), self.device)
+        if loaded is None:
             self.logger.info(f"resume=True: no {path} yet, starting from scratch")
             return
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as exc:
-            raise InvalidInputError(f"cannot read resume checkpoint {path}: {exc}") from exc
-        saved_world = int(state["world_size"])
-        if saved_world != self.info.world_size:
-            message = f"{path} was written with world size {saved_world}, this run has {self.info.world_size}"
+        progress, fresh_scale = loaded
+        if progress.world_size != self.info.world_size:
+            message = f"{path} was written with world size {progress.world_size}, this run has {self.info.world_size}"
             if self.options.resume_same_world_size:
                 raise InvalidInputError(message + " (resume_same_world_size=True)")
+            if progress.mid_epoch is not None:
+                raise InvalidInputError(f"{path} was saved in the middle of an epoch by {progress.world_size} ranks; "
+                                        f"resume it with the same world size (this run has {self.info.world_size})")
             self.logger.warning(message + ": continuing; the lr follows the new world size")
-        self.model.load_state_dict(state["model"])
-        if self.header is not None:
-            self.header.load_state_dict(state["header"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled() and not state["scaler"]:
+        if fresh_scale:
             self.logger.warning(f"{path} was written without fp16: the loss scale starts afresh")
-        else:
-            self.scaler.load_state_dict(state["scaler"])
         self.scheduler.base_lrs = [self.task.lr] * len(self.optimizer.param_groups)
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = lr * step_decay(self.task.milestones, self.options.lr_decay)(int(state["epoch"]))
-        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
-        self.history = json.loads(state["history"])
-        self.best = json.loads(state["best"]) if state["best"] else None
-        self.mid_epoch = state.get("mid_epoch")
-        if self.mid_epoch is not None and saved_world != self.info.world_size:
-            raise InvalidInputError(f"{path} was saved in the middle of an epoch by {saved_world} ranks; resume it "
-                                    f"with the same world size (this run has {self.info.world_size})")
+            group["lr"] = lr * step_decay(self.task.milestones, self.options.lr_decay)(progress.epoch)
+        self.epoch, self.global_step = progress.epoch, progress.global_step
+        self.history, self.best, self.mid_epoch = progress.history or [], progress.best, progress.mid_epoch
         where = f", {self.mid_epoch['step']} steps into epoch {self.epoch + 1}" if self.mid_epoch else ""
         self.logger.info(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}{where}")
 
-    def _save_config(self) -> None:
-        data = dict(self.task.config)
-        data["derived"] = dict(data.get("derived", {}), stage=self.task.stage, model_name=self.task.model_name,
-                               lr=self.task.lr, num_epochs=self.task.num_epochs, milestones=list(self.task.milestones))
-        atomic_write_json(artifacts.config_file(self.run_dir), data)
-
-    def _weights_path(self, prefix: str | int, name: str) -> Path:
-        return artifacts.weights_file(self.run_dir, prefix, name)
-
     def _save_epoch(self, is_best: bool, complete: bool) -> None:
-        model_state = self.model.state_dict()
-        header_state = self.header.state_dict() if self.header is not None else None
         previous = self.history[-2]["global_step"] if len(self.history) > 1 else None
-        atomic_torch_save(model_state, self._weights_path(self.global_step, self.task.model_name))
-        if header_state is not None:
-            atomic_torch_save(header_state, self._weights_path(self.global_step, "header"))
-        if is_best:
-            atomic_torch_save(model_state, self._weights_path("best", self.task.model_name))
-            if header_state is not None:
-                atomic_torch_save(header_state, self._weights_path("best", "header"))
-        if not self.options.keep_epoch_weights and previous is not None:
-            for name in (self.task.model_name, "header"):
-                self._weights_path(previous, name).unlink(missing_ok=True)
-        self._save_checkpoint(None)
+        self.files.save_weights(self._parts(), self.global_step, previous, is_best)
+        self.files.save_state(self._parts(), self._progress())
         # history.json is derived from the checkpoint: a kill between the two is repaired by the next resume.
         self._write_history(complete)
 
-    def _save_checkpoint(self, mid_epoch: dict[str, Any] | None) -> None:
-        checkpoint = {
-            "model": self.model.state_dict(),
-            "header": self.header.state_dict() if self.header is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "world_size": self.info.world_size,
-            # Each epoch reseeds from (seed, epoch, rank); the states are kept for inspection and tools.
-            "rng_torch": torch.get_rng_state(),
-            "rng_numpy": json.dumps(np.random.get_state()[1].tolist()),
-            "history": json.dumps(self.history),
-            "best": json.dumps(self.best) if self.best else "",
-            "mid_epoch": mid_epoch,  # None at the end of an epoch; see _save_mid_epoch
-        }
-        atomic_torch_save(checkpoint, artifacts.checkpoint_file(self.run_dir))
+    def _write_history(self, complete: bool) -> None:
+        self.files.write_history(self.history, self.best, complete, self.task.num_epochs)
 
     # ---- training -------------------------------------------------------------------------------------------
     def _is_better(self, record: dict[str, Any]) -> bool:
@@ -378,7 +186,7 @@ class _Trainer:
         self.sampler.skip = resumed["step"] * task.batch_size if resumed else 0
         batches = iter(self.loader)  # draws the loader's seed from the epoch's stream, as an uninterrupted run does
         if resumed:
-            _set_rng_state(resumed["rng"][self.info.rank], flip_generator, self.device)
+            set_rng_state(resumed["rng"][self.info.rank], flip_generator, self.device)
             totals = {name: value.to(self.device) for name, value in resumed["totals"].items()}
             steps = resumed["step"]
         monitor.start_epoch(self.epoch, task.num_epochs, self.steps_per_epoch)
@@ -463,22 +271,18 @@ class _Trainer:
         it gives the weights of an uninterrupted run (same world size)."""
         self._check_finite_weights()
         mid_epoch = {"step": steps, "totals": {name: value.cpu() for name, value in totals.items()},
-                     "rng": all_gather_object(_rng_state(flip_generator, self.device))}
+                     "rng": all_gather_object(rng_state(flip_generator, self.device))}
         if self.info.is_main:
-            self._save_checkpoint(mid_epoch)
+            self.files.save_state(self._parts(), self._progress(mid_epoch))
         barrier()
         self._interrupted(f"{steps} of {self.steps_per_epoch} in epoch {self.epoch + 1}")
 
     def _interrupted(self, where: str) -> None:
         message = (f"{self.stop.name or 'a stop signal on another rank'}: {self.task.stage} stopped after step "
-                   f"{self.global_step} ({where}) and saved {artifacts.checkpoint_file(self.run_dir)}; run the same command "
+                   f"{self.global_step} ({where}) and saved {self.files.checkpoint}; run the same command "
                    "with resume=True to continue")
         self.logger.warning(message)
         raise TrainingInterrupted(message)
-
-    def _last_good_checkpoint(self) -> str:
-        path = artifacts.checkpoint_file(self.run_dir)
-        return f"{path} (end of epoch {self.epoch})" if self.epoch > 0 and path.is_file() else "none"
 
     def _check_finite_loss(self, loss_sum: torch.Tensor) -> None:
         """Stop at the first logging interval whose summed loss is not finite (agreed by every rank)."""
@@ -487,7 +291,7 @@ class _Trainer:
             raise NonFiniteError(
                 f"{self.task.stage} in {self.run_dir}: the loss became non-finite in epoch {self.epoch + 1} by step "
                 f"{self.global_step}; nothing of this epoch was saved; last good checkpoint: "
-                f"{self._last_good_checkpoint()} (lower the lr or check the inputs, then rerun with resume=True)")
+                f"{self.files.last_good(self.epoch)} (lower the lr or check the inputs, then rerun with resume=True)")
 
     def _check_finite_weights(self) -> None:
         """Refuse to save weights or buffers with NaN/inf (every rank holds the same ones after the epoch)."""
@@ -498,23 +302,19 @@ class _Trainer:
             raise NonFiniteError(
                 f"{self.task.stage} in {self.run_dir}: non-finite values in {', '.join(bad[:5])}"
                 f"{' ...' if len(bad) > 5 else ''} after epoch {self.epoch + 1} (step {self.global_step}); not "
-                f"saved; last good checkpoint: {self._last_good_checkpoint()}")
-
-    def _write_history(self, complete: bool) -> None:
-        atomic_write_json(artifacts.history_file(self.run_dir),
-                          {"epochs": self.history, "best": self.best, "complete": complete,
-                           "num_epochs": self.task.num_epochs})
+                f"saved; last good checkpoint: {self.files.last_good(self.epoch)}")
 
     def run(self) -> TrainingResult:
         task, options, info = self.task, self.options, self.info
         if info.is_main:
-            self._save_config()
+            self.files.save_config(task.config, stage=task.stage, model_name=task.model_name, lr=task.lr,
+                                   num_epochs=task.num_epochs, milestones=list(task.milestones))
             self.logger.info(f"{task.stage} run in {self.run_dir}: {len(task.dataset)} samples, "  # type: ignore[arg-type]
                              f"{len(self.loader)} steps/epoch x {task.num_epochs} epochs, world size "
                              f"{info.world_size}, lr {task.lr:g}, milestones {list(task.milestones)}, "
                              f"precision {self._precision()}")
             self.logger.info("config: " + json.dumps(task.config, sort_keys=True))
-        monitor = TrainingMonitor(self.logger, artifacts.tensorboard_dir(self.run_dir), is_main=info.is_main, log_every=options.log_every,
+        monitor = TrainingMonitor(self.logger, self.files.tensorboard_dir, is_main=info.is_main, log_every=options.log_every,
                                   samples_per_step=task.batch_size * info.world_size,
                                   total_steps=len(self.loader) * task.num_epochs, start_step=self.global_step)
         resumed_complete = self.epoch == task.num_epochs
@@ -560,13 +360,13 @@ class _Trainer:
         complete = self.epoch == task.num_epochs
         if resumed_complete and info.is_main:
             self._write_history(complete=True)
-            self.logger.info(f"all {task.num_epochs} epochs were already done: {artifacts.history_file(self.run_dir)} "
+            self.logger.info(f"all {task.num_epochs} epochs were already done: {self.files.history} "
                              "rewritten from the checkpoint")
         best_epoch = self.best["epoch"] if self.best else 0
         if info.is_main and complete:
             self.logger.info(f"finished: best epoch {best_epoch} by {task.selection} -> "
-                             f"{self._weights_path('best', task.model_name)}")
-        return TrainingResult(self.run_dir, best_epoch, self._weights_path("best", task.model_name),
+                             f"{self.files.weights('best')}")
+        return TrainingResult(self.run_dir, best_epoch, self.files.weights("best"),
                               self.history, complete, self.model)
 
 

@@ -1,4 +1,5 @@
-"""Progress and verification callbacks of the training engine (rank 0 does the talking)."""
+"""What the training loop tells people: progress, the loss log line, TensorBoard, the per-epoch verification line
+(rank 0 does the talking)."""
 from __future__ import annotations
 
 import logging
@@ -10,9 +11,6 @@ from typing import Callable, Mapping
 import torch
 from tqdm import tqdm
 
-from config.config import ETHNICITIES
-from eval.metrics.bootstrap import bootstrap_fairness
-from eval.metrics.fairness import fairness_metrics
 from utils.core.logs import format_duration
 
 
@@ -106,23 +104,8 @@ class TrainingMonitor:
             self.writer.close()
 
 
-def summarize_verification(results: Mapping[str, object], n_resamples: int = 1000, seed: int = 0,
-                           confidence: float = 0.95) -> dict[str, float]:
-    """Accuracy (%) of every pair set plus the fairness summary of the RFW ethnicities, from
-    ``{name: VerificationResult}`` (ethnicities and ``val_targets`` benchmarks), the RFW keys each with its
-    bootstrap interval as ``<key>_low`` / ``<key>_high`` (eval/bootstrap.py; the defaults are the config's)."""
-    summary = {name: 100.0 * float(result.accuracy)  # type: ignore[attr-defined]
-               for name, result in results.items()}
-    rfw = [eth for eth in results if eth in ETHNICITIES]
-    summary.update(fairness_metrics({eth: summary[eth] for eth in rfw}))
-    pairs = {eth: (results[eth].distances, results[eth].issame) for eth in rfw}  # type: ignore[attr-defined]
-    for key, estimate in bootstrap_fairness(pairs, n_resamples, seed, confidence).items():
-        summary[f"{key}_low"], summary[f"{key}_high"] = estimate.low, estimate.high
-    return summary
-
-
 def format_verification(summary: Mapping[str, float]) -> str:
-    """``African 97.33 [96.10, 98.40] ... ser 1.420 [1.100, 1.900]`` from :func:`summarize_verification`."""
+    """``African 97.33 [96.10, 98.40] ... ser 1.420 [1.100, 1.900]`` from ``eval.rfw.during_training.summarize_verification``."""
     parts = []
     for key, value in summary.items():
         if key.endswith(("_low", "_high")):
@@ -138,7 +121,7 @@ def format_verification(summary: Mapping[str, float]) -> str:
 class VerificationCallback:
     """Runs the RFW evaluation on rank 0 at the end of each epoch and logs accuracy, Avg, STD and SER.
 
-    ``evaluate`` returns the :func:`summarize_verification` of the model (the stage picks its bootstrap settings).
+    ``evaluate`` returns the ``eval.rfw.during_training.summarize_verification`` of the model (the stage picks its bootstrap settings).
     """
 
     def __init__(self, evaluate: Callable[[torch.nn.Module], Mapping[str, float]], logger: logging.Logger) -> None:

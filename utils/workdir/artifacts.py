@@ -10,7 +10,7 @@
       report<-run_name>/                                  the RFW report of the runs of one run_name
 
 A training run folder holds ``config.json`` (the resolved config), ``provenance.json`` (what determines its
-outputs, see ``utils/provenance.py``), ``history.json`` (per-epoch records, ``best``, ``complete``),
+outputs, see ``utils/workdir/provenance.py``), ``history.json`` (per-epoch records, ``best``, ``complete``),
 ``checkpoint_last.pt`` (resumable state), ``{step}{model}.pth`` per epoch, ``best_{model}.pth``, ``train.log``
 and ``tensorboard/``. ``model`` is ``backbone``, ``adaptor`` or ``header`` (the release's naming). A run made by
 importing released weights holds ``config.json``, a complete ``history.json``, ``best_{model}.pth`` and
@@ -196,7 +196,7 @@ def is_run_complete(run_dir: Path) -> bool:
 
 
 def imported_file(run_dir: Path) -> Path:
-    """The provenance record of weights imported by ``utils/release_import.py`` (source file, sha256, role)."""
+    """The provenance record of weights imported by ``utils/stages/release_import.py`` (source file, sha256, role)."""
     return Path(run_dir) / IMPORTED_FILE
 
 

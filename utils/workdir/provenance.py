@@ -24,11 +24,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from config.config import Config, teacher_members
-from utils.workdir import artifacts
-from utils.data.index import ImageIndex
 from utils.core.errors import ProvenanceError
 from utils.core.io import atomic_write_json
 from utils.core.locks import relock
+from utils.data.index import ImageIndex
+from utils.workdir import artifacts
 
 Record = dict[str, Any]
 
