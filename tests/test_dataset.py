@@ -13,10 +13,11 @@ import torch
 
 from config.config import ETHNICITIES, load_config
 from helpers import IDS, colour_of, make_tree, write_jpeg
+from utils.data import datasets
 from utils.data import index as ds
 from utils.data.image import normalize_images, random_horizontal_flip
 from utils.data.splits import make_baseline_split, save_split_manifest
-from utils.workdir import artifacts
+from utils.workdir import artifacts, inputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 def config(tmp_path: Path, **overrides) -> object:
@@ -89,7 +90,7 @@ def test_layout_mismatch_names_the_offender(tree):
 
 def test_missing_data_root_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        ds.load_index(load_config({"data_root": str(tmp_path / "nowhere")}))
+        inputs.load_index(load_config({"data_root": str(tmp_path / "nowhere")}))
 
 
 def test_index_save_load_round_trip_and_digest(tree, tmp_path):
@@ -120,16 +121,16 @@ def test_scan_cache_is_reused_and_invalidated(tree, tmp_path, monkeypatch):
 
 def test_load_index_restricts_identities_deterministically(tree, tmp_path):
     cfg = config(tmp_path, ids_per_ethnicity=2, seed=3)
-    index = ds.load_index(cfg)
+    index = inputs.load_index(cfg)
     assert index.num_classes == 8 and len(index) == 16
     assert index.labels.tolist() == sorted(index.labels.tolist()) and set(index.labels.tolist()) == set(range(8))
     for eth in ETHNICITIES:
         assert sum(e == eth for e, _ in index.identities) == 2
-    assert ds.load_index(cfg).identities == index.identities
-    others = {tuple(ds.load_index(config(tmp_path, ids_per_ethnicity=2, seed=s)).identities) for s in range(4)}
+    assert inputs.load_index(cfg).identities == index.identities
+    others = {tuple(inputs.load_index(config(tmp_path, ids_per_ethnicity=2, seed=s)).identities) for s in range(4)}
     assert len(others) > 1
     with pytest.raises(ValueError, match="only 3 Indian identities"):
-        ds.load_index(config(tmp_path, ids_per_ethnicity=4))
+        inputs.load_index(config(tmp_path, ids_per_ethnicity=4))
 
 
 def test_select_rows_by_ethnicity_and_identities(tree):
@@ -146,7 +147,7 @@ def test_select_rows_by_ethnicity_and_identities(tree):
 
 def test_item_format_normalisation_and_rgb(tree):
     index = ds.scan_image_folder(tree)
-    dataset = ds.FaceDataset(index, input_size=8)
+    dataset = datasets.FaceDataset(index, input_size=8)
     row = index.paths.index("Caucasian/ca01/1.jpg")
     image, label, returned_row = dataset[row]
     assert image.shape == (3, 8, 8) and image.dtype == torch.float32
@@ -159,7 +160,7 @@ def test_item_format_normalisation_and_rgb(tree):
 
 def test_subset_items_point_at_their_files(tree, tmp_path):
     """In a one-ethnicity dataset, item i's row names the file whose pixels item i holds."""
-    dataset, classes = ds.build_training_dataset(config(tmp_path, ethnicity="Caucasian", input_size=8), "ethnicity")
+    dataset, classes = inputs.build_training_dataset(config(tmp_path, ethnicity="Caucasian", input_size=8), "ethnicity")
     index = dataset.index
     names = sorted(name for eth, name in index.identities if eth == "Caucasian")
     rows = []
@@ -178,14 +179,14 @@ def test_subset_items_point_at_their_files(tree, tmp_path):
 def test_images_of_another_size_are_refused_unless_resizing_is_allowed(tmp_path):
     root = make_tree(tmp_path / "data", size=16)
     with pytest.raises(ValueError, match=r"is 16x16, not the 8x8 aligned crop.*align.*allow_resize=True"):
-        ds.FaceDataset(ds.scan_image_folder(root), input_size=8)[0]
-    dataset = ds.FaceDataset(ds.scan_image_folder(root), input_size=8, allow_resize=True)
+        datasets.FaceDataset(ds.scan_image_folder(root), input_size=8)[0]
+    dataset = datasets.FaceDataset(ds.scan_image_folder(root), input_size=8, allow_resize=True)
     assert dataset[0][0].shape == (3, 8, 8)
 
 
 def test_truncated_and_missing_images_raise_naming_the_file(tree):
     index = ds.scan_image_folder(tree)
-    dataset = ds.FaceDataset(index, input_size=8)
+    dataset = datasets.FaceDataset(index, input_size=8)
     victim = tree / index.paths[3]
     victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])
     with pytest.raises(ValueError, match=re.escape(str(victim))):
@@ -206,25 +207,25 @@ def test_random_horizontal_flip_flips_the_flagged_samples():
 
 
 def test_training_protocols(tree, tmp_path):
-    dataset, classes = ds.build_training_dataset(config(tmp_path, ethnicity="Indian"), "ethnicity")
+    dataset, classes = inputs.build_training_dataset(config(tmp_path, ethnicity="Indian"), "ethnicity")
     assert classes == 3 and len(dataset) == 6
     assert {dataset.index.paths[r].split("/")[0] for r in dataset.rows} == {"Indian"}
-    dataset, classes = ds.build_training_dataset(config(tmp_path), "all")
+    dataset, classes = inputs.build_training_dataset(config(tmp_path), "all")
     assert classes == 15 and len(dataset) == 30 and sorted(set(dataset.labels.tolist())) == list(range(15))
 
     cfg = config(tmp_path, split=1)
     with pytest.raises(FileNotFoundError, match=re.escape(str(artifacts.split_manifest(cfg)))):
-        ds.build_training_dataset(cfg, "split")
-    index = ds.load_index(cfg)
+        inputs.build_training_dataset(cfg, "split")
+    index = inputs.load_index(cfg)
     by_eth = {eth: [name for e, name in index.identities if e == eth] for eth in ETHNICITIES}
     splits = make_baseline_split(by_eth, seed=0, parts=3)
     save_split_manifest(artifacts.split_manifest(cfg), splits, seed=0)
-    dataset, classes = ds.build_training_dataset(cfg, "split")
+    dataset, classes = inputs.build_training_dataset(cfg, "split")
     assert classes == sum(len(v) for v in splits[1].values())
     assert {tuple(dataset.index.paths[r].split("/")[:2]) for r in dataset.rows} == {
         (eth, name) for eth, names in splits[1].items() for name in names}
     with pytest.raises(ValueError, match="num_classes=99"):
-        ds.build_training_dataset(config(tmp_path, num_classes=99), "all")
+        inputs.build_training_dataset(config(tmp_path, num_classes=99), "all")
 
 
 # ---- RecordIO data -----------------------------------------------------------------------------------
@@ -240,33 +241,33 @@ def rec_root(tmp_path: Path) -> Path:
 
 def test_recordio_index_and_items_match_mxnet(tmp_path):
     rec_root(tmp_path)
-    index = ds.load_index(config(tmp_path))
+    index = inputs.load_index(config(tmp_path))
     assert index.kind == "recordio" and len(index) == 6 and index.num_classes == 3
     assert index.paths == [f"train.rec#{key}" for key in range(1, 7)]
     assert index.labels.tolist() == [0, 0, 1, 1, 2, 2] and set(index.ethnicity.tolist()) == {-1}
     with np.load(FIXTURES / "mxnet_expected.npz") as expected:
         pixels = expected["images_bgr"][..., ::-1]
-    dataset, classes = ds.build_training_dataset(config(tmp_path, input_size=12), "all")
-    assert isinstance(dataset, ds.RecordDataset) and classes == 3
+    dataset, classes = inputs.build_training_dataset(config(tmp_path, input_size=12), "all")
+    assert isinstance(dataset, datasets.RecordDataset) and classes == 3
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1)
     images = torch.cat([batch[0] for batch in loader])
     expected_images = (torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
     assert torch.equal(images, expected_images)
     with pytest.raises(ValueError, match="ethnicity.tsv"):
-        ds.build_training_dataset(config(tmp_path, ethnicity="Asian"), "ethnicity")
+        inputs.build_training_dataset(config(tmp_path, ethnicity="Asian"), "ethnicity")
     with pytest.raises(ValueError, match="ethnicity.tsv"):
-        ds.load_index(config(tmp_path, ids_per_ethnicity=1))
+        inputs.load_index(config(tmp_path, ids_per_ethnicity=1))
 
 
 def test_recordio_ethnicity_map_enables_ethnicity_protocols(tmp_path):
     root = rec_root(tmp_path)
     (root / "ethnicity.tsv").write_text("0\tIndian\tm.zz\n1\tAfrican\n2\tIndian\tm.aa\n")
-    index = ds.load_index(config(tmp_path))
+    index = inputs.load_index(config(tmp_path))
     assert index.identities == [("African", "0000001"), ("Indian", "m.aa"), ("Indian", "m.zz")]
     assert index.paths == ["train.rec#3", "train.rec#4", "train.rec#5", "train.rec#6", "train.rec#1", "train.rec#2"]
-    dataset, classes = ds.build_training_dataset(config(tmp_path, ethnicity="Indian", input_size=12), "ethnicity")
+    dataset, classes = inputs.build_training_dataset(config(tmp_path, ethnicity="Indian", input_size=12), "ethnicity")
     assert classes == 2 and [dataset[i][1] for i in range(len(dataset))] == [0, 0, 1, 1]
     assert [dataset[i][2] for i in range(len(dataset))] == [2, 3, 4, 5]
     (root / "ethnicity.tsv").write_text("0\tIndian\n1\tMartian\n")
     with pytest.raises(ValueError, match="ethnicity.tsv:2"):
-        ds.load_index(config(tmp_path))
+        inputs.load_index(config(tmp_path))

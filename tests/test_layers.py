@@ -1,35 +1,35 @@
-"""The code is arranged in layers that import only downwards (README, "Code layout"), and the work
-directory's file names are spelled only in utils/workdir/artifacts.py."""
+"""The folders are the layers: a module imports only from its own folder or from folders below it, without
+circles (README, "Code layout"); no folder grows past a screenful of modules; and the work directory's file
+names are spelled only in utils/workdir/artifacts.py."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 from helpers import ROOT
 
-# Bottom to top. A module may import modules of its own layer (without circles) or of lower layers.
-LAYERS: list[tuple[str, list[str]]] = [
-    ("ground", ["config.config", "utils.core.errors", "utils.core.io", "utils.core.distributed", "utils.core.logs", "utils.data.image",
-                "utils.data.binfile", "utils.data.align", "utils.data.recordio", "eval.metrics.fairness", "utils.core.locks", "utils.core.numerics",
-                "utils.core.signals"]),
-    ("artifacts", ["utils.workdir.artifacts"]),
-    ("models and data", ["backbones", "backbones.adaptors", "backbones.iresnet", "backbones.mobilefacenet",
-                         "utils.data.splits", "utils.data.index", "utils.data.synthetic", "eval.rfw.pairs"]),
-    ("provenance and measures", ["utils.workdir.provenance", "eval.metrics.protocol", "eval.metrics.reference_protocol",
-                                 "eval.metrics.bootstrap", "eval.metrics.operating_point", "eval.report.figures", "eval.report.stats",
-                                 "eval.report.seeds", "eval.report.tables"]),
-    ("training loop", ["utils.train.heads", "utils.train.monitor", "utils.train.loop"]),
-    ("stage logic", ["utils.stages.common", "utils.workdir.store", "utils.stages.adaptor", "utils.stages.student", "utils.stages.cli",
-                     "utils.stages.release_import"]),
-    ("evaluation and report", ["eval.evaluate", "eval.embed", "eval.export", "eval.kd_targets", "eval.report.sweep"]),
-    ("pipeline", ["utils.pipeline.plan"]),
-    ("scripts", ["baseline_data_split", "train", "extract_all", "fc_EArc", "dual_layer_EAF-Fusion", "KD_alone",
-                 "KD_CEL", "run_pipeline", "benchmarks.adaptor_input", "benchmarks.scan_folder",
-                 "benchmarks.train_step", "benchmarks.verification", "benchmarks.bootstrap",
-                 "benchmarks.gpu_check"]),
+# Bottom to top: a module may import its own package (without circles) and the packages listed before it.
+LAYERS: list[tuple[str, str]] = [
+    ("config", "defaults, overrides, validation"),
+    ("backbones", "the networks and adaptors by name"),
+    ("utils.core", "errors, atomic io, numerics, locks, logs, signals, distributed, weight loading"),
+    ("utils.data", "images, alignment, .bin and RecordIO, splits, synthetic data, the index, datasets"),
+    ("utils.workdir", "every name of work_dirs/, provenance, the store format, the run's inputs, finished runs"),
+    ("utils.train", "the task contract, the loop, checkpoints, margin heads, the monitor"),
+    ("utils.stages", "one module per stage and their common parts"),
+    ("eval.metrics", "the 10-fold protocol, fairness, bootstrap, operating points"),
+    ("eval.rfw", "RFW pairs and landmarks, flip-TTA embeddings, the per-epoch evaluator"),
+    ("eval.report", "tables, statistics, figures, seeds, sweep"),
+    ("eval", "the command-line tools: evaluate, embed, export, kd_targets"),
+    ("utils.pipeline", "plan and launch"),
+    ("scripts", "the stage scripts and run_pipeline.py"),
+    ("benchmarks", "one script per figure"),
 ]
-LAYER_OF = {module: number for number, (_, modules) in enumerate(LAYERS) for module in modules}
-PACKAGES = ("config", "backbones", "utils", "eval", "benchmarks")
+RANK = {package: number for number, (package, _) in enumerate(LAYERS)}
+SOURCE_FOLDERS = ("config", "backbones", "utils", "eval", "benchmarks")
+MAX_MODULES_PER_FOLDER = 12
 
 
 def _module_name(path: Path) -> str:
@@ -40,70 +40,126 @@ def _module_name(path: Path) -> str:
 
 
 def _our_modules() -> dict[str, Path]:
-    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")] + list(ROOT.glob("*.py"))
-    modules = {_module_name(p): p for p in files}
-    return {name: path for name, path in modules.items() if name not in PACKAGES}
+    files = [p for folder in SOURCE_FOLDERS for p in (ROOT / folder).rglob("*.py")] + list(ROOT.glob("*.py"))
+    return {_module_name(p): p for p in files}
 
 
-def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
-    """Our modules that ``path`` imports, at the top or inside functions."""
+def package_of(module: str, modules: dict[str, Path]) -> str:
+    """The layer package of a module: its folder, or "scripts" for the top-level files."""
+    if "." not in module and modules[module].parent == ROOT:
+        return "scripts"
+    return module if modules[module].name == "__init__.py" else module.rpartition(".")[0]
+
+
+def imported_modules(source: str, modules: dict[str, Path], importer: str = "") -> set[str]:
+    """Our modules that ``source`` imports anywhere (at the top or inside functions), every name of a
+    multi-name import counted: ``from utils import a, b`` imports ``utils.a`` and ``utils.b``."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = importer.split(".")[:len(importer.split(".")) - node.level]
+                base = ".".join(package + ([base] if base else []))
+            candidates = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                          for alias in node.names]
         else:
             continue
-        for name in names:
+        for name in candidates:
             while name and name not in modules:
                 name = name.rpartition(".")[0]
             if name:
                 found.add(name)
-                break
     return found
 
 
-def test_every_module_has_a_layer():
-    missing = sorted(set(_our_modules()) - set(LAYER_OF))
-    assert not missing, f"give these modules a layer in tests/test_layers.py (and README, Code layout): {missing}"
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    return {name: imported_modules(path.read_text(), modules, name) - {name} for name, path in modules.items()}
 
 
-def test_imports_point_downwards_without_circles():
-    modules = _our_modules()
-    graph = {name: _imports(path, modules) - {name} for name, path in modules.items() if name in LAYER_OF}
-    upward = [f"{name} ({LAYERS[LAYER_OF[name]][0]}) imports {target} ({LAYERS[LAYER_OF[target]][0]})"
-              for name, targets in graph.items() for target in targets if LAYER_OF[target] > LAYER_OF[name]]
-    assert not upward, "\n".join(upward)
-
+def layer_problems(graph: dict[str, set[str]], modules: dict[str, Path]) -> list[str]:
+    """Upward imports between packages, and import circles between modules."""
+    problems = []
+    for name, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            source_package, target_package = package_of(name, modules), package_of(target, modules)
+            if RANK[target_package] > RANK[source_package]:
+                problems.append(f"{name} ({source_package}) imports {target} ({target_package}), a layer above")
     state: dict[str, int] = {}
 
     def visit(name: str, trail: list[str]) -> None:
         state[name] = 1
-        for target in graph[name]:
-            assert state.get(target) != 1, "import circle: " + " -> ".join(trail + [name, target])
-            if target not in state:
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                problems.append("import circle: " + " -> ".join(trail + [name, target]))
+            elif target not in state:
                 visit(target, trail + [name])
         state[name] = 2
 
-    for name in graph:
+    for name in sorted(graph):
         if name not in state:
             visit(name, [])
+    return problems
 
 
-# Within a layer, modules that must stay independent of each other (what a line of code should know).
-INDEPENDENT = [("config.", "*"), ("eval.rfw.pairs", "utils.data.index"), ("utils.data.synthetic", "eval."),
-               ("utils.data.index", "eval."), ("backbones", "utils.data.index")]
+def test_every_folder_is_a_layer_and_holds_at_most_twelve_modules():
+    modules = _our_modules()
+    # An empty __init__.py (utils/, eval/, each layer folder) only makes a folder a package.
+    packages = {package_of(name, modules) for name, path in modules.items() if path.read_text().strip()}
+    assert packages == set(RANK), f"folders without a layer: {sorted(packages - set(RANK))}; layers without a " \
+                                  f"folder: {sorted(set(RANK) - packages)}"
+    for package in packages - {"scripts"}:
+        direct = [name for name in modules if package_of(name, modules) == package and name != package]
+        assert len(direct) <= MAX_MODULES_PER_FOLDER, f"{package} holds {len(direct)} modules: split it"
 
 
-def test_independent_modules_do_not_import_each_other():
+def test_imports_point_downwards_without_circles():
+    modules = _our_modules()
+    problems = layer_problems(import_graph(modules), modules)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("source", ["from utils import core, stages", "import utils.core, utils.stages",
+                                    "def late():\n    from utils import stages\n"])
+def test_the_check_sees_every_name_and_imports_inside_functions(source):
+    """utils.stages sits above utils.core: the check catches it as the second name of a multi-name import and
+    inside a function, not only as the first name at the top of a module."""
+    modules = {"utils.core": ROOT / "utils/core/__init__.py", "utils.stages": ROOT / "utils/stages/__init__.py",
+               "utils.core.low": ROOT / "utils/core/low.py"}
+    graph = {"utils.core.low": imported_modules(source, modules, "utils.core.low"), "utils.core": set(),
+             "utils.stages": set()}
+    assert "utils.stages" in graph["utils.core.low"], graph
+    assert layer_problems(graph, modules) == [
+        "utils.core.low (utils.core) imports utils.stages (utils.stages), a layer above"]
+
+
+def test_a_circle_is_reported():
+    modules = {"utils.core.a": ROOT / "utils/core/a.py", "utils.core.b": ROOT / "utils/core/b.py"}
+    graph = {"utils.core.a": {"utils.core.b"}, "utils.core.b": {"utils.core.a"}}
+    assert layer_problems(graph, modules) == ["import circle: utils.core.a -> utils.core.b -> utils.core.a"]
+
+
+# Within the layers, what a line of code should know (ARCHITECTURE): a model knows no files, the loop knows no
+# config, RFW loading knows no training index, the pipeline never imports the loop or the stages.
+INDEPENDENT = [("config", ("config",), True), ("backbones", ("backbones",), True),
+               ("utils.train", ("config",), False), ("eval.rfw.pairs", ("utils.data.index", "utils.data.datasets"), False),
+               ("utils.pipeline", ("utils.train", "utils.stages"), False)]
+
+
+@pytest.mark.parametrize("package, named, only", INDEPENDENT)
+def test_independent_parts_do_not_import_each_other(package, named, only):
+    """``only``: the package imports nothing of ours outside ``named``; else it imports nothing under ``named``."""
     modules = _our_modules()
     wrong = []
-    for source, target in INDEPENDENT:
-        for name, path in modules.items():
-            if name == source or name.startswith(source) and source.endswith("."):
-                wrong += [f"{name} imports {found}" for found in _imports(path, modules)
-                          if target == "*" or found == target or target.endswith(".") and found.startswith(target)]
+    for name, targets in import_graph(modules).items():
+        if name != package and not name.startswith(package + "."):
+            continue
+        for target in targets:
+            inside = any(target == n or target.startswith(n + ".") for n in named)
+            if inside != only:
+                wrong.append(f"{name} imports {target}")
     assert not wrong, "\n".join(wrong)
 
 
