@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
 
-.PHONY: venv test demo bench gpu-check clean
+.PHONY: venv test test-float-paths demo bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,15 @@ $(STAMP): requirements.txt requirements-dev.txt
 # tiny pipeline), in the order tests/conftest.py gives: the files with slow tests first.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+
+# The tests marked float_sensitive (what trained networks and float maths compute) under other floating-point
+# paths: one and two torch threads, and the instruction sets forced down to SSE4 (torch's kernels, oneDNN, MKL,
+# numpy's dispatch). Every variant must pass: a verdict that changes with the CPU is a test that is wrong.
+FLOAT_PATHS := "OMP_NUM_THREADS=1" "OMP_NUM_THREADS=2" \
+	"OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 NPY_DISABLE_CPU_FEATURES=X86_V3,X86_V4,AVX512_ICL"
+test-float-paths: $(STAMP)
+	for paths in $(FLOAT_PATHS); do echo "float paths: $$paths"; \
+		env $$paths $(PY) -m pytest -q -n 2 --dist loadfile -m float_sensitive tests || exit 1; done
 
 demo: $(STAMP)
 	$(PY) run_pipeline.py --preset demo

@@ -20,6 +20,8 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the pipeline (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "float_sensitive: asserts on what trained networks compute; `make "
+                            "test-float-paths` runs these under other thread counts and an older instruction set")
 
 
 def pytest_collection_modifyitems(items):

@@ -25,7 +25,7 @@ from eval.rfw.embedding import RFWEvaluator, backbone_embed_fn, embed_images
 from eval.rfw.pairs import load_bin
 from helpers import tiny_overrides
 from utils.data.align import ARCFACE_TEMPLATE, align_face, template
-from utils.data.binfile import read_bin
+from utils.data.binfile import read_bin, write_bin
 from utils.data.datasets import FaceDataset
 from utils.data.image import decode_image, random_horizontal_flip
 from utils.data.index import scan_image_folder
@@ -91,15 +91,28 @@ def test_alignment_recovers_the_template_crop_of_a_pasted_face():
         align_face(canvas, np.zeros((5, 2)), 112)
 
 
-def _write_distributed_rfw(bin_root: Path, out: Path, seed: int = 0) -> Path:
+def _norm_crop(image: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
+    """insightface's ``face_align.norm_crop``, written out here, independently of utils/data/align.py: the
+    least-squares similarity transform of the five points onto the ArcFace template (scaled by size / 112),
+    then ``cv2.warpAffine`` with its defaults (bilinear, black border)."""
+    from skimage.transform import SimilarityTransform
+
+    transform = SimilarityTransform.from_estimate(landmarks, ARCFACE_TEMPLATE * (size / 112.0))
+    return cv2.warpAffine(image, transform.params[0:2, :], (size, size), borderValue=0.0)
+
+
+def _write_distributed_rfw(bin_root: Path, out: Path, twin: Path, seed: int = 0) -> Path:
     """The RFW archive layout (test/data, test/txts with pairs and landmarks) from the faces of the .bin
-    files, each pasted unaligned into a bigger canvas with known landmarks."""
+    files, each pasted unaligned into a bigger canvas with known landmarks; and in ``twin`` its aligned .bin
+    twin: every photo as written, cropped by ``_norm_crop`` from the landmarks as written, stored losslessly
+    (PNG), pairs in the same order."""
     rng = np.random.default_rng(seed)
+    twin.mkdir(parents=True)
     for eth in ETHNICITIES:
         images, issame = read_bin(bin_root / f"{eth}_test.bin")
         txts = out / "test" / "txts" / eth
         txts.mkdir(parents=True)
-        pair_lines, lmk_lines = [], []
+        pair_lines, lmk_lines, crops = [], [], []
         for p, same in enumerate(issame):
             names = [(f"m.{eth[:2].lower()}{p:04d}", 1), (f"m.{eth[:2].lower()}{p:04d}", 2)] if same else \
                     [(f"m.{eth[:2].lower()}{p:04d}a", 1), (f"m.{eth[:2].lower()}{p:04d}b", 1)]
@@ -111,25 +124,27 @@ def _write_distributed_rfw(bin_root: Path, out: Path, seed: int = 0) -> Path:
                 cv2.imwrite(str(path), _paste(face, matrix, CANVAS, rng), JPEG_444)
                 points = " ".join(f"{v:.3f}" for v in _landmarks(matrix, SIZE).reshape(-1))
                 lmk_lines.append(f"/test/data/{eth}/{identity}/{identity}_{n:04d}.jpg\t{p}\t{points}")
+                written = np.array([float(v) for v in points.split()]).reshape(5, 2)
+                crops.append(cv2.imencode(".png", _norm_crop(cv2.imread(str(path)), written, SIZE))[1].tobytes())
             first, second = names
             pair_lines.append(f"{first[0]}\t1\t2" if same else f"{first[0]}\t1\t{second[0]}\t1")
         (txts / f"{eth}_pairs.txt").write_text("\n".join(pair_lines) + "\n")
         (txts / f"{eth}_lmk.txt").write_text("\n".join(lmk_lines) + "\n")
+        write_bin(twin / f"{eth}_test.bin", crops, issame)
     return out
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """Synthetic faces (their RFW-style .bin files) and the distributed RFW twin made from the same faces."""
+    """Synthetic faces (their RFW-style .bin files), the distributed RFW archive made from the same faces, and
+    the archive's lossless aligned .bin twin."""
     root = tmp_path_factory.mktemp("inputs")
-    # Enough identities for a network that verifies well above chance: near chance, most pairs sit at the
-    # threshold and any resampling flips them, which would test nothing about alignment.
-    # shared_fraction=0: the world whose identities this tiny network tells apart best (most pairs far from the
-    # threshold), so the comparison measures alignment rather than threshold noise.
+    # Enough identities for a network that verifies well above chance, so equal accuracies compare real
+    # decisions rather than coin flips; shared_fraction=0: the world this tiny network tells apart best.
     generate_synthetic(root / "syn", ids_per_ethnicity=30, images_per_id=6, pairs_per_ethnicity=PAIRS,
                        image_size=SIZE, seed=0, shared_fraction=0.0)
-    archive = _write_distributed_rfw(root / "syn" / "rfw", root / "rfw_archive")
-    return {"bins": root / "syn" / "rfw", "archive": archive, "root": root}
+    archive = _write_distributed_rfw(root / "syn" / "rfw", root / "rfw_archive", root / "twin")
+    return {"bins": root / "syn" / "rfw", "archive": archive, "twin": root / "twin", "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -214,18 +229,26 @@ def _trained_network(train_root: Path, epochs: int = 8) -> nn.Module:
     return model
 
 
+@pytest.mark.float_sensitive
 def test_rfw_as_distributed_and_its_aligned_bin_twin_give_the_same_accuracies(inputs):
-    model = _trained_network(inputs["root"] / "syn" / "train")
+    """The archive aligned on load gives the very pixels of its lossless twin (insightface's norm_crop, PNG),
+    hence the very same accuracies, on any CPU. Against the generator's JPEG crops the alignment only comes
+    close (mean error below 1 grey level): JPEG re-encoding, which a weak network turns into whole points
+    of accuracy, so accuracies are compared against the lossless twin only."""
     from_tree = RFWEvaluator(inputs["archive"], SIZE)
+    from_twin = RFWEvaluator(inputs["twin"], SIZE)
+    for eth in ETHNICITIES:
+        assert torch.equal(from_tree.data[eth][0], from_twin.data[eth][0]), eth
+        np.testing.assert_array_equal(from_tree.data[eth][1], from_twin.data[eth][1])
     from_bins = RFWEvaluator(inputs["bins"], SIZE)
     pixel_error = np.mean([(from_tree.data[eth][0].float() - from_bins.data[eth][0].float()).abs().mean().item()
                            for eth in ETHNICITIES])
     assert pixel_error < 1.0, f"aligned RFW photos differ from their crops by {pixel_error:.2f} grey levels"
-    tree = {eth: 100 * r.accuracy for eth, r in from_tree(backbone_embed_fn(model)).items()}
-    bins = {eth: 100 * r.accuracy for eth, r in from_bins(backbone_embed_fn(model)).items()}
-    assert min(bins.values()) > 70.0, bins  # a network that verifies well, or the agreement would mean little
-    for eth in ETHNICITIES:
-        assert abs(tree[eth] - bins[eth]) <= 1.0 + 1e-9, (eth, tree, bins)
+    embed = backbone_embed_fn(_trained_network(inputs["root"] / "syn" / "train"))
+    tree = {eth: 100 * r.accuracy for eth, r in from_tree(embed).items()}
+    twin = {eth: 100 * r.accuracy for eth, r in from_twin(embed).items()}
+    assert tree == twin
+    assert min(twin.values()) > 70.0, twin  # a network that verifies well: the equal accuracies are real decisions
 
 
 def test_bin_images_of_another_size_need_allow_resize(unaligned):

@@ -61,6 +61,7 @@ def test_epoch_verification_intervals_follow_the_bootstrap_keys(tiny_synthetic, 
     assert settings == [(50, 3, 0.5)]
 
 
+@pytest.mark.float_sensitive
 def test_teacher_run_writes_every_file_and_learns(tiny_synthetic, tmp_path):
     result = _train(tiny_synthetic, tmp_path, ethnicity="Asian", num_epoch=3, milestones=[3], lr=0.2,
                     rfw_root=str(tiny_synthetic / "rfw"))
