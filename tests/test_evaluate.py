@@ -139,25 +139,26 @@ def test_cli_rejects_unnamed_teachers(rfw_root, tmp_path, capsys):
     assert exc.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
 
 
-def test_cli_rejects_a_checkpoint_of_another_network(rfw_root, tmp_path):
+def test_cli_rejects_a_checkpoint_of_another_network(rfw_root, tmp_path, capsys):
     weights = _save_backbone(tmp_path / "r18.pth", seed=0, network="iresnet18")
     with pytest.raises(SystemExit) as exc:
         main(["--backbone", str(weights), "--network", "iresnet34", "--rfw-root", str(rfw_root),
               "--out", str(tmp_path / "out"), *SMALL])
-    message = str(exc.value.code)
-    assert str(weights) in message and "iresnet34" in message and "missing keys" in message
-    assert not (tmp_path / "out").exists()
+    message = capsys.readouterr().err
+    assert exc.value.code == 2 and str(weights) in message and "iresnet34" in message and "missing keys" in message
+    assert not list((tmp_path / "out").iterdir())
 
 
-def test_cli_names_a_missing_rfw_file(rfw_root, tmp_path):
+def test_cli_names_a_missing_rfw_file(rfw_root, tmp_path, capsys):
     partial = tmp_path / "rfw"
     partial.mkdir()
     for eth in ("African", "Asian", "Caucasian"):
         shutil.copy(rfw_root / f"{eth}_test.bin", partial)
     weights = _save_backbone(tmp_path / "m.pth", seed=0)
     with pytest.raises(SystemExit) as exc:
-        main(["--backbone", str(weights), "--network", "iresnet18", "--rfw-root", str(partial), *SMALL])
-    assert str(partial / "Indian_test.bin") in str(exc.value.code)
+        main(["--backbone", str(weights), "--network", "iresnet18", "--rfw-root", str(partial),
+              "--out", str(tmp_path / "out"), *SMALL])
+    assert exc.value.code == 2 and str(partial / "Indian_test.bin") in capsys.readouterr().err
 
 
 def _write_run(run_dir, cfg, stage, weights_name, save):

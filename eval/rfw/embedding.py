@@ -15,6 +15,7 @@ from torch import nn
 from config.config import ETHNICITIES, MAX_IMAGE_PIXELS
 from eval.metrics.protocol import VerificationResult, pair_set_problem, verify
 from eval.rfw.pairs import find_rfw_source, load_benchmarks, load_rfw
+from utils.core.errors import InvalidInputError
 from utils.data.image import normalize_images
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
@@ -166,7 +167,7 @@ class RFWEvaluator:
     ) -> None:
         clash = set(val_targets) & set(ethnicities)
         if clash:
-            raise ValueError(f"val_targets {sorted(clash)} clash with RFW ethnicity names")
+            raise InvalidInputError(f"val_targets {sorted(clash)} clash with RFW ethnicity names")
         self.rfw_root = Path(rfw_root)
         self.input_size = input_size
         self.batch_size = batch_size
@@ -176,7 +177,7 @@ class RFWEvaluator:
         for eth, (_, issame) in self.data.items():
             problem = pair_set_problem(issame, nfolds)
             if problem is not None:
-                raise ValueError(f"{find_rfw_source(self.rfw_root, eth).path} ({eth}): {problem}")
+                raise InvalidInputError(f"{find_rfw_source(self.rfw_root, eth).path} ({eth}): {problem}")
         self.data.update(load_benchmarks(val_root, list(val_targets), input_size, allow_resize, max_pixels))
 
     def outputs(self, embed_fn: EmbedFn, device: str | torch.device = "cpu") -> dict[str, ImageOutputs]:

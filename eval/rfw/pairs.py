@@ -42,13 +42,13 @@ def _as_buffer(item: object, path: Path, i: int) -> bytes | np.ndarray:
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim <= 2:
         return item.reshape(-1)
-    raise ValueError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
+    raise InvalidInputError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
 
 
 def _as_bool(item: object, path: Path, i: int) -> bool:
     if isinstance(item, (bool, np.bool_)):
         return bool(item)
-    raise ValueError(f"{path}: issame[{i}] is a {type(item).__name__}, expected a bool")
+    raise InvalidInputError(f"{path}: issame[{i}] is a {type(item).__name__}, expected a bool")
 
 
 def _decode(buffer: bytes | np.ndarray, name: str, input_size: int, landmarks: np.ndarray | None,
@@ -79,7 +79,7 @@ def load_bin(path: str | Path, input_size: int, allow_resize: bool = False,
         raise MissingInputError(f"verification file not found: {path}")
     images, issame = read_bin(path)
     if len(images) != 2 * len(issame):
-        raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected two per pair)")
+        raise InvalidInputError(f"{path}: {len(images)} images for {len(issame)} pairs (expected two per pair)")
     buffers = [_as_buffer(item, path, i) for i, item in enumerate(images)]
     flags = np.array([_as_bool(item, path, i) for i, item in enumerate(issame)], dtype=bool)
     names = [f"{path}[{i}]" for i in range(len(buffers))]
@@ -112,10 +112,10 @@ def _parse_pairs(pairs_file: Path) -> list[tuple[str, int, str, int, bool]]:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{pairs_file}:{line_no}: expected 'name idx1 idx2' or 'name1 idx1 name2 idx2', "
+            raise InvalidInputError(f"{pairs_file}:{line_no}: expected 'name idx1 idx2' or 'name1 idx1 name2 idx2', "
                              f"got {line!r}") from None
     if not pairs:
-        raise ValueError(f"{pairs_file} lists no pairs")
+        raise InvalidInputError(f"{pairs_file} lists no pairs")
     return pairs
 
 
