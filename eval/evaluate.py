@@ -40,6 +40,7 @@ from eval.rfw.embedding import (
     EmbedFn, ImageOutputs, RFWEvaluator, adaptor_outputs, backbone_embed_fn, multi_teacher_embed_fn
 )
 from eval.rfw.pairs import find_benchmark
+from utils.core.digests import file_sha256
 from utils.core.distributed import default_device
 from utils.core.errors import InvalidInputError, MissingInputError
 from utils.core.io import atomic_write_json, check_writable_folder
@@ -48,7 +49,7 @@ from utils.core.weights import load_weights
 from utils.stages.cli import run_tool
 from utils.stages.release_import import parse_named_paths
 from utils.workdir import artifacts
-from utils.workdir.provenance import file_sha256, tree_fingerprint
+from utils.workdir.provenance import tree_fingerprint
 from utils.workdir.runs import display_name, find_runs, read_run_config, run_weights, teacher_dirs
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import BACKBONES, get_backbone
+from utils.core.digests import file_sha256
 from utils.core.errors import IncompatibleInputError, InvalidInputError, MissingInputError
 from utils.core.io import atomic_path, atomic_write_json, check_writable_folder
 from utils.core.weights import load_weights
@@ -32,7 +33,6 @@ from utils.data.image import decode_image, normalize_images, to_tensor
 from utils.data.index import IMAGE_EXTENSIONS
 from utils.stages.cli import run_tool
 from utils.workdir import artifacts
-from utils.workdir.provenance import file_sha256
 from utils.workdir.runs import read_run_config
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"

@@ -24,6 +24,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from config.config import ETHNICITIES
+from utils.core.digests import files_sha256
 from utils.core.errors import InvalidInputError, MissingInputError
 from utils.core.io import atomic_write_text
 from utils.core.logs import LOGGER_NAME
@@ -57,6 +58,7 @@ class ImageIndex:
     ethnicity: np.ndarray
     identities: list[tuple[str, str]]
     kind: str = "folder"
+    digest_cache: Path | None = None  # where the file digests of this data are kept between processes
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -74,17 +76,12 @@ class ImageIndex:
     def num_classes(self) -> int:
         return len(self.identities)
 
-    def file_sizes(self) -> np.ndarray:
-        """Bytes of every row's image file (RecordIO rows: of the record file), read once per index."""
-        if getattr(self, "_file_sizes", None) is None:
-            root = str(self.root)
-            if self.kind == "recordio":
-                size = os.stat(os.path.join(root, REC_NAME)).st_size
-                self._file_sizes = np.full(len(self.paths), size, dtype=np.int64)
-            else:
-                self._file_sizes = np.array([os.stat(os.path.join(root, p)).st_size for p in self.paths],
-                                            dtype=np.int64)
-        return self._file_sizes
+    def file_digests(self) -> np.ndarray:
+        """Raw sha256 [N, 32] of every row's image file (RecordIO rows: of the record file), reusing the digests
+        of unchanged files kept in ``digest_cache`` (:func:`utils.core.digests.files_sha256`)."""
+        if self.kind == "recordio":
+            return np.repeat(files_sha256(self.root, [REC_NAME], self.digest_cache), len(self.paths), axis=0)
+        return files_sha256(self.root, self.paths, self.digest_cache)
 
     def digest(self) -> str:
         """sha256 of the (path, label) rows: the identity of this index for the embedding store."""

@@ -26,9 +26,10 @@ def load_index(cfg: Config) -> ImageIndex:
         index = scan_recordio(root, artifacts.index_cache_file(cfg))
     else:
         index = scan_image_folder(root, artifacts.index_cache_file(cfg))
-    if cfg.ids_per_ethnicity is None:
-        return index
-    return restrict_identities(index, cfg.ids_per_ethnicity, cfg.seed)
+    if cfg.ids_per_ethnicity is not None:
+        index = restrict_identities(index, cfg.ids_per_ethnicity, cfg.seed)
+    index.digest_cache = artifacts.digest_cache_file(cfg)
+    return index
 
 
 def dataset_for(cfg: Config, index: ImageIndex, rows: np.ndarray | None = None,
