@@ -14,6 +14,7 @@ unknown (-1) and only the ``all`` protocol works. Index paths of records read ``
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -169,6 +170,11 @@ def _check_entry_name(entry: os.DirEntry) -> None:
     if any(char in entry.name for char in "\t\n\r"):
         raise InvalidInputError(f"{entry.path!r} has a tab or line break in its name; rename it")
     if entry.is_symlink() and not os.path.exists(entry.path):
+        try:
+            os.stat(entry.path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidInputError(f"symbolic link loop at {entry.path} -> {os.readlink(entry.path)}") from None
         raise InvalidInputError(f"broken symbolic link {entry.path} -> {os.readlink(entry.path)}")
 
 
