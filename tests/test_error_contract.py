@@ -203,3 +203,14 @@ def test_a_truncated_image_in_rfw_files_is_one_line(tmp_path, capsys):
                                      "--input-size", "32", "--rfw-root", str(tmp_path / "rfw"),
                                      "--out", str(tmp_path / "out")], capsys)
     assert "African_test.bin[0]" in err and "cannot decode image" in err
+
+
+def test_a_bad_image_met_in_a_data_loader_worker_is_one_line(train_root, tmp_path, monkeypatch, capsys):
+    """check_images=0 leaves the damaged image to a DataLoader worker, which wraps the error in its traceback."""
+    import train as train_script
+
+    image = next((train_root / "Asian").iterdir()) / "0.jpg"
+    image.write_bytes(image.read_bytes()[:200])
+    err = _stage_exit(train_script.main, _train(train_root, tmp_path, check_images=0, num_workers=1), monkeypatch,
+                      capsys)
+    assert err == f"error (rank 0): cannot decode image {image}: corrupt, truncated or not an image"

@@ -38,13 +38,22 @@ def _parse(argv: Sequence[str] | None, stage_defaults: dict[str, Any]) -> Config
     return check_networks(cfg)
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of a user error in one line. An error raised in a DataLoader worker arrives wrapped in the
+    worker's traceback text; its own message is that text's last line, after the exception's name."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def run_tool(main: Callable[[], T]) -> T:
     """The error contract of the ``python -m eval.*`` tools, the same as the stage scripts': a user error is one
     line ``error: ...`` on stderr and exit code 2; anything else keeps its traceback."""
     try:
         return main()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(EXIT_CODE) from None
 
 
@@ -70,5 +79,5 @@ def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | Non
         if argv is not None:
             raise
         interrupted = isinstance(exc, TrainingInterrupted)
-        print(f"{'interrupted' if interrupted else 'error'} (rank {rank}): {exc}", file=sys.stderr)
+        print(f"{'interrupted' if interrupted else 'error'} (rank {rank}): {one_line(exc)}", file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT_CODE if interrupted else EXIT_CODE) from None
