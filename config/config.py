@@ -66,7 +66,7 @@ class Config:
     input_size: int = 112  # square input side in pixels of the aligned crops
     allow_resize: bool = False  # resize images that are not input_size squares (default: refuse them as unaligned)
     num_workers: int = 4  # data-loader worker processes per rank
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # images whose header claims more pixels are refused before decoding (decompression bombs)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # an image whose header claims more pixels is refused before decoding
     check_images: int = 1000  # images decoded as a sanity pass before training (0 = none, -1 = all; extraction: all)
     # ---- what to train ----------------------------------------------------------------------------------
     ethnicity: str = "African"  # specialized teacher / extraction target: African|Asian|Caucasian|Indian|all
@@ -376,7 +376,9 @@ def merge_overrides(*layers: Sequence[str]) -> list[str]:
     replaces the value of an earlier one, and a key repeated within one layer is refused (:func:`parse_overrides`)."""
     merged: dict[str, Any] = {}
     for layer in layers:
-        merged.update(parse_overrides(layer))
+        for key, value in parse_overrides(layer).items():
+            merged.pop(key, None)  # a replaced key moves to its new layer's place
+            merged[key] = value
     return [format_override(key, value) for key, value in merged.items()]
 
 

@@ -98,7 +98,7 @@ def test_the_pipeline_refuses_a_duplicated_key_and_merges_its_own_layers(tmp_pat
     assert run_pipeline.main(["--preset", "tiny", "--plan-only", f"output_root={str(tmp_path)!r}", "seed=1",
                               "seed=2"]) == 2
     assert "config key seed is given twice" in capsys.readouterr().err
-    assert merge_overrides(["seed=1", "lr=0.1"], ["seed=2"], ["resume=True"]) == ["seed=2", "lr=0.1", "resume=True"]
+    assert merge_overrides(["seed=1", "lr=0.1"], ["seed=2"], ["resume=True"]) == ["lr=0.1", "seed=2", "resume=True"]
 
 
 def test_a_full_disk_inside_the_store_memory_map_is_one_line_naming_the_file(tmp_path, monkeypatch):

@@ -61,7 +61,8 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         data, name = self._read(i)
-        image = normalize_array(decode_image(data, self.input_size, name, self.allow_resize, self.max_pixels).transpose(2, 0, 1))
+        image = decode_image(data, self.input_size, name, self.allow_resize, self.max_pixels)
+        image = normalize_array(image.transpose(2, 0, 1))
         return torch.from_numpy(image), int(self.labels[i]), int(self.rows[i])
 
 
