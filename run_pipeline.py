@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from config.config import format_override, load_config
+from config.config import format_override, load_config, merge_overrides
 from utils.core.errors import EXIT_CODE, InvalidInputError, UserError
 from utils.core.locks import folder_lock
 from utils.core.logs import format_duration
@@ -29,6 +29,7 @@ from utils.core.signals import INTERRUPTED_EXIT_CODE, StopRequest, stop_on_signa
 from utils.pipeline.launch import (
     PipelineInterrupted, StageFailed, report_command, run_command, run_jobs_side_by_side, run_one_by_one
 )
+from utils.stages.cli import check_networks
 from utils.pipeline.plan import PRESETS, STAGES, TEACHER_SET_CHOICES, plan, plan_jobs, select_jobs
 from utils.workdir import artifacts
 
@@ -96,9 +97,10 @@ def sweep_shared(args: argparse.Namespace, preset_name: str, root: Path) -> int:
 
 def _load(overrides: list[str]):
     try:
-        return load_config(overrides)
+        cfg = load_config(merge_overrides(overrides))
     except (KeyError, ValueError) as exc:
         raise InvalidInputError(exc.args[0] if exc.args else str(exc)) from None
+    return check_networks(cfg)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -123,11 +125,12 @@ def run(argv: list[str] | None = None) -> int:
         if args.shared_fraction is not None:
             sizes["shared_fraction"] = args.shared_fraction
         data_dir = root / "data"
-        base += [format_override("output_root", str(root)), format_override("data_root", str(data_dir / "train")),
-                 format_override("rfw_root", str(data_dir / "rfw"))]
+        base = merge_overrides(base, [format_override("output_root", str(root)),
+                                      format_override("data_root", str(data_dir / "train")),
+                                      format_override("rfw_root", str(data_dir / "rfw"))])
     elif user.data_root is None:
         raise InvalidInputError(f"--preset {preset_name} needs data_root=... (and rfw_root=... for verification)")
-    base += args.overrides
+    base = merge_overrides(base, args.overrides)
     cfg = _load(base)
     # A second pipeline on the same output_root would rerun the same jobs into the same folders.
     with folder_lock(artifacts.work_root(cfg), what="pipeline output_root"), stop_on_signals() as stop:
@@ -140,7 +143,7 @@ def run(argv: list[str] | None = None) -> int:
         for seed in dict.fromkeys(args.seeds):
             print(f"==== seed {seed} ====", flush=True)
             seed_root = format_override("output_root", str(artifacts.work_root(cfg) / f"seed{seed}"))
-            out_dir = run_once(args, base + [f"seed={seed}", seed_root], preset_name, stop)
+            out_dir = run_once(args, merge_overrides(base, [f"seed={seed}", seed_root]), preset_name, stop)
             if out_dir is not None:
                 reports[seed] = out_dir / f"{artifacts.REPORT_STEM}.json"
     if reports:

@@ -37,6 +37,8 @@ ADAPTOR_SCRIPTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 KD_SCRIPTS = {"aKD": "KD_alone.py", "EAFKD": "KD_CEL.py"}
 KD_LABELS = {"aKD": "a-KD", "EAFKD": "EAF-KD"}  # as the paper's tables name them
+# Default of max_image_pixels, also the limit of the tools that decode images without a config.
+MAX_IMAGE_PIXELS = 40_000_000
 
 # Default margin-head hyperparameters per loss (s, m, std); `s`, `m`, `std` keys override them for `loss`.
 # As in the release's config, except CosFace: the release has no CosFace branch (it would get m = 0.5).
@@ -64,6 +66,7 @@ class Config:
     input_size: int = 112  # square input side in pixels of the aligned crops
     allow_resize: bool = False  # resize images that are not input_size squares (default: refuse them as unaligned)
     num_workers: int = 4  # data-loader worker processes per rank
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # an image whose header claims more pixels is refused before decoding
     check_images: int = 1000  # images decoded as a sanity pass before training (0 = none, -1 = all; extraction: all)
     # ---- what to train ----------------------------------------------------------------------------------
     ethnicity: str = "African"  # specialized teacher / extraction target: African|Asian|Caucasian|Indian|all
@@ -235,7 +238,7 @@ _POSITIVE = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)")
 _RANGES: dict[str, tuple[Any, str]] = {
-    "ids_per_ethnicity": _POSITIVE, "input_size": _POSITIVE, "num_workers": _NON_NEGATIVE,
+    "ids_per_ethnicity": _POSITIVE, "input_size": _POSITIVE, "max_image_pixels": _POSITIVE, "num_workers": _NON_NEGATIVE,
     "check_images": (lambda v: v >= -1, ">= -1"),
     "split": (lambda v: 0 <= v < NUM_BASELINE_SPLITS, f"in 0..{NUM_BASELINE_SPLITS - 1}"),
     "dropout": _PROBABILITY, "width": _POSITIVE, "embedding_size": _POSITIVE,
@@ -351,11 +354,32 @@ def parse_cli(argv: Sequence[str] | None = None, **stage_defaults: Any) -> Confi
             print(f"  {format_override(name, default):<32} {comments.get(name, '')}")
         raise SystemExit(0)
     merged: dict[str, Any] = dict(stage_defaults)
-    try:
-        merged.update(parse_override(arg) for arg in argv)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    merged.update(parse_overrides(argv))
     return load_config(merged)
+
+
+def parse_overrides(words: Sequence[str]) -> dict[str, Any]:
+    """The user's ``key=value`` words as a dict. A word without ``=`` or a key given twice is refused
+    (``ValueError``): a silent last-wins would hide which value a run used."""
+    parsed: dict[str, Any] = {}
+    for word in words:
+        key, value = parse_override(word)
+        if key in parsed:
+            raise ValueError(f"config key {key} is given twice ({format_override(key, parsed[key])} and {word}); "
+                             "give each key once")
+        parsed[key] = value
+    return parsed
+
+
+def merge_overrides(*layers: Sequence[str]) -> list[str]:
+    """``key=value`` words of several layers (preset, user, job) as one list with each key once: a later layer
+    replaces the value of an earlier one, and a key repeated within one layer is refused (:func:`parse_overrides`)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in parse_overrides(layer).items():
+            merged.pop(key, None)  # a replaced key moves to its new layer's place
+            merged[key] = value
+    return [format_override(key, value) for key, value in merged.items()]
 
 
 def _field_comments() -> dict[str, str]:

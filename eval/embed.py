@@ -22,10 +22,12 @@ from backbones import BACKBONES, get_backbone
 from eval.rfw.embedding import backbone_embed_fn, embed_images
 from eval.rfw.pairs import load_bin
 from utils.core.distributed import default_device
-from utils.core.io import atomic_path, atomic_write_text
+from utils.core.errors import InvalidInputError, MissingInputError
+from utils.core.io import atomic_path, atomic_write_text, check_writable_folder, create_array
 from utils.core.weights import load_weights
 from utils.data.image import decode_image
 from utils.data.index import IMAGE_EXTENSIONS
+from utils.stages.cli import run_tool
 
 EMBEDDINGS_NAME, ROWS_NAME = "embeddings.npy", "rows.tsv"
 
@@ -35,7 +37,7 @@ def list_images(folder: Path) -> list[Path]:
     paths = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
              and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+        raise MissingInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     return sorted(paths, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -66,10 +68,9 @@ def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path
         names = [f"{source.name}[{i}]" for i in range(images.shape[0])]
         batches = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
     else:
-        raise FileNotFoundError(f"--images {source}: expected a folder of aligned images or an insightface .bin file")
+        raise MissingInputError(f"--images {source}: expected a folder of aligned images or an insightface .bin file")
     model = model.to(device)
     embed_fn = backbone_embed_fn(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
     embeddings_path, rows_path = out_dir / EMBEDDINGS_NAME, out_dir / ROWS_NAME
     rows_path.unlink(missing_ok=True)  # a row list next to a half-written array would claim it complete
     with atomic_path(embeddings_path) as partial:
@@ -78,12 +79,11 @@ def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path
         for batch in batches:
             rows = embed_images(embed_fn, batch, batch_size=batch_size, device=device, flip=flip)
             if array is None:
-                array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
-                                                  shape=(len(names), rows.shape[1]))
+                array = create_array(partial, (len(names), rows.shape[1]))
             array[row:row + len(rows)] = rows
             row += len(rows)
         if array is None:
-            raise ValueError(f"no images to embed in {source}")
+            raise InvalidInputError(f"no images to embed in {source}")
         array.flush()
         del array  # closes the memory map before the rename
     atomic_write_text(rows_path, "".join(f"{i}\t{name}\n" for i, name in enumerate(names)))
@@ -111,19 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> tuple[Path, Path]:
+    if args.batch_size < 1:
+        raise InvalidInputError(f"--batch-size {args.batch_size}: give a number >= 1")
+    check_writable_folder(args.out)  # before the weights load and the images are read
     device = torch.device(args.device) if args.device else default_device()
-    try:
-        model = get_backbone(args.network, input_size=args.input_size, embedding_size=args.embedding_size,
-                             use_se=args.use_se, width=args.width)
-        load_weights(model, args.backbone, what=f"{args.network} backbone weights")
-        paths = embed_source(model, args.images, args.out, input_size=args.input_size, flip=args.flip,
-                             batch_size=args.batch_size, device=device, allow_resize=args.allow_resize)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    model = get_backbone(args.network, input_size=args.input_size, embedding_size=args.embedding_size,
+                         use_se=args.use_se, width=args.width)
+    load_weights(model, args.backbone, what=f"{args.network} backbone weights")
+    paths = embed_source(model, args.images, args.out, input_size=args.input_size, flip=args.flip,
+                         batch_size=args.batch_size, device=device, allow_resize=args.allow_resize)
     print(f"wrote {paths[0]} and {paths[1]}")
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
+    args = build_parser().parse_args(argv)
+    return run_tool(lambda: _run(args))
 
 
 if __name__ == "__main__":

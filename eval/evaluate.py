@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -40,13 +40,16 @@ from eval.rfw.embedding import (
     EmbedFn, ImageOutputs, RFWEvaluator, adaptor_outputs, backbone_embed_fn, multi_teacher_embed_fn
 )
 from eval.rfw.pairs import find_benchmark
+from utils.core.digests import file_sha256
 from utils.core.distributed import default_device
-from utils.core.errors import InvalidInputError, MissingInputError, UserError
-from utils.core.io import atomic_write_json
+from utils.core.errors import InvalidInputError, MissingInputError
+from utils.core.io import atomic_write_json, check_writable_folder
+from utils.core.locks import folder_lock
 from utils.core.weights import load_weights
+from utils.stages.cli import run_tool
 from utils.stages.release_import import parse_named_paths
 from utils.workdir import artifacts
-from utils.workdir.provenance import file_sha256, tree_fingerprint
+from utils.workdir.provenance import tree_fingerprint
 from utils.workdir.runs import display_name, find_runs, read_run_config, run_weights, teacher_dirs
 
 
@@ -258,6 +261,31 @@ class WorkDirReport:
     reused: bool  # True when nothing changed since the report in out_dir was written
 
 
+def _evaluate_runs(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw_root: Path, options: dict[str, Any],
+                   *, batch_size: int, device: str | torch.device | None, skip_incomplete: bool,
+                   raw_teachers: bool) -> list[ResultRow]:
+    """One result row per run, evaluated on RFW (one evaluator and its shared teacher outputs per input size)."""
+    device = torch.device(device) if device is not None else default_device()
+    readers = teacher_readers(runs)
+    by_size: dict[int, TeacherOutputs] = {}
+    rows = []
+    for run_dir, cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
+        if cfg.input_size not in by_size:
+            evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size, **options)
+            by_size[cfg.input_size] = TeacherOutputs(evaluator, device, readers)
+        name = display_name(stage, cfg)
+        try:
+            rows.append(evaluate_run(run_dir, cfg, stage, by_size[cfg.input_size], name=name,
+                                     raw_teachers=raw_teachers))
+        except FileNotFoundError as exc:
+            if not skip_incomplete:
+                raise
+            print(f"skipping {name}: {exc}")
+    if not rows:
+        raise MissingInputError(f"no run under {work_dir} has finished weights")
+    return rows
+
+
 def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str | None = None,
                     out_dir: str | Path | None = None, batch_size: int = 256,
                     device: str | torch.device | None = None, skip_incomplete: bool = False,
@@ -266,8 +294,9 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
     """Evaluate every run under ``work_dir`` (of ``run_name``, if given) on RFW and write one report folder.
 
     Each run is rebuilt from its own config.json. The report folder (default ``report[-run_name]`` in the
-    work dir) holds the tables, plots and ``sources.json``: when the RFW files and every evaluated weights
-    file are unchanged, the report there is reused without evaluating again. With ``skip_incomplete`` a run
+    work dir, locked while it is written) holds the tables, plots and ``sources.json``: when the RFW files and
+    every evaluated weights file are unchanged, the rows there are reused without evaluating again, and the files
+    are rewritten only when the statistics ``settings`` changed. With ``skip_incomplete`` a run
     without its best weights is reported and skipped instead of failing; ``raw_teachers`` evaluates adaptor
     spaces as in :func:`multi_teacher_embed_fn`. ``settings``: bootstrap and operating points of the report.
     ``val_targets`` (``<val_root>/<name>.bin``) add benchmark columns; ``allow_resize`` as in :class:`RFWEvaluator`.
@@ -286,35 +315,22 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
         benchmarks = {name: find_benchmark(val_root, name) for name in val_targets}  # type: ignore[arg-type]
         sources["benchmarks"] = {name: file_sha256(path) for name, path in benchmarks.items()}
     sources["allow_resize"] = allow_resize
-    sources_path = artifacts.report_sources_file(out)
-    stem = artifacts.REPORT_STEM
-    reused = sources_path.is_file() and json.loads(sources_path.read_text()) == sources
-    if reused:
-        rows = read_report_rows(out / f"{stem}.json")
-    else:
-        device = torch.device(device) if device is not None else default_device()
-        readers = teacher_readers(runs)
-        by_size: dict[int, TeacherOutputs] = {}  # one evaluator (and its shared teacher outputs) per input size
-        rows = []
-        for run_dir, cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
-            if cfg.input_size not in by_size:
-                evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size, **options)
-                by_size[cfg.input_size] = TeacherOutputs(evaluator, device, readers)
-            name = display_name(stage, cfg)
-            try:
-                rows.append(evaluate_run(run_dir, cfg, stage, by_size[cfg.input_size], name=name,
-                                         raw_teachers=raw_teachers))
-            except FileNotFoundError as exc:
-                if not skip_incomplete:
-                    raise
-                print(f"skipping {name}: {exc}")
-        if not rows:
-            raise MissingInputError(f"no run under {work_dir} has finished weights")
     settings = settings or StatsSettings()
-    stats = report_stats(rows, settings)  # before the table: it gives the rows (also reused ones) their intervals
-    if not reused:
-        write_report(rows, out, stem=stem, settings=settings, stats=stats)
-        atomic_write_json(sources_path, sources)
+    # The report files follow the statistics settings too; the evaluated rows only follow the sources.
+    wanted = {**sources, "report_settings": json.loads(json.dumps(asdict(settings)))}
+    sources_path = artifacts.report_sources_file(out)
+    with folder_lock(check_writable_folder(out), "report folder"):
+        recorded = json.loads(sources_path.read_text()) if sources_path.is_file() else None
+        reused = recorded == wanted
+        if recorded is not None and {k: v for k, v in recorded.items() if k != "report_settings"} == sources:
+            rows = read_report_rows(out / f"{artifacts.REPORT_STEM}.json")
+        else:
+            rows = _evaluate_runs(runs, work_dir, rfw_root, options, batch_size=batch_size, device=device,
+                                  skip_incomplete=skip_incomplete, raw_teachers=raw_teachers)
+        stats = report_stats(rows, settings)  # before the table: it gives the rows (also reused ones) their intervals
+        if not reused:
+            write_report(rows, out, stem=artifacts.REPORT_STEM, settings=settings, stats=stats)
+            atomic_write_json(sources_path, wanted)
     summary = summary_line(rows, stats=stats)
     return WorkDirReport(rows, out, results_table(rows) + "\n\n" + summary, reused)
 
@@ -400,31 +416,31 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    return run_tool(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> list[ResultRow]:
     options = dict(allow_resize=args.allow_resize, val_root=args.val_root, val_targets=args.val_targets)
     settings = StatsSettings(args.bootstrap_resamples, args.bootstrap_seed, args.confidence, tuple(args.fmr_targets),
                              args.fdr_alpha)
-    try:
-        if args.work_dir is not None:
-            report = report_work_dir(args.work_dir, args.rfw_root, run_name=args.run_name, out_dir=args.out,
-                                     batch_size=args.batch_size, device=args.device,
-                                     skip_incomplete=args.skip_incomplete, raw_teachers=args.release_raw_teachers,
-                                     settings=settings, **options)
-            print(report.text)
-            print(f"report {'reused' if report.reused else 'written'}: {report.out_dir}")
-            return report.rows
-        else:
-            evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size, **options)
-            common = dict(embedding_size=args.embedding_size, width=args.width, use_se=args.use_se,
-                          device=args.device, name=args.name)
-            if args.backbone is not None:
-                rows = [evaluate_backbone(args.backbone, args.network, evaluator, **common)]
-            else:
-                rows = [evaluate_multi_teacher(args.teacher, args.adaptor, args.adaptor_type, evaluator,
-                                               teacher_network=args.teacher_network,
-                                               raw_teachers=args.release_raw_teachers, **common)]
-    except (UserError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
-    out = args.out or Path("eval_results")
+    if args.work_dir is not None:
+        report = report_work_dir(args.work_dir, args.rfw_root, run_name=args.run_name, out_dir=args.out,
+                                 batch_size=args.batch_size, device=args.device,
+                                 skip_incomplete=args.skip_incomplete, raw_teachers=args.release_raw_teachers,
+                                 settings=settings, **options)
+        print(report.text)
+        print(f"report {'reused' if report.reused else 'written'}: {report.out_dir}")
+        return report.rows
+    out = check_writable_folder(args.out or Path("eval_results"))  # before the evaluation, not after it
+    evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size, **options)
+    common = dict(embedding_size=args.embedding_size, width=args.width, use_se=args.use_se,
+                  device=args.device, name=args.name)
+    if args.backbone is not None:
+        rows = [evaluate_backbone(args.backbone, args.network, evaluator, **common)]
+    else:
+        rows = [evaluate_multi_teacher(args.teacher, args.adaptor, args.adaptor_type, evaluator,
+                                       teacher_network=args.teacher_network,
+                                       raw_teachers=args.release_raw_teachers, **common)]
     paths = write_report(rows, out, settings=settings)
     print(results_table(rows))
     print(f"report written to {out}: {', '.join(p.name for p in paths.values())}")

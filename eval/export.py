@@ -25,16 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import BACKBONES, get_backbone
-from utils.core.errors import InvalidInputError, MissingInputError, UserError
-from utils.core.io import atomic_path, atomic_write_json
+from utils.core.digests import file_sha256
+from utils.core.errors import IncompatibleInputError, InvalidInputError, MissingInputError
+from utils.core.io import atomic_path, atomic_write_json, check_writable_folder
 from utils.core.weights import load_weights
 from utils.data.image import decode_image, normalize_images, to_tensor
 from utils.data.index import IMAGE_EXTENSIONS
+from utils.stages.cli import run_tool
 from utils.workdir import artifacts
-from utils.workdir.provenance import file_sha256
 from utils.workdir.runs import read_run_config
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -85,12 +87,21 @@ def load_images(files: Sequence[Path], input_size: int) -> torch.Tensor:
     return normalize_images(torch.stack(images))
 
 
-def _differences(session: Any, model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+def _differences(session: Any, model: nn.Module, images: torch.Tensor, weights: Path) -> dict[str, float]:
+    """Largest raw and L2-normalised differences of the two runtimes' embeddings, computed in float64: in float32
+    the norms of outputs near 1e20 overflow and a broken model would compare equal to itself."""
     with torch.no_grad():
-        expected = model(images)
-    actual = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
+        expected = model(images).double()
+    actual = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]).double()
     if actual.shape != expected.shape:
         raise RuntimeError(f"ONNX output shape {tuple(actual.shape)} != PyTorch {tuple(expected.shape)}")
+    for runtime, outputs in (("PyTorch", expected), ("ONNX", actual)):
+        # Whoever uses the model normalises float32 embeddings: a squared norm past float32 is inf there.
+        largest = float(outputs.norm(dim=1).max())
+        if not largest ** 2 <= FLOAT32_MAX:
+            raise IncompatibleInputError(
+                f"{weights}: {runtime} embeddings are not finite or overflow float32 when normalised (largest norm "
+                f"{largest:.3g}); the model is broken, nothing exported")
     return {
         "images": len(images),
         "max_abs_diff": float((actual - expected).abs().max()),
@@ -122,13 +133,13 @@ def export_backbone(weights: Path, out: Path, arch: Architecture, *, real_images
             session = onnxruntime.InferenceSession(str(onnx_tmp), providers=["CPUExecutionProvider"])
             generator = torch.Generator().manual_seed(seed)
             checks = {"random": _differences(session, model, torch.randn(
-                5, 3, arch.input_size, arch.input_size, generator=generator))}
+                5, 3, arch.input_size, arch.input_size, generator=generator), weights)}
             if real_images is not None:
-                checks["real"] = _differences(session, model, real_images)
+                checks["real"] = _differences(session, model, real_images, weights)
             worst = max(check["max_abs_diff_normalised"] for check in checks.values())
             if not worst <= tolerance:
-                raise RuntimeError(f"ONNX and PyTorch embeddings of {weights} differ by {worst:.3g} (normalised) "
-                                   f"> tolerance {tolerance:g}; not writing {out}")
+                raise IncompatibleInputError(f"ONNX and PyTorch embeddings of {weights} differ by {worst:.3g} "
+                                             f"(normalised) > tolerance {tolerance:g}; not writing {out}")
             onnx_tmp.replace(tmp)
         finally:
             onnx_tmp.unlink(missing_ok=True)
@@ -167,28 +178,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    try:
-        data_root = None
-        if args.network is None:
-            arch, data_root = run_architecture(args.weights)
-        else:
-            arch = Architecture(args.network, args.input_size, args.embedding_size, args.width, args.use_se)
-        image_paths = args.images or ([data_root] if data_root is not None and data_root.is_dir() else [])
-        files = find_images(image_paths, args.num_images)
-        if not files:
-            raise MissingInputError("no real images to check the export on: pass --images FILES_OR_FOLDERS")
-        record = export_backbone(args.weights, args.out, arch, real_images=load_images(files, arch.input_size),
-                                 tolerance=args.tolerance)
-    except UserError as exc:
-        raise SystemExit(f"error: {exc}") from None
+def _check_args(args: argparse.Namespace) -> None:
+    if not args.tolerance >= 0:
+        raise InvalidInputError(f"--tolerance {args.tolerance}: give a difference >= 0")
+    if args.num_images < 1:
+        raise InvalidInputError(f"--num-images {args.num_images}: give a number >= 1")
+    check_writable_folder(args.out.parent)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    _check_args(args)
+    data_root = None
+    if args.network is None:
+        arch, data_root = run_architecture(args.weights)
+    else:
+        arch = Architecture(args.network, args.input_size, args.embedding_size, args.width, args.use_se)
+    image_paths = args.images or ([data_root] if data_root is not None and data_root.is_dir() else [])
+    files = find_images(image_paths, args.num_images)
+    if not files:
+        raise MissingInputError("no real images to check the export on: pass --images FILES_OR_FOLDERS")
+    record = export_backbone(args.weights, args.out, arch, real_images=load_images(files, arch.input_size),
+                             tolerance=args.tolerance)
     checks = "; ".join(f"{name} images ({check['images']}): max |diff| {check['max_abs_diff']:.2e}, normalised "
                        f"{check['max_abs_diff_normalised']:.2e}" for name, check in record["check"].items()
                        if isinstance(check, dict))
     print(f"wrote {args.out} ({arch.network}, sha256 of {args.weights.name} {record['source_sha256'][:12]}...): "
           f"{checks}")
     return record
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    return run_tool(lambda: _run(args))
 
 
 if __name__ == "__main__":

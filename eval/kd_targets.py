@@ -32,6 +32,7 @@ from config.config import ETHNICITIES, Config
 from utils.core.errors import MissingInputError
 from utils.core.weights import load_weights
 from utils.stages.adaptor import concat_rows
+from utils.stages.cli import run_tool
 from utils.workdir import artifacts
 from utils.workdir.runs import find_runs
 from utils.workdir.store import TeacherStores, open_teacher_stores, read_manifest
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("work_root", type=Path, help="output_root of a pipeline run (holds adaptors/, students/)")
     parser.add_argument("--sample", type=int, default=4000, help="rows for the cosines and the recomputation")
     args = parser.parse_args(argv)
-    print(format_records(analyse(args.work_root, args.sample)))
+    if args.sample < 1:
+        parser.error(f"--sample {args.sample}: give a number >= 1")
+    run_tool(lambda: print(format_records(analyse(args.work_root, args.sample))))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 import fc_EArc
 from backbones import build_adaptor
-from config.config import CONCAT_ORDER, load_config
+from config.config import CONCAT_ORDER, load_config, merge_overrides
 from helpers import fake_teacher_set, run_torchrun, tiny_overrides, write_fake_teacher
 from utils.core.errors import ProvenanceError
 from utils.core.weights import load_weights
@@ -42,7 +42,7 @@ def extracted(tiny_synthetic, tmp_path_factory) -> list[str]:
 
     overrides = tiny_overrides(tiny_synthetic, tmp_path_factory.mktemp("adaptor"), batch_size_fc=16)
     fake_teacher_set(overrides)
-    run_stage(extract_all.main, overrides + ["ethnicity='all'", "extract_flipped=True"])
+    run_stage(extract_all.main, merge_overrides(overrides, ["ethnicity='all'", "extract_flipped=True"]))
     return overrides
 
 
@@ -50,7 +50,7 @@ def copy_work(overrides: list[str], dest: Path) -> list[str]:
     """The same stores in a fresh work folder, so a test can train without touching the shared one."""
     cfg = load_config(overrides)
     shutil.copytree(artifacts.work_root(cfg), dest)
-    return overrides + [f"output_root={str(dest)!r}"]
+    return merge_overrides(overrides, [f"output_root={str(dest)!r}"])
 
 
 def expected_targets(cfg, stores, flipped: bool = False) -> np.ndarray:
@@ -132,7 +132,7 @@ def test_released_style_state_dict_loads(name, tmp_path):
 
 @pytest.mark.float_sensitive
 def test_sl_adaptor_learns_keeps_lowest_loss_epoch_and_writes_targets(extracted, tmp_path):
-    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=4", "milestones_fc=[4]"]
+    overrides = merge_overrides(copy_work(extracted, tmp_path / "work"), ["num_epoch_fc=4", "milestones_fc=[4]"])
     target_path = run_stage(fc_EArc.main, overrides)
     cfg = load_config(overrides)
     run_dir = artifacts.adaptor_dir(cfg)
@@ -177,12 +177,12 @@ def test_sl_adaptor_learns_keeps_lowest_loss_epoch_and_writes_targets(extracted,
 
 
 def test_adaptor_folder_of_other_settings_is_refused_or_moved_aside_and_logged_once(extracted, tmp_path):
-    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=1", "milestones_fc=[1]"]
+    overrides = merge_overrides(copy_work(extracted, tmp_path / "work"), ["num_epoch_fc=1", "milestones_fc=[1]"])
     run_stage(fc_EArc.main, overrides)
     run_dir = artifacts.adaptor_dir(load_config(overrides))
     with pytest.raises(ProvenanceError, match="replace=True"):
-        run_stage(fc_EArc.main, overrides + ["lr_fc=0.5"])
-    run_stage(fc_EArc.main, overrides + ["lr_fc=0.5", "replace=True"])
+        run_stage(fc_EArc.main, merge_overrides(overrides, ["lr_fc=0.5"]))
+    run_stage(fc_EArc.main, merge_overrides(overrides, ["lr_fc=0.5", "replace=True"]))
     aside = list(run_dir.parent.glob(f"{run_dir.name}.replaced-*"))
     assert len(aside) == 1 and (aside[0] / "best_adaptor.pth").is_file()
     # The folder is claimed once, so the new run's log names where the old run went, once.
@@ -190,11 +190,11 @@ def test_adaptor_folder_of_other_settings_is_refused_or_moved_aside_and_logged_o
 
 
 def test_dual_script_trains_dul_or_dldpo_from_has_drop_out(extracted, tmp_path):
-    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=1", "milestones_fc=[2]",
-                                                           "middle_layer_size=32"]
+    overrides = merge_overrides(copy_work(extracted, tmp_path / "work"), ["num_epoch_fc=1", "milestones_fc=[2]",
+                                                           "middle_layer_size=32"])
     for flag, name in ((False, "DuL"), (True, "DLDPO")):
-        path = run_stage(dual.main, overrides + [f"has_drop_out={flag}"])
-        cfg = load_config(overrides + [f"adaptor={name!r}"])
+        path = run_stage(dual.main, merge_overrides(overrides, [f"has_drop_out={flag}"]))
+        cfg = load_config(merge_overrides(overrides, [f"adaptor={name!r}"]))
         assert path == target_files(artifacts.adaptor_dir(cfg)).array
         saved = json.loads((artifacts.adaptor_dir(cfg) / "config.json").read_text())
         assert (saved["adaptor"], saved["has_drop_out"]) == (name, flag)
@@ -204,12 +204,12 @@ def test_dual_script_trains_dul_or_dldpo_from_has_drop_out(extracted, tmp_path):
         np.testing.assert_allclose(open_targets(artifacts.adaptor_dir(cfg), stores.index.digest()),
                                    expected_targets(cfg, stores), atol=1e-5)
     with pytest.raises(ValueError, match="fc_EArc.py trains the SL adaptor"):
-        run_stage(fc_EArc.main, overrides + ["adaptor='DuL'"])
+        run_stage(fc_EArc.main, merge_overrides(overrides, ["adaptor='DuL'"]))
 
 
 def test_two_ranks_train_from_the_memory_map_and_write_every_target_row(extracted, tmp_path):
-    overrides = copy_work(extracted, tmp_path / "work") + ["num_epoch_fc=1", "milestones_fc=[2]",
-                                                           "store_in_memory=False"]
+    overrides = merge_overrides(copy_work(extracted, tmp_path / "work"), ["num_epoch_fc=1", "milestones_fc=[2]",
+                                                           "store_in_memory=False"])
     run_torchrun("fc_EArc.py", overrides)
     cfg = load_config(overrides)
     stores = open_teacher_stores(cfg)

@@ -36,7 +36,7 @@ def test_typo_names_the_closest_keys():
         load_config(["nework=iresnet34"])
     with pytest.raises(KeyError, match="did you mean network"):
         parse_cli(["nework=iresnet34"])
-    with pytest.raises(SystemExit, match="'iresnet34' is not of the form key=value"):
+    with pytest.raises(ValueError, match="'iresnet34' is not of the form key=value"):
         parse_cli(["iresnet34"])
     with pytest.raises(ValueError, match="'iresnet34' is not of the form key=value"):
         load_config(["iresnet34"])

@@ -139,25 +139,26 @@ def test_cli_rejects_unnamed_teachers(rfw_root, tmp_path, capsys):
     assert exc.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
 
 
-def test_cli_rejects_a_checkpoint_of_another_network(rfw_root, tmp_path):
+def test_cli_rejects_a_checkpoint_of_another_network(rfw_root, tmp_path, capsys):
     weights = _save_backbone(tmp_path / "r18.pth", seed=0, network="iresnet18")
     with pytest.raises(SystemExit) as exc:
         main(["--backbone", str(weights), "--network", "iresnet34", "--rfw-root", str(rfw_root),
               "--out", str(tmp_path / "out"), *SMALL])
-    message = str(exc.value.code)
-    assert str(weights) in message and "iresnet34" in message and "missing keys" in message
-    assert not (tmp_path / "out").exists()
+    message = capsys.readouterr().err
+    assert exc.value.code == 2 and str(weights) in message and "iresnet34" in message and "missing keys" in message
+    assert not list((tmp_path / "out").iterdir())
 
 
-def test_cli_names_a_missing_rfw_file(rfw_root, tmp_path):
+def test_cli_names_a_missing_rfw_file(rfw_root, tmp_path, capsys):
     partial = tmp_path / "rfw"
     partial.mkdir()
     for eth in ("African", "Asian", "Caucasian"):
         shutil.copy(rfw_root / f"{eth}_test.bin", partial)
     weights = _save_backbone(tmp_path / "m.pth", seed=0)
     with pytest.raises(SystemExit) as exc:
-        main(["--backbone", str(weights), "--network", "iresnet18", "--rfw-root", str(partial), *SMALL])
-    assert str(partial / "Indian_test.bin") in str(exc.value.code)
+        main(["--backbone", str(weights), "--network", "iresnet18", "--rfw-root", str(partial),
+              "--out", str(tmp_path / "out"), *SMALL])
+    assert exc.value.code == 2 and str(partial / "Indian_test.bin") in capsys.readouterr().err
 
 
 def _write_run(run_dir, cfg, stage, weights_name, save):
@@ -327,3 +328,47 @@ def test_released_baseline_adaptor_reads_split1_in_its_first_block(rfw_root, tmp
         assert adaptor_row.extra[f"{eth}/auc"] == pytest.approx(alone[1][eth].auc)
     # Split 0 alone is a different space, so the test would catch the order 0, 1, 2, 3.
     assert any(alone[0][eth].auc != pytest.approx(alone[1][eth].auc) for eth in ETHNICITIES)
+
+
+def test_changed_report_settings_rewrite_the_report_without_evaluating_again(rfw_root, tmp_path, monkeypatch):
+    """Issue 25 item 4: the statistics settings are part of what decides reuse; the evaluated rows are kept."""
+    from eval.report.stats import StatsSettings
+
+    _work_dir(tmp_path / "work")
+    report = report_work_dir(tmp_path / "work", rfw_root, device="cpu")
+    files = {path.name: path.stat().st_ino for path in report.out_dir.glob("results*")}
+    monkeypatch.setattr("eval.evaluate.evaluate_run", lambda *args, **kwargs: pytest.fail("evaluated again"))
+    changed = StatsSettings(n_resamples=30, confidence=0.8, fmr_targets=(0.05,))
+    again = report_work_dir(tmp_path / "work", rfw_root, device="cpu", settings=changed)
+    assert not again.reused
+    # Every report file was written anew (atomic writes: a new inode), from the rows evaluated before.
+    assert all((report.out_dir / name).stat().st_ino != inode for name, inode in files.items())
+    recorded = json.loads(artifacts.report_sources_file(report.out_dir).read_text())["report_settings"]
+    assert recorded["confidence"] == 0.8 and recorded["n_resamples"] == 30 and recorded["fmr_targets"] == [0.05]
+    assert [row.accuracies for row in again.rows] == [row.accuracies for row in report.rows]
+    assert report_work_dir(tmp_path / "work", rfw_root, device="cpu", settings=changed).reused
+
+
+def test_report_folder_is_locked_and_keeps_no_temp_file(rfw_root, tmp_path):
+    """Issue 25 item 4: a second writer of the report folder is refused; a temp file a kill left is removed."""
+    import subprocess
+    import sys
+
+    from utils.core.locks import LOCK_NAME, FolderLocked
+
+    _work_dir(tmp_path / "work")
+    out = artifacts.report_folder(tmp_path / "work", "")
+    out.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('held', flush=True); sys.stdin.read()"), str(out / LOCK_NAME)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderLocked, match=str(out)):
+            report_work_dir(tmp_path / "work", rfw_root, device="cpu")
+    finally:
+        holder.communicate("")
+    (out / ".results_accuracy.png.k1ll3d.tmp").write_bytes(b"half a figure")
+    report_work_dir(tmp_path / "work", rfw_root, device="cpu")
+    assert (out / "results.json").is_file() and not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))

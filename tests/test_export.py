@@ -60,14 +60,16 @@ def test_export_matches_pytorch_on_random_and_real_images(tiny_synthetic, tmp_pa
             np.testing.assert_allclose(onnx_out, model(images).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_malformed_weights_are_refused(tiny_synthetic, tmp_path):
+def test_malformed_weights_are_refused(tiny_synthetic, tmp_path, capsys):
     run_dir = _run_dir(tmp_path, tiny_synthetic, "mobilefacenet")
     weights = run_dir / "best_backbone.pth"
     out = tmp_path / "model.onnx"
     weights.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="cannot read mobilefacenet backbone weights file"):
+    with pytest.raises(SystemExit) as refused:
         export.main(["--weights", str(weights), "--out", str(out)])
+    assert refused.value.code == 2 and "cannot read mobilefacenet backbone weights file" in capsys.readouterr().err
     torch.save(get_backbone("iresnet18", input_size=SIZE, embedding_size=EMBEDDING, width=8).state_dict(), weights)
-    with pytest.raises(SystemExit, match="do not match MobileFaceNet"):
+    with pytest.raises(SystemExit) as refused:
         export.main(["--weights", str(weights), "--out", str(out)])
+    assert refused.value.code == 2 and "do not match MobileFaceNet" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.onnx*"))

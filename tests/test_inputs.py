@@ -258,7 +258,7 @@ def test_bin_images_of_another_size_need_allow_resize(unaligned):
     assert load_bin(inputs["val_root"] / "lfw.bin", 24, allow_resize=True)[0].shape[-1] == 24
 
 
-def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path):
+def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path, capsys):
     torch.manual_seed(0)
     model = get_backbone("iresnet18", input_size=SIZE, embedding_size=16, width=8)
     weights = tmp_path / "model.pth"
@@ -285,8 +285,9 @@ def test_embed_writes_a_memory_mapped_array_and_an_index(unaligned, tmp_path):
     _, bin_index = embed_main([*common, "--images", bin_source, "--out", str(tmp_path / "b")])
     assert bin_index.read_text().splitlines()[1] == "1\tlfw.bin[1]"
     # Unaligned images are refused, and nothing claims to be complete.
-    with pytest.raises(SystemExit, match="is 40x40, not the 32x32 aligned crop"):
+    with pytest.raises(SystemExit) as refused:
         embed_main([*common, "--images", str(unaligned["train"] / "Asian"), "--out", str(tmp_path / "bad")])
+    assert refused.value.code == 2 and "is 40x40, not the 32x32 aligned crop" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "rows.tsv").exists() and not (tmp_path / "bad" / "embeddings.npy").exists()
 
 

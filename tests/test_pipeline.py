@@ -88,7 +88,8 @@ def test_plan_covers_the_paper():
 
 
 JOB_SCRIPT = """import sys, time, pathlib
-mine, needs = pathlib.Path(sys.argv[1]), sys.argv[2]
+words = dict(word.split("=", 1) for word in sys.argv[1:])  # key=value words, as every stage takes them
+mine, needs = pathlib.Path(words["mine"]), words["needs"]
 if needs != "-" and not pathlib.Path(needs).exists():
     sys.exit(f"{needs} is not there yet")
 time.sleep(0.3)
@@ -98,7 +99,7 @@ mine.write_text(str(time.monotonic()))
 
 def _job(tmp_path: Path, name: str, needs: str | None, script: Path) -> Step:
     needed = str(tmp_path / needs) if needs else "-"
-    job = Job("teachers", str(script), [str(tmp_path / name), needed], name, [needs] if needs else [],
+    job = Job("teachers", str(script), [f"mine={tmp_path / name}", f"needs={needed}"], name, [needs] if needs else [],
               check=lambda: Verdict((tmp_path / name).exists(), "written"))
     return Step(job, True, "test")
 

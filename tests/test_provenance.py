@@ -19,7 +19,8 @@ from helpers import ROOT, tiny_overrides
 from utils.core.errors import ProvenanceError
 from utils.stages.cli import run_stage
 from utils.workdir import artifacts
-from utils.workdir.provenance import describe_changes, file_sha256
+from utils.core.digests import file_sha256
+from utils.workdir.provenance import describe_changes
 
 
 def _train(data: Path, out: Path, **extra):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -509,7 +510,7 @@ def test_unusable_rfw_pair_sets_name_file_and_ethnicity(tiny_synthetic, tmp_path
         RFWEvaluator(root, 32)
 
 
-def test_malicious_bin_is_refused_in_one_line_by_the_cli(tiny_synthetic, tmp_path):
+def test_malicious_bin_is_refused_in_one_line_by_the_cli(tiny_synthetic, tmp_path, capsys):
     import shutil
 
     from eval.evaluate import main as evaluate_main
@@ -518,7 +519,9 @@ def test_malicious_bin_is_refused_in_one_line_by_the_cli(tiny_synthetic, tmp_pat
     (root / "Asian_test.bin").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
     weights_path = tmp_path / "w.pth"
     weights_path.write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"error: .*Asian_test\.bin references os\.system.*refused"):
+    with pytest.raises(SystemExit) as refused:
         evaluate_main(["--rfw-root", str(root), "--backbone", str(weights_path), "--network", "iresnet18",
-                       "--input-size", "32"])
+                       "--input-size", "32", "--out", str(tmp_path / "out")])
+    assert refused.value.code == 2
+    assert re.search(r"error: .*Asian_test\.bin references os\.system.*refused", capsys.readouterr().err)
     assert not Path("pwned").exists()

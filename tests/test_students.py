@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 import KD_alone
 import KD_CEL
-from config.config import ETHNICITIES, load_config
+from config.config import ETHNICITIES, load_config, merge_overrides
 from eval.rfw.during_training import epoch_evaluator
 from helpers import run_torchrun, tiny_overrides
 from utils.core.distributed import init_distributed
@@ -42,16 +42,17 @@ def chain(tiny_synthetic, tmp_path_factory) -> list[str]:
 
     overrides = tiny_overrides(tiny_synthetic, tmp_path_factory.mktemp("chain") / "work")
     for ethnicity in ETHNICITIES:
-        run_stage(train_script.main, overrides + [f"ethnicity={ethnicity!r}", "num_epoch=1"])
-    run_stage(extract_all.main, overrides + ["ethnicity='all'", "extract_flipped=True"])
-    run_stage(fc_EArc.main, overrides + ["num_epoch_fc=1"], adaptor="SL")
+        run_stage(train_script.main, merge_overrides(overrides, [f"ethnicity={ethnicity!r}", "num_epoch=1"]))
+    run_stage(extract_all.main, merge_overrides(overrides, ["ethnicity='all'", "extract_flipped=True"]))
+    run_stage(fc_EArc.main, merge_overrides(overrides, ["num_epoch_fc=1"]), adaptor="SL")
     return overrides
 
 
 def fresh_work(chain: list[str], dest: Path, **extra) -> list[str]:
     """The chain's targets in a new work folder, so each student run has its own run directory."""
     shutil.copytree(artifacts.work_root(load_config(chain)), dest, ignore=shutil.ignore_patterns("students"))
-    return chain + [f"{key}={value!r}" for key, value in {"output_root": str(dest), **STUDENT, **extra}.items()]
+    return merge_overrides(chain, [f"{key}={value!r}" for key, value in {"output_root": str(dest), **STUDENT,
+                                                                           **extra}.items()])
 
 
 def student(script, overrides: list[str]):
@@ -120,9 +121,9 @@ def test_akd_never_uses_identity_labels(chain, akd_run, tmp_path):
 
 def test_akd_resume_matches_uninterrupted_run(chain, akd_run, tmp_path):
     overrides = fresh_work(chain, tmp_path / "work")
-    first = student(KD_alone, overrides + ["stop_after_epoch=1"])
+    first = student(KD_alone, merge_overrides(overrides, ["stop_after_epoch=1"]))
     assert not first.complete
-    resumed = student(KD_alone, overrides + ["resume=True"])
+    resumed = student(KD_alone, merge_overrides(overrides, ["resume=True"]))
     assert resumed.complete
     assert same_weights(load(resumed.run_dir / "best_backbone.pth"), load(akd_run.run_dir / "best_backbone.pth"))
 
@@ -167,7 +168,7 @@ def test_losses_follow_their_formulas():
 
 
 def test_flip_consistent_pairs_flipped_images_with_flipped_targets(chain, tmp_path):
-    cfg = load_config(chain + ["kd_flip_consistent=True"])
+    cfg = load_config(merge_overrides(chain, ["kd_flip_consistent=True"]))
     dataset, _ = build_kd_dataset(cfg)
     targets = np.load(target_files(artifacts.adaptor_dir(cfg)).array)
     flipped_targets = np.load(target_files(artifacts.adaptor_dir(cfg)).flipped)
@@ -211,7 +212,7 @@ def test_flip_consistent_needs_flipped_targets(chain, tmp_path):
 
 
 def test_target_store_problems_are_named(chain, tmp_path):
-    missing = chain + [f"output_root={str(tmp_path / 'empty')!r}"]
+    missing = merge_overrides(chain, [f"output_root={str(tmp_path / 'empty')!r}"])
     with pytest.raises(FileNotFoundError, match=r"targets\.json.*fc_EArc\.py"):
         student(KD_alone, missing)
 

@@ -44,6 +44,7 @@ def epoch_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module], 
         raise MissingInputError(f"rfw_root {rfw_root} is not a folder (expected <Ethnicity>_test.bin files or the "
                                 "RFW archive)")
     evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size,
-                             allow_resize=cfg.allow_resize, val_root=cfg.val_root, val_targets=cfg.val_targets)
+                             allow_resize=cfg.allow_resize, val_root=cfg.val_root, val_targets=cfg.val_targets,
+                             max_pixels=cfg.max_image_pixels)
     return lambda model: summarize_verification(evaluator(backbone_embed_fn(model), device), cfg.bootstrap_resamples,
                                                 cfg.bootstrap_seed, cfg.confidence)

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config.config import ETHNICITIES
+from config.config import ETHNICITIES, MAX_IMAGE_PIXELS
 from eval.metrics.protocol import VerificationResult, pair_set_problem, verify
 from eval.rfw.pairs import find_rfw_source, load_benchmarks, load_rfw
+from utils.core.errors import InvalidInputError
 from utils.data.image import normalize_images
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
@@ -162,20 +163,22 @@ class RFWEvaluator:
         allow_resize: bool = False,
         val_root: str | Path | None = None,
         val_targets: Sequence[str] = (),
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         clash = set(val_targets) & set(ethnicities)
         if clash:
-            raise ValueError(f"val_targets {sorted(clash)} clash with RFW ethnicity names")
+            raise InvalidInputError(f"val_targets {sorted(clash)} clash with RFW ethnicity names")
         self.rfw_root = Path(rfw_root)
         self.input_size = input_size
         self.batch_size = batch_size
         self.nfolds = nfolds
-        self.data = load_rfw(self.rfw_root, input_size, ethnicities=tuple(ethnicities), allow_resize=allow_resize)
+        self.data = load_rfw(self.rfw_root, input_size, ethnicities=tuple(ethnicities), allow_resize=allow_resize,
+                             max_pixels=max_pixels)
         for eth, (_, issame) in self.data.items():
             problem = pair_set_problem(issame, nfolds)
             if problem is not None:
-                raise ValueError(f"{find_rfw_source(self.rfw_root, eth).path} ({eth}): {problem}")
-        self.data.update(load_benchmarks(val_root, list(val_targets), input_size, allow_resize))
+                raise InvalidInputError(f"{find_rfw_source(self.rfw_root, eth).path} ({eth}): {problem}")
+        self.data.update(load_benchmarks(val_root, list(val_targets), input_size, allow_resize, max_pixels))
 
     def outputs(self, embed_fn: EmbedFn, device: str | torch.device = "cpu") -> dict[str, ImageOutputs]:
         """The raw outputs (with flip TTA) of every pair set's images, by name."""

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from config.config import ETHNICITIES
+from config.config import ETHNICITIES, MAX_IMAGE_PIXELS
 from utils.core.errors import InvalidInputError, MissingInputError
 from utils.core.logs import LOGGER_NAME
 from utils.data.align import align_face, as_landmarks
@@ -42,46 +42,53 @@ def _as_buffer(item: object, path: Path, i: int) -> bytes | np.ndarray:
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim <= 2:
         return item.reshape(-1)
-    raise ValueError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
+    raise InvalidInputError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
 
 
 def _as_bool(item: object, path: Path, i: int) -> bool:
     if isinstance(item, (bool, np.bool_)):
         return bool(item)
-    raise ValueError(f"{path}: issame[{i}] is a {type(item).__name__}, expected a bool")
+    raise InvalidInputError(f"{path}: issame[{i}] is a {type(item).__name__}, expected a bool")
 
 
 def _decode(buffer: bytes | np.ndarray, name: str, input_size: int, landmarks: np.ndarray | None,
-            allow_resize: bool) -> np.ndarray:
+            allow_resize: bool, max_pixels: int) -> np.ndarray:
     """One verification image as RGB uint8 [S, S, 3]: aligned from its landmarks when it has them."""
     if landmarks is None:
-        return decode_image(buffer, input_size, name, allow_resize)
-    return cv2.cvtColor(align_face(decode_bgr(buffer, name), landmarks, input_size), cv2.COLOR_BGR2RGB)
+        return decode_image(buffer, input_size, name, allow_resize, max_pixels)
+    return cv2.cvtColor(align_face(decode_bgr(buffer, name, max_pixels), landmarks, input_size), cv2.COLOR_BGR2RGB)
 
 
 def _stack(buffers: Sequence[bytes | np.ndarray], names: Sequence[str], input_size: int,
-           landmarks: Sequence[np.ndarray | None] | None = None, allow_resize: bool = False) -> torch.Tensor:
+           landmarks: Sequence[np.ndarray | None] | None = None, allow_resize: bool = False,
+           max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     # Filled in numpy and converted once: a per-image torch copy goes through the intra-op thread pool,
     # which costs milliseconds per image on a busy machine.
     landmarks = landmarks if landmarks is not None else [None] * len(buffers)
     out = np.empty((len(buffers), 3, input_size, input_size), dtype=np.uint8)
     for i, (buffer, name, points) in enumerate(zip(buffers, names, landmarks)):
-        out[i] = _decode(buffer, name, input_size, points, allow_resize).transpose(2, 0, 1)
+        out[i] = _decode(buffer, name, input_size, points, allow_resize, max_pixels).transpose(2, 0, 1)
     return torch.from_numpy(out)
 
 
-def load_bin(path: str | Path, input_size: int, allow_resize: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+def load_bin(path: str | Path, input_size: int, allow_resize: bool = False,
+             max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, np.ndarray]:
     """Images uint8 RGB [2N, 3, S, S] and issame bool [N] from an insightface ``.bin`` file of aligned crops."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"verification file not found: {path}")
     images, issame = read_bin(path)
     if len(images) != 2 * len(issame):
-        raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected two per pair)")
+        raise InvalidInputError(f"{path}: {len(images)} images for {len(issame)} pairs (expected two per pair)")
     buffers = [_as_buffer(item, path, i) for i, item in enumerate(images)]
     flags = np.array([_as_bool(item, path, i) for i, item in enumerate(issame)], dtype=bool)
     names = [f"{path}[{i}]" for i in range(len(buffers))]
-    return _stack(buffers, names, input_size, allow_resize=allow_resize), flags
+    return _stack(buffers, names, input_size, allow_resize=allow_resize, max_pixels=max_pixels), flags
+
+
+def _plain_name(name: str) -> bool:
+    """One folder name: a pair list line must not reach outside the RFW image tree."""
+    return name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def _parse_pairs(pairs_file: Path) -> list[tuple[str, int, str, int, bool]]:
@@ -93,6 +100,10 @@ def _parse_pairs(pairs_file: Path) -> list[tuple[str, int, str, int, bool]]:
             continue
         if line_no == 1 and len(fields) == 2 and all(f.isdigit() for f in fields):
             continue
+        names = (fields[0], fields[2]) if len(fields) == 4 else fields[:1]
+        if not all(map(_plain_name, names)):
+            raise InvalidInputError(f"{pairs_file}:{line_no}: identity names must be plain folder names inside the "
+                                    f"RFW tree (no '/', '\\', '.' or '..'), got {line!r}")
         try:
             if len(fields) == 3:
                 pairs.append((fields[0], int(fields[1]), fields[0], int(fields[2]), True))
@@ -101,10 +112,10 @@ def _parse_pairs(pairs_file: Path) -> list[tuple[str, int, str, int, bool]]:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{pairs_file}:{line_no}: expected 'name idx1 idx2' or 'name1 idx1 name2 idx2', "
+            raise InvalidInputError(f"{pairs_file}:{line_no}: expected 'name idx1 idx2' or 'name1 idx1 name2 idx2', "
                              f"got {line!r}") from None
     if not pairs:
-        raise ValueError(f"{pairs_file} lists no pairs")
+        raise InvalidInputError(f"{pairs_file} lists no pairs")
     return pairs
 
 
@@ -132,7 +143,7 @@ def read_landmarks(lmk_file: str | Path) -> dict[str, np.ndarray]:
 
 def load_pair_list(image_root: str | Path, pairs_file: str | Path, input_size: int, ext: str = ".jpg",
                    landmarks_file: str | Path | None = None,
-                   allow_resize: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+                   allow_resize: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, np.ndarray]:
     """Images uint8 RGB [2N, 3, S, S] and issame bool [N] from an RFW-style pair list (module doc).
 
     With ``landmarks_file`` (RFW's ``<Race>_lmk.txt``) every image is aligned from its landmarks, and an
@@ -155,7 +166,7 @@ def load_pair_list(image_root: str | Path, pairs_file: str | Path, input_size: i
             names.append(str(image_path))
             points.append(landmarks[key] if landmarks is not None else None)
         issame.append(same)
-    return _stack(buffers, names, input_size, points, allow_resize), np.array(issame, dtype=bool)
+    return _stack(buffers, names, input_size, points, allow_resize, max_pixels), np.array(issame, dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -196,22 +207,24 @@ def find_rfw_source(rfw_root: str | Path, ethnicity: str) -> RFWSource:
                             "the RFW archive root or its test/ folder)")
 
 
-def load_source(source: RFWSource, input_size: int, allow_resize: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+def load_source(source: RFWSource, input_size: int, allow_resize: bool = False,
+                max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, np.ndarray]:
     """The images and labels of one :class:`RFWSource`."""
     if source.kind == "bin":
-        return load_bin(source.path, input_size, allow_resize)
+        return load_bin(source.path, input_size, allow_resize, max_pixels)
     return load_pair_list(source.image_root, source.path, input_size, landmarks_file=source.landmarks,
-                          allow_resize=allow_resize)
+                          allow_resize=allow_resize, max_pixels=max_pixels)
 
 
 def load_rfw(rfw_root: str | Path, input_size: int, ethnicities: Sequence[str] = ETHNICITIES,
-             allow_resize: bool = False) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+             allow_resize: bool = False,
+             max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """Every ethnicity's verification pairs (see :func:`find_rfw_source`); the format found is logged."""
     out = {}
     for ethnicity in ethnicities:
         source = find_rfw_source(rfw_root, ethnicity)
         logger.info(source.describe())
-        out[ethnicity] = load_source(source, input_size, allow_resize)
+        out[ethnicity] = load_source(source, input_size, allow_resize, max_pixels)
     return out
 
 
@@ -225,8 +238,8 @@ def find_benchmark(val_root: str | Path, name: str) -> Path:
     return path
 
 
-def load_benchmarks(val_root: str | Path | None, names: Sequence[str], input_size: int,
-                    allow_resize: bool = False) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+def load_benchmarks(val_root: str | Path | None, names: Sequence[str], input_size: int, allow_resize: bool = False,
+                    max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """The pairs of every ``val_targets`` benchmark, by name (empty when ``names`` is)."""
     if names and val_root is None:
         raise InvalidInputError(f"val_targets {list(names)} need val_root=<folder with {names[0]}.bin ...>")
@@ -234,5 +247,5 @@ def load_benchmarks(val_root: str | Path | None, names: Sequence[str], input_siz
     for name in names:
         path = find_benchmark(val_root, name)  # type: ignore[arg-type]
         logger.info(f"benchmark {name}: aligned crops from {path}")
-        out[name] = load_bin(path, input_size, allow_resize)
+        out[name] = load_bin(path, input_size, allow_resize, max_pixels)
     return out

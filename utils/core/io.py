@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from utils.core.errors import IncompatibleInputError, MissingInputError, UserError
@@ -68,6 +69,16 @@ def named_os_error(exc: OSError, path: str | Path) -> OSError:
     return error
 
 
+def create_array(path: str | Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new float32 ``.npy`` at ``path`` as a writable memory map, every block allocated now
+    (:func:`reserve_disk_space`); a full disk or a read-only folder is one line naming the file."""
+    with os_errors_named(path):
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()
+    reserve_disk_space(path)
+    with os_errors_named(path):
+        return np.lib.format.open_memmap(path, mode="r+")
+
+
 def reserve_disk_space(path: str | Path) -> None:
     """Allocate every block of the (sparse) file at ``path`` now: a memory map written later on a full disk
     dies by SIGBUS with no message, while this fails at once with ENOSPC naming the file."""
@@ -77,6 +88,18 @@ def reserve_disk_space(path: str | Path) -> None:
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without it
                 raise
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before hours of work go into its
+    contents: a read-only folder, or a file in its place, is one line naming it (:class:`WriteError`)."""
+    folder = Path(folder)
+    with os_errors_named(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    return folder
 
 
 def remove_temp_files(folder: str | Path) -> list[Path]:

@@ -66,19 +66,19 @@ def read_bin(path: Path) -> tuple[list, list]:
                 f"{path} references {exc}; a verification .bin may only hold lists of image bytes and "
                 "booleans, so it was refused (nothing was executed)") from None
         except Exception as exc:  # a damaged or truncated pickle raises many types, UnpicklingError included
-            raise ValueError(f"cannot read verification file {path}: {exc}") from exc
+            raise InvalidInputError(f"cannot read verification file {path}: {exc}") from exc
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{path}: expected a pickle of (images, issame), got {type(data).__name__}")
+        raise InvalidInputError(f"{path}: expected a pickle of (images, issame), got {type(data).__name__}")
     images, issame = data
     if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
-        raise ValueError(f"{path}: expected (list of images, list of bools)")
+        raise InvalidInputError(f"{path}: expected (list of images, list of bools)")
     return list(images), list(issame)
 
 
 def write_bin(path: str | Path, jpeg_list: Sequence[bytes], issame: Sequence[bool]) -> None:
     """Write an insightface-style ``.bin`` (pickle of (list of bytes, list of bool)) atomically."""
     if len(jpeg_list) != 2 * len(issame):
-        raise ValueError(f"{len(jpeg_list)} images for {len(issame)} pairs (expected two per pair)")
+        raise InvalidInputError(f"{len(jpeg_list)} images for {len(issame)} pairs (expected two per pair)")
     payload = ([bytes(item) for item in jpeg_list], [bool(flag) for flag in issame])
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from config.config import MAX_IMAGE_PIXELS
 from utils.data import recordio
 from utils.data.image import decode_image, normalize_array, to_tensor
 from utils.data.index import IDX_NAME, REC_NAME, REC_SEPARATOR, ImageIndex
@@ -22,7 +23,7 @@ class FaceDataset(Dataset):
     """
 
     def __init__(self, index: ImageIndex, rows: np.ndarray | None = None, labels: np.ndarray | None = None,
-                 input_size: int = 112, allow_resize: bool = False):
+                 input_size: int = 112, allow_resize: bool = False, max_pixels: int = MAX_IMAGE_PIXELS):
         self.index = index
         self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.labels = index.labels[self.rows] if labels is None else np.asarray(labels, dtype=np.int64)
@@ -30,6 +31,7 @@ class FaceDataset(Dataset):
             raise ValueError(f"{len(self.rows)} rows but {len(self.labels)} labels")
         self.input_size = input_size
         self.allow_resize = allow_resize
+        self.max_pixels = max_pixels
         self.root = str(index.root)
         self._paths = np.array([index.paths[r].encode("utf-8") for r in self.rows.tolist()], dtype=bytes)
         self._reader: recordio.IndexedRecordReader | None = None
@@ -55,11 +57,12 @@ class FaceDataset(Dataset):
     def read_uint8(self, i: int) -> torch.Tensor:
         """The ``i``-th image as uint8 RGB [3, S, S] (what ``__getitem__`` normalises)."""
         data, name = self._read(i)
-        return to_tensor(decode_image(data, self.input_size, name, self.allow_resize))
+        return to_tensor(decode_image(data, self.input_size, name, self.allow_resize, self.max_pixels))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         data, name = self._read(i)
-        image = normalize_array(decode_image(data, self.input_size, name, self.allow_resize).transpose(2, 0, 1))
+        image = decode_image(data, self.input_size, name, self.allow_resize, self.max_pixels)
+        image = normalize_array(image.transpose(2, 0, 1))
         return torch.from_numpy(image), int(self.labels[i]), int(self.rows[i])
 
 
@@ -67,10 +70,10 @@ class RecordDataset(FaceDataset):
     """A FaceDataset over a RecordIO index (``train.rec#<key>`` rows); same item format."""
 
     def __init__(self, index: ImageIndex, rows: np.ndarray | None = None, labels: np.ndarray | None = None,
-                 input_size: int = 112, allow_resize: bool = False):
+                 input_size: int = 112, allow_resize: bool = False, max_pixels: int = MAX_IMAGE_PIXELS):
         if index.kind != "recordio":
             raise ValueError(f"RecordDataset needs a RecordIO index, got a {index.kind} index of {index.root}")
-        super().__init__(index, rows, labels, input_size, allow_resize)
+        super().__init__(index, rows, labels, input_size, allow_resize, max_pixels)
 
 
 def check_images(dataset: FaceDataset, sample: int, *, seed: int = 0, workers: int = 1) -> int:

@@ -5,22 +5,28 @@ import cv2
 import numpy as np
 import torch
 
+from config.config import MAX_IMAGE_PIXELS
+from utils.core.errors import InvalidInputError
 from utils.data.align import check_input_size
+from utils.data.image_header import check_pixels
 
 
-def decode_bgr(data: bytes | np.ndarray, name: str) -> np.ndarray:
-    """Encoded image -> BGR uint8 [H, W, 3] at its own size; ``name`` (file or record) appears in errors."""
+def decode_bgr(data: bytes | np.ndarray, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image -> BGR uint8 [H, W, 3] at its own size; ``name`` (file or record) appears in errors. An
+    image whose header claims more than ``max_pixels`` pixels is refused before decoding."""
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    check_pixels(buffer, name, max_pixels)
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"cannot decode image {name}: corrupt, truncated or not an image")
+        raise InvalidInputError(f"cannot decode image {name}: corrupt, truncated or not an image")
     return image
 
 
-def decode_image(data: bytes | np.ndarray, input_size: int, name: str, allow_resize: bool = False) -> np.ndarray:
+def decode_image(data: bytes | np.ndarray, input_size: int, name: str, allow_resize: bool = False,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Encoded aligned crop -> RGB uint8 [S, S, 3]. An image of another size is refused unless
-    ``allow_resize`` (see :func:`utils.data.align.check_input_size`)."""
-    image = check_input_size(decode_bgr(data, name), input_size, name, allow_resize)
+    ``allow_resize`` (see :func:`utils.data.align.check_input_size`), one above ``max_pixels`` always."""
+    image = check_input_size(decode_bgr(data, name, max_pixels), input_size, name, allow_resize)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -14,6 +14,7 @@ unknown (-1) and only the ``all`` protocol works. Index paths of records read ``
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -24,7 +25,8 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from config.config import ETHNICITIES
-from utils.core.errors import MissingInputError
+from utils.core.digests import files_sha256
+from utils.core.errors import InvalidInputError, MissingInputError
 from utils.core.io import atomic_write_text
 from utils.core.logs import LOGGER_NAME
 from utils.data import recordio
@@ -57,15 +59,16 @@ class ImageIndex:
     ethnicity: np.ndarray
     identities: list[tuple[str, str]]
     kind: str = "folder"
+    digest_cache: Path | None = None  # where the file digests of this data are kept between processes
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         self.ethnicity = np.asarray(self.ethnicity, dtype=np.int8)
         if not len(self.paths) == len(self.labels) == len(self.ethnicity):
-            raise ValueError(f"image index of {self.root}: paths, labels and ethnicity differ in length")
+            raise InvalidInputError(f"image index of {self.root}: paths, labels and ethnicity differ in length")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.identities)):
-            raise ValueError(f"image index of {self.root}: labels outside [0, {len(self.identities)})")
+            raise InvalidInputError(f"image index of {self.root}: labels outside [0, {len(self.identities)})")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,17 +77,12 @@ class ImageIndex:
     def num_classes(self) -> int:
         return len(self.identities)
 
-    def file_sizes(self) -> np.ndarray:
-        """Bytes of every row's image file (RecordIO rows: of the record file), read once per index."""
-        if getattr(self, "_file_sizes", None) is None:
-            root = str(self.root)
-            if self.kind == "recordio":
-                size = os.stat(os.path.join(root, REC_NAME)).st_size
-                self._file_sizes = np.full(len(self.paths), size, dtype=np.int64)
-            else:
-                self._file_sizes = np.array([os.stat(os.path.join(root, p)).st_size for p in self.paths],
-                                            dtype=np.int64)
-        return self._file_sizes
+    def file_digests(self) -> np.ndarray:
+        """Raw sha256 [N, 32] of every row's image file (RecordIO rows: of the record file), reusing the digests
+        of unchanged files kept in ``digest_cache`` (:func:`utils.core.digests.files_sha256`)."""
+        if self.kind == "recordio":
+            return np.repeat(files_sha256(self.root, [REC_NAME], self.digest_cache), len(self.paths), axis=0)
+        return files_sha256(self.root, self.paths, self.digest_cache)
 
     def digest(self) -> str:
         """sha256 of the (path, label) rows: the identity of this index for the embedding store."""
@@ -108,21 +106,21 @@ class ImageIndex:
         with open(path, encoding="utf-8") as handle:
             header = handle.readline().rstrip("\n").split("\t")
             if header[0] != _INDEX_HEADER:
-                raise ValueError(f"{path} is not an image index (first line should start with {_INDEX_HEADER!r})")
+                raise InvalidInputError(f"{path} is not an image index (first line should start with {_INDEX_HEADER!r})")
             meta = dict(field.split("=", 1) for field in header[1:])
             rows = [line.rstrip("\n").split("\t") for line in handle]
         paths, labels, ethnicity = [], [], []
         identities: dict[int, tuple[str, str]] = {}
         for line_no, row in enumerate(rows, 2):
             if len(row) != 4:
-                raise ValueError(f"{path}:{line_no}: expected 4 tab-separated fields, got {len(row)}")
+                raise InvalidInputError(f"{path}:{line_no}: expected 4 tab-separated fields, got {len(row)}")
             label = int(row[1])
             paths.append(row[0])
             labels.append(label)
             ethnicity.append(_ethnicity_code(row[2]))
             identities.setdefault(label, (row[2], row[3]))
         if sorted(identities) != list(range(len(identities))):
-            raise ValueError(f"{path}: labels are not the contiguous range 0..{len(identities) - 1}")
+            raise InvalidInputError(f"{path}: labels are not the contiguous range 0..{len(identities) - 1}")
         return cls(Path(meta["root"]), paths, np.array(labels), np.array(ethnicity),
                    [identities[k] for k in range(len(identities))], meta.get("kind", "folder"))
 
@@ -168,11 +166,16 @@ def _check_entry_name(entry: os.DirEntry) -> None:
     try:
         entry.name.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{os.fsencode(entry.path)!r} is not a valid UTF-8 name; rename it") from None
+        raise InvalidInputError(f"{os.fsencode(entry.path)!r} is not a valid UTF-8 name; rename it") from None
     if any(char in entry.name for char in "\t\n\r"):
-        raise ValueError(f"{entry.path!r} has a tab or line break in its name; rename it")
+        raise InvalidInputError(f"{entry.path!r} has a tab or line break in its name; rename it")
     if entry.is_symlink() and not os.path.exists(entry.path):
-        raise ValueError(f"broken symbolic link {entry.path} -> {os.readlink(entry.path)}")
+        try:
+            os.stat(entry.path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidInputError(f"symbolic link loop at {entry.path} -> {os.readlink(entry.path)}") from None
+        raise InvalidInputError(f"broken symbolic link {entry.path} -> {os.readlink(entry.path)}")
 
 
 def _scan_identity(eth_dir: str, identity: str, eth: str) -> list[tuple[str, str, str, str]]:
@@ -184,14 +187,14 @@ def _scan_identity(eth_dir: str, identity: str, eth: str) -> list[tuple[str, str
                 continue
             _check_entry_name(entry)
             if not entry.is_file():
-                raise ValueError(
+                raise InvalidInputError(
                     f"unexpected folder {entry.path}: expected only images in identity folder {id_dir} "
                     "(layout ROOT/<Ethnicity>/<identity>/<image>)")
             if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                raise ValueError(f"unexpected file {entry.path}: expected images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise InvalidInputError(f"unexpected file {entry.path}: expected images ({', '.join(IMAGE_EXTENSIONS)})")
             items.append((eth, identity, entry.name, f"{eth}/{identity}/{entry.name}"))
     if not items:
-        raise ValueError(f"identity folder {id_dir} holds no images (expected ROOT/<Ethnicity>/<identity>/<image>)")
+        raise InvalidInputError(f"identity folder {id_dir} holds no images (expected ROOT/<Ethnicity>/<identity>/<image>)")
     return items
 
 
@@ -222,11 +225,11 @@ def scan_image_folder(root: str | Path, cache_path: str | Path | None = None) ->
                     continue
                 _check_entry_name(entry)
                 if not entry.is_dir():
-                    raise ValueError(f"unexpected file {entry.path}: expected only identity folders in {eth_dir}")
+                    raise InvalidInputError(f"unexpected file {entry.path}: expected only identity folders in {eth_dir}")
                 items.extend(_scan_identity(str(eth_dir), entry.name, eth))
                 count += 1
         if count == 0:
-            raise ValueError(f"ethnicity folder {eth_dir} is empty: expected identity folders with images")
+            raise InvalidInputError(f"ethnicity folder {eth_dir} is empty: expected identity folders with images")
     with os.scandir(root) as entries:
         unknown = sorted(e.name for e in entries
                          if e.is_dir() and not e.name.startswith(".") and e.name not in ETHNICITIES)
@@ -266,7 +269,7 @@ def _read_ethnicity_map(path: Path) -> dict[int, tuple[str, str]]:
             continue
         fields = line.split("\t")
         if len(fields) not in (2, 3) or fields[1] not in ETHNICITIES:
-            raise ValueError(f"{path}:{line_no}: expected '<label>\\t<Ethnicity>[\\t<identity>]' "
+            raise InvalidInputError(f"{path}:{line_no}: expected '<label>\\t<Ethnicity>[\\t<identity>]' "
                              f"with Ethnicity in {', '.join(ETHNICITIES)}, got {line!r}")
         label = int(fields[0])
         mapping[label] = (fields[1], fields[2] if len(fields) == 3 else f"{label:07d}")
@@ -299,11 +302,11 @@ def scan_recordio(root: str | Path, cache_path: str | Path | None = None) -> Ima
         elif label in mapping:
             eth, identity = mapping[label]
         else:
-            raise ValueError(f"{map_path} has no line for label {label} (record {key} of {root / REC_NAME})")
+            raise InvalidInputError(f"{map_path} has no line for label {label} (record {key} of {root / REC_NAME})")
         items.append((eth, identity, f"{key:012d}", f"{REC_NAME}{REC_SEPARATOR}{key}"))
     reader.close()
     if not items:
-        raise ValueError(f"{root / REC_NAME} holds no image records")
+        raise InvalidInputError(f"{root / REC_NAME} holds no image records")
     index = _build_index(root, items, "recordio")
     _write_cache(cache_path, fingerprint, index)
     return index
@@ -315,12 +318,12 @@ def scan_recordio(root: str | Path, cache_path: str | Path | None = None) -> Ima
 def restrict_identities(index: ImageIndex, ids_per_ethnicity: int, seed: int) -> ImageIndex:
     """Keep a seeded random subset of ``ids_per_ethnicity`` identities of every ethnicity."""
     if ids_per_ethnicity <= 0:
-        raise ValueError(f"ids_per_ethnicity must be positive, got {ids_per_ethnicity}")
+        raise InvalidInputError(f"ids_per_ethnicity must be positive, got {ids_per_ethnicity}")
     keep: list[tuple[str, str]] = []
     for code, eth in enumerate(ETHNICITIES):
         names = sorted(identity for e, identity in index.identities if e == eth)
         if len(names) < ids_per_ethnicity:
-            raise ValueError(f"ids_per_ethnicity={ids_per_ethnicity} but {index.root} has only {len(names)} "
+            raise InvalidInputError(f"ids_per_ethnicity={ids_per_ethnicity} but {index.root} has only {len(names)} "
                              f"{eth} identities (RecordIO data needs {ETHNICITY_MAP_NAME} for ethnicities)")
         rng = np.random.default_rng([seed, code])
         chosen = rng.choice(len(names), size=ids_per_ethnicity, replace=False)
@@ -345,11 +348,11 @@ def select_rows(
     mask = np.ones(len(index), dtype=bool)
     if ethnicity is not None:
         if ethnicity not in ETHNICITIES:
-            raise ValueError(f"ethnicity {ethnicity!r} is not one of {', '.join(ETHNICITIES)}")
+            raise InvalidInputError(f"ethnicity {ethnicity!r} is not one of {', '.join(ETHNICITIES)}")
         mask &= index.ethnicity == ETHNICITIES.index(ethnicity)
         if not mask.any():
             hint = f" (RecordIO data needs {ETHNICITY_MAP_NAME} for ethnicities)" if index.kind == "recordio" else ""
-            raise ValueError(f"no {ethnicity} images in the index of {index.root}{hint}")
+            raise InvalidInputError(f"no {ethnicity} images in the index of {index.root}{hint}")
     if identities is not None:
         if isinstance(identities, Mapping):
             wanted = {(eth, name) for eth, names in identities.items() for name in names}

@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from utils.core.errors import MissingInputError
+from utils.core.errors import InvalidInputError, MissingInputError
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -49,7 +49,7 @@ def encode_record(payload: bytes) -> bytes:
     """The bytes one record occupies in a ``.rec`` file (chunk headers, payload, padding)."""
     size = len(payload)
     if size >= 1 << 29:
-        raise ValueError(f"RecordIO records must be shorter than 2**29 bytes, got {size}")
+        raise InvalidInputError(f"RecordIO records must be shorter than 2**29 bytes, got {size}")
     out = bytearray()
     start = 0
     # The magic number inside the payload would confuse a reader that resyncs on it, so the
@@ -68,7 +68,7 @@ def encode_record(payload: bytes) -> bytes:
 def _read_exact(handle: BinaryIO, size: int, path: Path, pos: int) -> bytes:
     data = handle.read(size)
     if len(data) != size:
-        raise ValueError(f"truncated RecordIO file {path}: wanted {size} bytes at offset {pos}, got {len(data)}")
+        raise InvalidInputError(f"truncated RecordIO file {path}: wanted {size} bytes at offset {pos}, got {len(data)}")
     return data
 
 
@@ -81,10 +81,10 @@ def _read_record(handle: BinaryIO, path: Path) -> bytes | None:
         if not head and not parts:
             return None
         if len(head) != 8:
-            raise ValueError(f"truncated RecordIO file {path}: incomplete chunk header at offset {pos}")
+            raise InvalidInputError(f"truncated RecordIO file {path}: incomplete chunk header at offset {pos}")
         magic, lrec = struct.unpack("<II", head)
         if magic != MAGIC:
-            raise ValueError(f"{path} is not a RecordIO file: bad magic {magic:#x} at offset {pos}")
+            raise InvalidInputError(f"{path} is not a RecordIO file: bad magic {magic:#x} at offset {pos}")
         cflag, length = lrec >> 29, lrec & _LENGTH_MASK
         data = _read_exact(handle, length + _pad(length), path, pos + 8)
         parts.append(data[:length])
@@ -160,7 +160,7 @@ class RecordReader:
         handle.seek(offset)
         record = _read_record(handle, self.path)
         if record is None:
-            raise ValueError(f"no record at offset {offset} of {self.path} (end of file)")
+            raise InvalidInputError(f"no record at offset {offset} of {self.path} (end of file)")
         return record
 
     def close(self) -> None:
@@ -193,7 +193,7 @@ class IndexedRecordReader(RecordReader):
                 try:
                     key, offset = int(fields[0]), int(fields[1])
                 except (ValueError, IndexError):
-                    raise ValueError(f"{self.idx_path}:{line_no}: expected 'key<TAB>offset', got {line!r}") from None
+                    raise InvalidInputError(f"{self.idx_path}:{line_no}: expected 'key<TAB>offset', got {line!r}") from None
                 self.offsets[key] = offset
                 self.keys.append(key)
 
@@ -248,13 +248,13 @@ def pack(header: IRHeader | Sequence, payload: bytes) -> bytes:
 def unpack(record: bytes) -> tuple[IRHeader, bytes]:
     """Split an image record into its header (label: float, or float32 array when flag > 0) and payload."""
     if len(record) < _IR_SIZE:
-        raise ValueError(f"record of {len(record)} bytes is shorter than an IRHeader ({_IR_SIZE} bytes)")
+        raise InvalidInputError(f"record of {len(record)} bytes is shorter than an IRHeader ({_IR_SIZE} bytes)")
     header = IRHeader(*struct.unpack(_IR_FORMAT, record[:_IR_SIZE]))
     payload = record[_IR_SIZE:]
     if header.flag > 0:
         size = 4 * header.flag
         if len(payload) < size:
-            raise ValueError(f"record header announces {header.flag} labels but the record is too short")
+            raise InvalidInputError(f"record header announces {header.flag} labels but the record is too short")
         header = header._replace(label=np.frombuffer(payload[:size], dtype=np.float32).copy())
         payload = payload[size:]
     return header, payload

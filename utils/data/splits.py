@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from config.config import ETHNICITIES
-from utils.core.errors import ExistingOutputError, MissingInputError
+from utils.core.errors import ExistingOutputError, InvalidInputError, MissingInputError
 from utils.core.io import atomic_write_json
 from utils.core.logs import get_logger
 
@@ -30,14 +30,14 @@ def make_baseline_split(identities_by_ethnicity: Mapping[str, Sequence[str]], se
     removing another ethnicity leaves it unchanged. Identities inside a part are listed sorted.
     """
     if parts < 1:
-        raise ValueError(f"parts must be >= 1, got {parts}")
+        raise InvalidInputError(f"parts must be >= 1, got {parts}")
     splits: list[Split] = [{} for _ in range(parts)]
     for eth in sorted(identities_by_ethnicity, key=_ethnicity_order):
         names = sorted(identities_by_ethnicity[eth])
         if len(set(names)) != len(names):
-            raise ValueError(f"{eth} lists an identity more than once")
+            raise InvalidInputError(f"{eth} lists an identity more than once")
         if len(names) < parts:
-            raise ValueError(f"{eth} has {len(names)} identities, fewer than the {parts} split parts")
+            raise InvalidInputError(f"{eth} has {len(names)} identities, fewer than the {parts} split parts")
         rng = np.random.default_rng([seed, *eth.encode("utf-8")])
         order = rng.permutation(len(names))
         for k, chunk in enumerate(np.array_split(order, parts)):
@@ -71,9 +71,9 @@ def load_split_manifest(path: str | Path) -> list[Split]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"baseline split manifest {path} is not valid JSON: {exc}") from exc
+        raise InvalidInputError(f"baseline split manifest {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION or not isinstance(data.get("splits"), list):
-        raise ValueError(f"baseline split manifest {path}: expected a version {MANIFEST_VERSION} object with 'splits'")
+        raise InvalidInputError(f"baseline split manifest {path}: expected a version {MANIFEST_VERSION} object with 'splits'")
     splits = data["splits"]
     _check_splits(splits, str(path))
     return [{eth: list(names) for eth, names in split.items()} for split in splits]
@@ -83,13 +83,13 @@ def _check_splits(splits: Sequence[Mapping[str, Sequence[str]]], where: str) -> 
     seen: dict[tuple[str, str], int] = {}
     for k, split in enumerate(splits):
         if not isinstance(split, Mapping):
-            raise ValueError(f"{where}: split {k} is not a mapping ethnicity -> identities")
+            raise InvalidInputError(f"{where}: split {k} is not a mapping ethnicity -> identities")
         for eth, names in split.items():
             if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-                raise ValueError(f"{where}: split {k} {eth} is not a list of identity names")
+                raise InvalidInputError(f"{where}: split {k} {eth} is not a list of identity names")
             for name in names:
                 if (eth, name) in seen:
-                    raise ValueError(f"{where}: identity {eth}/{name} is in splits {seen[(eth, name)]} and {k}")
+                    raise InvalidInputError(f"{where}: identity {eth}/{name} is in splits {seen[(eth, name)]} and {k}")
                 seen[(eth, name)] = k
 
 
@@ -100,7 +100,7 @@ def materialize_split(index, splits: Sequence[Mapping[str, Sequence[str]]], out_
     same image is kept; any other existing file is an error. Returns the number of links made.
     """
     if index.kind != "folder":
-        raise ValueError(f"materializing splits needs the folder layout; {index.root} is {index.kind}")
+        raise InvalidInputError(f"materializing splits needs the folder layout; {index.root} is {index.kind}")
     rows_of: dict[tuple[str, str], list[int]] = {}
     for row, label in enumerate(index.labels.tolist()):
         rows_of.setdefault(index.identities[label], []).append(row)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config.config import Config
+from config.config import Config, merge_overrides
 from utils.core.errors import InvalidInputError
 from utils.core.signals import StopRequest
 from utils.pipeline.plan import REPO, Job, Step
@@ -25,7 +25,7 @@ JOB_FLAGS = ("resume=True", "replace=True")
 def launch_command(job: Job, base: Sequence[str], nproc: int, torchrun_args: Sequence[str]) -> list[str]:
     """The command line of a job: plain python, or torchrun when several processes are asked for."""
     script = str(REPO / job.script)
-    args = [*base, *job.overrides, *JOB_FLAGS]
+    args = merge_overrides(base, job.overrides, JOB_FLAGS)
     if nproc > 1 and job.distributed:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *torchrun_args]
         if not any(arg.startswith(("--rdzv", "--nnodes", "--master")) for arg in torchrun_args):

@@ -16,12 +16,13 @@ from typing import Any, Callable, Sequence
 from config.config import (
     ADAPTOR_SCRIPTS, ADAPTORS, ETHNICITIES, KD_KINDS, KD_SCRIPTS, TEACHER_SETS, Config, load_config, teacher_members
 )
+from utils.core.digests import file_sha256
 from utils.core.errors import InvalidInputError
 from utils.data.index import ImageIndex
 from utils.workdir import artifacts
 from utils.workdir.inputs import load_index, training_rows
 from utils.workdir.provenance import (
-    Record, adaptor_record, data_fingerprint, describe_changes, file_sha256, identities_fingerprint, read_record,
+    Record, adaptor_record, data_fingerprint, describe_changes, identities_fingerprint, read_record,
     record_digest, split_record, store_record, student_record, targets_record, teacher_record
 )
 

@@ -35,6 +35,10 @@ def make_header(cfg: Config, num_classes: int, adaptor_stage: bool = False) -> n
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise InvalidInputError(f"config key num_classes={cfg.num_classes} but the training data has "
                                 f"{num_classes} identities")
+    if num_classes < 2:
+        # A softmax over one class has no gradient: the run would "finish" with loss 0 and random weights.
+        raise InvalidInputError(f"the training data of this stage (data_root={cfg.data_root}) holds {num_classes} "
+                                "identity; a margin-softmax stage needs at least 2")
     return build_head(cfg, num_classes, adaptor_stage=adaptor_stage)
 
 

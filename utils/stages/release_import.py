@@ -26,11 +26,11 @@ from typing import Any, Mapping, Sequence
 
 from backbones import build_adaptor, build_backbone
 from config.config import ADAPTORS, KD_KINDS, Config, load_config, teacher_members
+from utils.core.digests import file_sha256
 from utils.core.errors import ExistingOutputError, InvalidInputError, MissingInputError, UserError
 from utils.core.io import atomic_path, atomic_write_json
 from utils.core.weights import load_weights
 from utils.workdir import artifacts
-from utils.workdir.provenance import file_sha256
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from utils.core.weights import load_weights
 from utils.data.image import random_horizontal_flip
 from utils.train.checkpoint import Progress, RunFiles, TrainingParts, claim_run_folder, rng_state, set_rng_state
 from utils.train.monitor import TrainingMonitor, VerificationCallback
-from utils.train.sampling import SkippingSampler, derive_seed, seed_everything, seed_worker
+from utils.train.sampling import SkippingSampler, check_full_batch, derive_seed, seed_everything, seed_worker
 from utils.train.task import Batch, TrainingResult, TrainingTask, TrainOptions
 
 
@@ -69,14 +69,17 @@ class _Trainer:
         # The same autocast + GradScaler path runs on GPU and CPU, so CI exercises what clusters run.
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
         _check_labels(task)
+        check_full_batch(task.stage, len(task.dataset), task.batch_size, info.world_size)  # type: ignore[arg-type]
+        self.model = task.model.to(self.device)
+        self.header = task.header.to(self.device) if task.header is not None else None
+        initialised = options.init_weights and not options.resume
+        if initialised:
+            load_weights(self.model, options.init_weights, what="init_weights")
+        # Only a run that can start claims its folder: replace=True moves the old run aside last.
         if logger is None:
             logger = claim_run_folder(self.run_dir, task.provenance, replace=options.replace, is_main=info.is_main)
         self.logger = logger
-
-        self.model = task.model.to(self.device)
-        self.header = task.header.to(self.device) if task.header is not None else None
-        if options.init_weights and not options.resume:
-            load_weights(self.model, options.init_weights, what="init_weights")
+        if initialised:
             self.logger.info(f"initialised {task.model_name} from {options.init_weights}")
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         if self.header is not None:
@@ -99,9 +102,6 @@ class _Trainer:
                                  persistent_workers=task.num_workers > 0, worker_init_fn=seed_worker,
                                  collate_fn=task.collate_fn)
         self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch == 0:
-            raise InvalidInputError(f"{task.stage}: {len(task.dataset)} samples give no full batch of "  # type: ignore[arg-type]
-                                    f"{task.batch_size} per rank x {info.world_size} ranks; lower the batch size")
         self.train_model: nn.Module = self.model
         self.train_header = self.header
         if info.distributed:

@@ -3,12 +3,15 @@ middle of an epoch. Every epoch restarts its streams from its seed, so a resumed
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
+
+from utils.core.errors import InvalidInputError
 
 
 def derive_seed(seed: int, epoch: int, rank: int) -> int:
@@ -20,6 +23,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def check_full_batch(stage: str, samples: int, batch_size: int, world_size: int) -> None:
+    """Refuse data that gives no full batch per rank (batches are dropped when incomplete, so such a run would
+    train nothing), before anything is written: each rank samples ceil(samples / world_size) indices."""
+    if math.ceil(samples / world_size) < batch_size:
+        raise InvalidInputError(f"{stage}: {samples} samples give no full batch of {batch_size} per rank x "
+                                f"{world_size} ranks; lower the batch size")
 
 
 class SkippingSampler(DistributedSampler):

@@ -62,6 +62,12 @@ def index_cache_file(cfg: Config) -> Path:
     return work_root(cfg) / "index" / f"{key}.tsv"
 
 
+def digest_cache_file(cfg: Config) -> Path:
+    """Where the sha256 of every training image of cfg.data_root is kept between processes (beside its scan)."""
+    index = index_cache_file(cfg)
+    return index.with_name(index.stem + ".digests.npz")
+
+
 def splits_dir(cfg: Config) -> Path:
     return work_root(cfg) / "splits"
 

@@ -26,17 +26,19 @@ def load_index(cfg: Config) -> ImageIndex:
         index = scan_recordio(root, artifacts.index_cache_file(cfg))
     else:
         index = scan_image_folder(root, artifacts.index_cache_file(cfg))
-    if cfg.ids_per_ethnicity is None:
-        return index
-    return restrict_identities(index, cfg.ids_per_ethnicity, cfg.seed)
+    if cfg.ids_per_ethnicity is not None:
+        index = restrict_identities(index, cfg.ids_per_ethnicity, cfg.seed)
+    index.digest_cache = artifacts.digest_cache_file(cfg)
+    return index
 
 
 def dataset_for(cfg: Config, index: ImageIndex, rows: np.ndarray | None = None,
                 labels: np.ndarray | None = None) -> FaceDataset:
     """The dataset of ``rows`` of ``index`` (all by default) decoded as ``cfg`` says (input_size, allow_resize):
-    the one place a stage builds it, so training, the image check and extraction read images alike."""
+    the one place a stage builds it, so training, the image check and extraction read images alike (and refuse
+    images above cfg.max_image_pixels before decoding them)."""
     dataset_cls = RecordDataset if index.kind == "recordio" else FaceDataset
-    return dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize)
+    return dataset_cls(index, rows, labels, cfg.input_size, cfg.allow_resize, cfg.max_image_pixels)
 
 
 PROTOCOLS = ("ethnicity", "all", "split")

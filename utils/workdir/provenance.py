@@ -3,7 +3,7 @@
 A record is ``{"stage": ..., "keys": {config keys that change the outputs}, "inputs": {name: fingerprint}}``.
 Keys that do not change the outputs (log_every, num_workers, verify_every without RFW, resume, stop_after_epoch,
 keep_epoch_weights, paths, run_name, the world size the lr follows) are left out, so changing them never
-invalidates a run. Inputs are fingerprinted by content: the training data (image index rows and file sizes),
+invalidates a run. Inputs are fingerprinted by content: the training data (image index rows and image sha256s),
 the RFW files (best-epoch selection and the report), the split manifest, teacher weights (sha256), the teacher
 stores and the adaptor targets (the digests of their own records) and init_weights.
 
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from config.config import Config, teacher_members
+from utils.core.digests import file_sha256
 from utils.core.errors import ProvenanceError
 from utils.core.io import atomic_write_json
 from utils.core.locks import relock
@@ -41,28 +40,6 @@ _DATA_KEYS = ("ids_per_ethnicity",)
 
 # ---- fingerprints of inputs ----------------------------------------------------------------------------------
 
-_DIGESTS: dict[tuple[Any, ...], str] = {}
-# File times tick coarsely (a few ms): a file written within this window of being read could be written again
-# without moving them, so its digest is not kept (the "racy git" rule).
-_SETTLED_NS = 1_000_000_000
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's contents. A plan asks for the same files many times (RFW for every teacher and student,
-    a teacher's weights for its store and each adaptor), so a digest is reused while the file is unchanged: same
-    inode, size, mtime and ctime (any write, or any reset of the mtime, moves the ctime)."""
-    info = os.stat(path)
-    key = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-    if key in _DIGESTS:
-        return _DIGESTS[key]
-    read_at = time.time_ns()
-    with open(path, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    if read_at - max(info.st_mtime_ns, info.st_ctime_ns) > _SETTLED_NS:
-        _DIGESTS[key] = digest
-    return digest
-
-
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """Absolute path, size and sha256 of a weights file (the sha256 is what identifies it; a copy of
     ``work_dirs`` on another machine keeps it)."""
@@ -71,16 +48,15 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
 
 
 def data_fingerprint(index: ImageIndex, rows: np.ndarray | None = None) -> str:
-    """The training images a run reads: ``rows`` of the index (all by default) as (path, label, file size).
-
-    Sizes, not contents: reading 1.25 M images per stage would cost minutes, and sizes survive copying the
-    data; regenerated or replaced images change them. RecordIO rows carry the record file's size.
-    """
+    """The training images a run reads: ``rows`` of the index (all by default) as (path, label, sha256 of the
+    file's contents). A replaced image changes it even when its size and times are kept; the digests of unchanged
+    files come from the index's digest cache, so only a first run reads every image. RecordIO rows carry the
+    digest of the record file."""
     rows = np.arange(len(index)) if rows is None else np.asarray(rows)
-    sizes = index.file_sizes()
+    digests = index.file_digests()
     digest = hashlib.sha256(f"{index.kind}\n".encode())
     for row in rows.tolist():
-        digest.update(f"{index.paths[row]}\t{index.labels[row]}\t{sizes[row]}\n".encode())
+        digest.update(f"{index.paths[row]}\t{index.labels[row]}\t{digests[row].tobytes().hex()}\n".encode())
     return digest.hexdigest()
 
 

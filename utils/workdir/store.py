@@ -23,7 +23,7 @@ from numpy.lib.format import open_memmap
 from config.config import Config, teacher_members
 from utils.core.distributed import DistInfo, barrier, shard_range
 from utils.core.errors import IncompatibleInputError, InvalidInputError, MissingInputError, ProvenanceError
-from utils.core.io import atomic_write_json, reserve_disk_space
+from utils.core.io import atomic_write_json, create_array
 from utils.core.numerics import NonFiniteError, first_nonfinite_row
 from utils.data.index import ImageIndex
 from utils.workdir import artifacts
@@ -130,8 +130,7 @@ def write_rows_sharded(files: StoreFiles, manifest: dict[str, Any], info: DistIn
         if not flipped:
             files.flipped.unlink(missing_ok=True)
         for name in names:
-            open_memmap(getattr(files, name), mode="w+", dtype=np.float32, shape=(n, dim)).flush()
-            reserve_disk_space(getattr(files, name))
+            create_array(getattr(files, name), (n, dim)).flush()
     barrier()
     arrays = {name: open_memmap(getattr(files, name), mode="r+") for name in names}
     fill(shard_range(n, info.rank, info.world_size), arrays)
