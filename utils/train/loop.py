@@ -189,7 +189,7 @@ class _Trainer:
         batches = iter(self.loader)  # draws the loader's seed from the epoch's stream, as an uninterrupted run does
         if resumed:
             set_rng_state(resumed["rng"][self.info.rank], flip_generator, self.device)
-            totals = {name: value.to(self.device) for name, value in resumed["totals"].items()}
+            totals = {name: value.to(self.device) for name, value in resumed["totals"][self.info.rank].items()}
             steps = resumed["step"]
         monitor.start_epoch(self.epoch, task.num_epochs, self.steps_per_epoch)
         for inputs, labels, rows, *extras in batches:
@@ -262,7 +262,9 @@ class _Trainer:
         """Save a checkpoint ``steps`` into the epoch with every rank's random streams, then end the run: resuming
         it gives the weights of an uninterrupted run (same world size)."""
         self._check_finite_weights()
-        mid_epoch = {"step": steps, "totals": {name: value.cpu() for name, value in totals.items()},
+        # Every rank's own partial loss sums: the epoch's record adds them up over the ranks.
+        partial = {name: value.cpu() for name, value in totals.items()}
+        mid_epoch = {"step": steps, "totals": all_gather_object(partial),
                      "rng": all_gather_object(rng_state(flip_generator, self.device))}
         if self.info.is_main:
             self.files.save_state(self._parts(), self._progress(mid_epoch))
