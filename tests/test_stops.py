@@ -66,7 +66,7 @@ def test_a_signal_to_one_torchrun_rank_stops_both_within_the_lag_and_the_resume_
     assert record["stopped"].startswith("a stop signal on another rank: teacher stopped after step "
                                         f"{checkpoint['global_step']}")
     assert "to continue, run: torchrun --nproc-per-node=2 " in record["stopped"] and "resume=True" in record["stopped"]
-    assert record["stopped"] in (run_dir / artifacts.LOG_FILE).read_text()
+    assert record["stopped"] in artifacts.log_file(run_dir).read_text()
 
     resumed = torchrun("tests/stop_one_rank.py", [str(run_dir), "--straight", str(straight_dir), "log_every=1000"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -90,6 +90,13 @@ def ended(process: subprocess.Popen, log: Path, timeout: float = 60) -> int:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             pytest.fail(log.read_text()[-4000:])
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except FileNotFoundError:
+        return ""
 
 
 def stage_command(log: Path, member: str) -> list[str]:
@@ -116,19 +123,23 @@ def test_sigterm_to_the_pipeline_pid_reaches_its_stage_which_saves_and_the_rerun
     assert not record["complete"] and record["stopped"].startswith("SIGTERM: teacher stopped after step")
     assert "pipeline stopped" in log.read_text()
 
+    # An uninterrupted run of the same command into another folder, beside the rerun.
+    command = [arg if not arg.startswith("output_root=") else format_override("output_root", str(tmp_path / "ref"))
+               for arg in stage_command(log, "African")]
+    straight = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
     # The rerun continues the African teacher; SIGTERM to the whole group while the Asian one starts up.
     pipeline = start_pipeline(out, args, log)
     wait_for(lambda: history(african).get("complete"), "the African teacher to finish", timeout=180)
-    child = wait_for(lambda: [pid for pid in child_pids(pipeline.pid) if catches_sigterm(pid)], "the next stage")[0]
+    asian_stage = wait_for(lambda: [pid for pid in child_pids(pipeline.pid) if "ethnicity=Asian" in command_line(pid)
+                                    and catches_sigterm(pid)], "the Asian teacher's process")[0]
     os.killpg(pipeline.pid, signal.SIGTERM)
     assert ended(pipeline, log) == INTERRUPTED_EXIT_CODE, log.read_text()[-4000:]
-    assert not history(asian).get("complete") and not Path(f"/proc/{child}").exists()
+    assert "exit code 75" in log.read_text().splitlines()[-1] and "SIGTERM during start-up" in log.read_text()
+    assert not history(asian) and not Path(f"/proc/{asian_stage}").exists()
 
-    # An uninterrupted run of the same command into another folder: the same weights, bit for bit.
-    command = [arg if not arg.startswith("output_root=") else format_override("output_root", str(tmp_path / "ref"))
-               for arg in stage_command(log, "African")]
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-    assert_same_run(african, artifacts.teacher_dir(load_config([*command[2:]]), "African"))
+    assert straight.wait(timeout=180) == 0, straight.stderr.read()[-4000:]
+    assert_same_run(african, artifacts.teacher_dir(load_config(command[2:]), "African"))
 
 
 # ---- start-up and extraction ------------------------------------------------------------------------------
