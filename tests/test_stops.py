@@ -16,14 +16,16 @@ import pytest
 import torch
 
 import extract_all
+import fc_EArc
 from config.config import format_override, load_config
 from helpers import (
-    ROOT, catches_sigterm, child_pids, pipeline_command, tiny_overrides, torchrun, wait_for, write_fake_teacher
+    ROOT, catches_sigterm, child_pids, fake_teacher_set, pipeline_command, tiny_overrides, torchrun, wait_for,
+    write_fake_teacher
 )
 from utils.core.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.pipeline.launch import StageFailed
 from utils.pipeline.plan import PRESETS
-from utils.stages import extract
+from utils.stages import adaptor, extract
 from utils.stages.cli import run_stage
 from utils.train.stopping import LAG_STEPS
 from utils.workdir import artifacts
@@ -158,22 +160,36 @@ def test_a_signal_during_a_stage_start_up_exits_75_at_once_with_nothing_done(tin
     assert not artifacts.teacher_dir(cfg, "Asian").exists() and not artifacts.store_dir(cfg).exists()
 
 
+def signalled(function):
+    """``function`` that sends this process SIGTERM first: the next batch must not be written."""
+    def wrapper(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return function(*args)
+    return wrapper
+
+
 def test_a_stop_during_extraction_leaves_the_store_incomplete(tiny_synthetic, tmp_path, monkeypatch):
     overrides = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian", extract_batch_size=8)
     cfg = load_config(overrides)
     write_fake_teacher(cfg, "Asian", seed=0)
-    checked_rows = extract.checked_rows
-
-    def signalled_after_the_first_batch(*args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return checked_rows(*args)
-
-    monkeypatch.setattr(extract, "checked_rows", signalled_after_the_first_batch)
+    monkeypatch.setattr(extract, "checked_rows", signalled(extract.checked_rows))
     with pytest.raises(TrainingInterrupted, match=r"SIGTERM: the extraction of Asian into .* stopped before it "
                                                   r"completed; nothing of it is marked complete"):
         run_stage(extract_all.main, overrides)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert not read_manifest(member_files(artifacts.store_dir(cfg), "Asian").manifest)["complete"]
+
+
+def test_a_stop_while_the_kd_targets_are_written_leaves_them_incomplete(tiny_synthetic, tmp_path, monkeypatch):
+    overrides = tiny_overrides(tiny_synthetic, tmp_path, extract_batch_size=8)
+    fake_teacher_set(overrides)
+    run_stage(extract_all.main, overrides + ["ethnicity='all'"])
+    monkeypatch.setattr(adaptor, "checked_rows", signalled(adaptor.checked_rows))
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM: the writing of the KD targets .* stopped before it "
+                                                  r"completed"):
+        run_stage(fc_EArc.main, overrides)
+    run_dir = artifacts.adaptor_dir(load_config(overrides))
+    assert history(run_dir)["complete"] and not read_manifest(artifacts.target_files(run_dir).manifest)["complete"]
 
 
 def test_a_stage_killed_by_a_signal_gives_the_shell_exit_code():

@@ -27,6 +27,7 @@ from utils.core.distributed import DistInfo, barrier, broadcast_object
 from utils.core.errors import ProvenanceError
 from utils.core.locks import rank0_folder_lock
 from utils.core.logs import get_logger, setup_logging
+from utils.core.signals import stop_on_signals
 from utils.core.weights import load_weights
 from utils.stages.common import classification_loss, make_header, stage_task, train_options
 from utils.train.checkpoint import claim_run_folder
