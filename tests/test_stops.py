@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -65,8 +66,9 @@ def test_a_signal_to_one_torchrun_rank_stops_both_within_the_lag_and_the_resume_
     assert SIGNAL_STEP < checkpoint["global_step"] <= SIGNAL_STEP + LAG_STEPS + 1 and checkpoint["mid_epoch"]
     record = history(run_dir)
     assert not record["complete"] and len(record["epochs"]) == 1
-    assert record["stopped"].startswith("a stop signal on another rank: teacher stopped after step "
-                                        f"{checkpoint['global_step']}")
+    # Rank 0 writes it; torchrun may have passed it SIGTERM by then, when rank 1 exited first.
+    assert re.match(rf"(a stop signal on another rank|SIGTERM): teacher stopped after step "
+                    rf"{checkpoint['global_step']} \(\d of 8 in epoch 2\)", record["stopped"]), record["stopped"]
     assert "to continue, run: torchrun --nproc-per-node=2 " in record["stopped"] and "resume=True" in record["stopped"]
     assert record["stopped"] in artifacts.log_file(run_dir).read_text()
 
