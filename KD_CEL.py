@@ -12,12 +12,17 @@ Weights land in work_dirs/students/<teacher_set>_<network>/<adaptor>_EAFKD_<stud
 """
 from __future__ import annotations
 
-from config.config import Config
-from eval.rfw.during_training import epoch_evaluator
-from utils.core.distributed import DistInfo
-from utils.stages.cli import run_stage
-from utils.stages.student import run_student
-from utils.train.task import TrainingResult
+from utils.core.signals import record_stop_signals
+
+if __name__ == "__main__":
+    record_stop_signals()  # before the imports below (seconds): a signal during them ends it with exit 75
+
+from config.config import Config  # noqa: E402
+from eval.rfw.during_training import epoch_evaluator  # noqa: E402
+from utils.core.distributed import DistInfo  # noqa: E402
+from utils.stages.cli import run_stage  # noqa: E402
+from utils.stages.student import run_student  # noqa: E402
+from utils.train.task import TrainingResult  # noqa: E402
 
 
 def main(cfg: Config, info: DistInfo) -> TrainingResult:

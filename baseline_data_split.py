@@ -11,16 +11,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.config import ETHNICITIES, NUM_BASELINE_SPLITS, Config
-from utils.core.distributed import DistInfo
-from utils.core.errors import ExistingOutputError
-from utils.core.io import atomic_write_json
-from utils.core.logs import setup_logging
-from utils.data.splits import load_split_manifest, make_baseline_split, materialize_split, save_split_manifest
-from utils.stages.cli import run_stage
-from utils.workdir import artifacts
-from utils.workdir.inputs import load_index
-from utils.workdir.provenance import identities_fingerprint, split_record
+from utils.core.signals import record_stop_signals
+
+if __name__ == "__main__":
+    record_stop_signals()  # before the imports below (seconds): a signal during them ends it with exit 75
+
+from config.config import ETHNICITIES, NUM_BASELINE_SPLITS, Config  # noqa: E402
+from utils.core.distributed import DistInfo  # noqa: E402
+from utils.core.errors import ExistingOutputError  # noqa: E402
+from utils.core.io import atomic_write_json  # noqa: E402
+from utils.core.logs import setup_logging  # noqa: E402
+from utils.data.splits import (  # noqa: E402
+    load_split_manifest, make_baseline_split, materialize_split, save_split_manifest
+)
+from utils.stages.cli import run_stage  # noqa: E402
+from utils.workdir import artifacts  # noqa: E402
+from utils.workdir.inputs import load_index  # noqa: E402
+from utils.workdir.provenance import identities_fingerprint, split_record  # noqa: E402
 
 
 def main(cfg: Config, info: DistInfo) -> Path:

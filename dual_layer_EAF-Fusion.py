@@ -13,10 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.config import Config
-from utils.core.distributed import DistInfo
-from utils.stages.adaptor import run_adaptor_stage
-from utils.stages.cli import run_stage
+from utils.core.signals import record_stop_signals
+
+if __name__ == "__main__":
+    record_stop_signals()  # before the imports below (seconds): a signal during them ends it with exit 75
+
+from config.config import Config  # noqa: E402
+from utils.core.distributed import DistInfo  # noqa: E402
+from utils.stages.adaptor import run_adaptor_stage  # noqa: E402
+from utils.stages.cli import run_stage  # noqa: E402
 
 
 def main(cfg: Config, info: DistInfo) -> Path | None:

@@ -12,15 +12,20 @@ index and checkpoint is skipped; an interrupted one is redone.
 """
 from __future__ import annotations
 
-from config.config import Config
-from utils.core.distributed import DistInfo
-from utils.core.locks import rank0_folder_lock
-from utils.core.logs import setup_logging
-from utils.stages.cli import run_stage
-from utils.stages.extract import (
+from utils.core.signals import record_stop_signals
+
+if __name__ == "__main__":
+    record_stop_signals()  # before the imports below (seconds): a signal during them ends it with exit 75
+
+from config.config import Config  # noqa: E402
+from utils.core.distributed import DistInfo  # noqa: E402
+from utils.core.locks import rank0_folder_lock  # noqa: E402
+from utils.core.logs import setup_logging  # noqa: E402
+from utils.stages.cli import run_stage  # noqa: E402
+from utils.stages.extract import (  # noqa: E402
     check_index_images, extract_teacher, extraction_members, plan_extraction, prepare_index, teacher_checkpoint
 )
-from utils.workdir import artifacts
+from utils.workdir import artifacts  # noqa: E402
 
 
 def main(cfg: Config, info: DistInfo) -> list[str]:

@@ -21,17 +21,23 @@ import sys
 import time
 from pathlib import Path
 
-from config.config import format_override, load_config, merge_overrides
-from utils.core.errors import EXIT_CODE, InvalidInputError, UserError
-from utils.core.locks import folder_lock
-from utils.core.logs import format_duration
-from utils.core.signals import INTERRUPTED_EXIT_CODE, StopRequest, stop_on_signals
-from utils.pipeline.launch import (
+from utils.core.signals import (
+    INTERRUPTED_EXIT_CODE, StopRequest, record_stop_signals, startup_done, stop_on_signals
+)
+
+if __name__ == "__main__":
+    record_stop_signals()  # before the imports below (seconds): a signal during them ends it with exit 75
+
+from config.config import format_override, load_config, merge_overrides  # noqa: E402
+from utils.core.errors import EXIT_CODE, InvalidInputError, UserError  # noqa: E402
+from utils.core.locks import folder_lock  # noqa: E402
+from utils.core.logs import format_duration  # noqa: E402
+from utils.pipeline.launch import (  # noqa: E402
     PipelineInterrupted, StageFailed, report_command, run_command, run_jobs_side_by_side, run_one_by_one
 )
-from utils.stages.cli import check_networks
-from utils.pipeline.plan import PRESETS, STAGES, TEACHER_SET_CHOICES, plan, plan_jobs, select_jobs
-from utils.workdir import artifacts
+from utils.stages.cli import check_networks  # noqa: E402
+from utils.pipeline.plan import PRESETS, STAGES, TEACHER_SET_CHOICES, plan, plan_jobs, select_jobs  # noqa: E402
+from utils.workdir import artifacts  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -174,13 +180,14 @@ def run_once(args: argparse.Namespace, base: list[str], preset_name: str, stop: 
         run_one_by_one(steps, base, args.nproc_per_node, args.torchrun, stop, started)
     out_dir = None
     if run_report:
-        run_command(report_command(cfg), "report")
+        run_command(report_command(cfg), "report", stop)
         out_dir = artifacts.report_dir(cfg)
     print(f"pipeline finished in {format_duration(time.perf_counter() - started)}", flush=True)
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
+    startup_done()  # from here a stop signal is recorded: the running stages get it and end resumably
     try:
         return run(argv)
     except UserError as exc:
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODE
     except StageFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.returncode
+        return exc.exit_code
     except PipelineInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return INTERRUPTED_EXIT_CODE

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -31,12 +34,17 @@ def tiny_overrides(data: Path, output_root: Path, **extra) -> list[str]:
     return [f"{key}={value!r}" for key, value in values.items()]
 
 
-def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a repo script under torchrun (gloo on CPU) and fail with its output if it fails."""
+def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a repo script under torchrun (gloo on CPU), whatever its exit code."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(ROOT / script), *args]
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a repo script under torchrun (gloo on CPU) and fail with its output if it fails."""
+    completed = torchrun(script, args, nproc, timeout)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     return completed
 
@@ -52,6 +60,33 @@ def tiny_pipeline(out: Path, *extra: str, timeout: int = 600) -> subprocess.Comp
                                text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     return completed
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 120) -> object:
+    """Poll ``condition`` until it returns something true, and return that; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler installed now (the SigCgt mask of /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started that still run."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 # Identities per ethnicity of the tiny tree; Indian has one fewer, like BUPT.

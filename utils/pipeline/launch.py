@@ -41,13 +41,39 @@ class StageFailed(Exception):
         super().__init__(f"{what} failed with exit code {returncode} (its output is above)")
         self.returncode = returncode
 
+    @property
+    def exit_code(self) -> int:
+        """The pipeline's exit code: the stage's, or 128 + n when signal n killed it (as a shell reports it)."""
+        return self.returncode if self.returncode > 0 else 128 - self.returncode
 
-def run_command(command: Sequence[str], what: str) -> None:
-    """Run one stage as its own process; a failure stops the pipeline."""
+
+class PipelineInterrupted(Exception):
+    """SIGTERM/SIGINT reached the pipeline and its running jobs, which saved resumable checkpoints."""
+
+
+def run_command(command: Sequence[str], what: str, stop: StopRequest) -> None:
+    """Run one stage as its own process in the foreground; a failure stops the pipeline.
+
+    A stop signal the pipeline gets is passed on to the stage, which saves and ends resumably, and then ends the
+    pipeline: a scheduler that signals only the pipeline's pid loses no work.
+    """
+    if stop.signal is not None:
+        raise PipelineInterrupted(f"{stop.name}: pipeline stopped before {what}; run the same command to continue")
     print("$ " + shlex.join(command), flush=True)
-    completed = subprocess.run(list(command), cwd=REPO)
-    if completed.returncode != 0:
-        raise StageFailed(what, completed.returncode)
+    process = subprocess.Popen(list(command), cwd=REPO)
+    passed_on = False
+    while process.poll() is None:
+        if stop.signal is not None and not passed_on:
+            # Always SIGTERM: a Ctrl-C at a terminal reaches the stage itself too, and a second SIGINT would
+            # stop it at once, without its checkpoint.
+            process.send_signal(signal.SIGTERM)
+            passed_on = True
+        time.sleep(0.05)
+    if stop.signal is not None:
+        raise PipelineInterrupted(f"{stop.name}: pipeline stopped; {what} ended with exit code {process.returncode} "
+                                  "(75: saved to resume); run the same command to continue")
+    if process.returncode != 0:
+        raise StageFailed(what, process.returncode)
 
 
 def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torchrun_args: Sequence[str],
@@ -58,18 +84,11 @@ def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torch
             continue
         print(f"{step.job.line(number, len(steps))} -- running ({time.perf_counter() - started:.0f} s elapsed)",
               flush=True)
-        run_command(launch_command(step.job, base, nproc, torchrun_args), step.job.describe())
-        if stop.signal is not None:  # the stage got the signal too, and ended resumable
-            raise PipelineInterrupted(f"{stop.name}: pipeline stopped after {step.job.describe()}; run the same "
-                                      "command to continue")
+        run_command(launch_command(step.job, base, nproc, torchrun_args), step.job.describe(), stop)
         verdict = step.job.check()
         if not verdict.done:
             raise InvalidInputError(f"{step.job.describe()} ended without complete outputs ({verdict.reason}; "
                                     "stopped early?)")
-
-
-class PipelineInterrupted(Exception):
-    """SIGTERM/SIGINT reached the pipeline and its running jobs, which saved resumable checkpoints."""
 
 
 def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: Path, workers: int,

@@ -27,6 +27,7 @@ from utils.core.distributed import DistInfo, barrier, broadcast_object
 from utils.core.errors import ProvenanceError
 from utils.core.locks import rank0_folder_lock
 from utils.core.logs import get_logger, setup_logging
+from utils.core.signals import stop_on_signals
 from utils.core.weights import load_weights
 from utils.stages.common import classification_loss, make_header, stage_task, train_options
 from utils.train.checkpoint import claim_run_folder
@@ -176,22 +177,24 @@ def write_targets(cfg: Config, stores: TeacherStores, record: Record, info: Dist
     sources = {"array": stores.arrays, "flipped": stores.flipped}
     files = artifacts.target_files(run_dir)
 
-    def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
-        with torch.inference_mode():
-            for start in range(rows.start, rows.stop, cfg.extract_batch_size):
-                chunk = slice(start, min(start + cfg.extract_batch_size, rows.stop))
-                for name, out in arrays.items():
-                    x = torch.from_numpy(concat_rows(sources[name], chunk)).to(info.device)  # type: ignore[arg-type]
-                    out[chunk] = checked_rows(F.normalize(model(x).float(), dim=1).cpu().numpy(),
-                                              np.arange(chunk.start, chunk.stop), getattr(files, name), weights)
-
     checkpoint = checkpoint or file_fingerprint(weights)
     manifest = {"adaptor": cfg.adaptor, "teacher_set": cfg.teacher_set, "network": cfg.network,
                 "N": len(stores.index), "dim": cfg.embedding_size, "index_hash": index_hash,
                 "checkpoint": checkpoint, "best_epoch": best["epoch"], "best_step": best["global_step"],
                 "flipped": stores.flipped is not None, "teachers": stores.checkpoints,
                 "provenance": targets_record(record, checkpoint["sha256"])}
-    write_rows_sharded(files, manifest, info, fill)
+    with stop_on_signals() as stop:  # checked between batches: a stop leaves the targets incomplete
+        def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
+            with torch.inference_mode():
+                for start in range(rows.start, rows.stop, cfg.extract_batch_size):
+                    stop.raise_if_set(f"the writing of the KD targets {files.array}")
+                    chunk = slice(start, min(start + cfg.extract_batch_size, rows.stop))
+                    for name, out in arrays.items():
+                        x = torch.from_numpy(concat_rows(sources[name], chunk)).to(info.device)  # type: ignore[arg-type]
+                        out[chunk] = checked_rows(F.normalize(model(x).float(), dim=1).cpu().numpy(),
+                                                  np.arange(chunk.start, chunk.stop), getattr(files, name), weights)
+
+        write_rows_sharded(files, manifest, info, fill)
     get_logger().info(f"KD targets of epoch {best['epoch']} written to {files.array}")
     return files.array
 

@@ -14,7 +14,7 @@ from backbones import BACKBONES
 from config.config import Config, parse_cli
 from utils.core.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.core.errors import EXIT_CODE, InvalidInputError, UserError
-from utils.core.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
+from utils.core.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted, startup_done
 from utils.train.sampling import seed_everything
 
 T = TypeVar("T")
@@ -62,7 +62,8 @@ def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | Non
     """Parse ``key=value`` overrides, join the process group, run ``main`` and always leave the group.
 
     Called with ``argv`` (tests, tools), exceptions propagate unchanged; as a script, a user error ends
-    the process with its one-line message and exit code 2.
+    the process with its one-line message and exit code 2, a stop signal with exit code 75 (the script called
+    ``record_stop_signals`` first: a signal during its start-up ends it at once, later ones resumably).
     """
     rank = 0
     try:
@@ -71,6 +72,7 @@ def run_stage(main: Callable[[Config, DistInfo], Any], argv: Sequence[str] | Non
         rank = info.rank
         # Same seed on every rank: models start identical before DDP, and reruns start from the same weights.
         seed_everything(cfg.seed)
+        startup_done()  # from here a stop signal is recorded and the work ends resumably
         try:
             return main(cfg, info)
         finally:

@@ -17,6 +17,7 @@ from config.config import Config, teacher_members
 from utils.core.distributed import DistInfo, barrier, broadcast_object, shard_range
 from utils.core.errors import MissingInputError, ProvenanceError
 from utils.core.logs import get_logger
+from utils.core.signals import stop_on_signals
 from utils.core.weights import load_weights
 from utils.data.datasets import check_images
 from utils.data.index import ImageIndex
@@ -140,25 +141,26 @@ def extract_teacher(cfg: Config, plan: StorePlan, index: ImageIndex, info: DistI
         return False
     logger.info(f"{member}: extracting {len(index)} images with {checkpoint} ({plan.problem})")
     model = load_weights(build_backbone(cfg), checkpoint, what=f"{member} teacher weights").to(info.device).eval()
-
-    def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
-        dataset = dataset_for(cfg, index, np.arange(rows.start, rows.stop))
-        loader = DataLoader(dataset, batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers,
-                            pin_memory=info.device.type == "cuda")
-        with torch.inference_mode():
-            for images, _, batch_rows in tqdm(loader, desc=f"extract {member}", disable=not info.is_main):
-                images = images.to(info.device, non_blocking=True)
-                rows_np = batch_rows.numpy()
-                arrays["array"][rows_np] = checked_rows(
-                    F.normalize(model(images).float(), dim=1).cpu().numpy(), rows_np, files.array, checkpoint)
-                if "flipped" in arrays:
-                    arrays["flipped"][rows_np] = checked_rows(
-                        F.normalize(model(images.flip(3)).float(), dim=1).cpu().numpy(), rows_np, files.flipped,
-                        checkpoint)
-
     manifest = {"member": member, "teacher_set": cfg.teacher_set, "network": cfg.network, "N": len(index),
                 "dim": cfg.embedding_size, "index_hash": plan.index_hash, "checkpoint": plan.fingerprint,
                 "flipped": cfg.extract_flipped, "provenance": plan.record}
-    write_rows_sharded(files, manifest, info, fill)
+    with stop_on_signals() as stop:  # checked between batches: a stop leaves the store incomplete
+        def fill(rows: range, arrays: dict[str, np.ndarray]) -> None:
+            dataset = dataset_for(cfg, index, np.arange(rows.start, rows.stop))
+            loader = DataLoader(dataset, batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers,
+                                pin_memory=info.device.type == "cuda")
+            with torch.inference_mode():
+                for images, _, batch_rows in tqdm(loader, desc=f"extract {member}", disable=not info.is_main):
+                    stop.raise_if_set(f"the extraction of {member} into {files.array}")
+                    images = images.to(info.device, non_blocking=True)
+                    rows_np = batch_rows.numpy()
+                    arrays["array"][rows_np] = checked_rows(
+                        F.normalize(model(images).float(), dim=1).cpu().numpy(), rows_np, files.array, checkpoint)
+                    if "flipped" in arrays:
+                        arrays["flipped"][rows_np] = checked_rows(
+                            F.normalize(model(images.flip(3)).float(), dim=1).cpu().numpy(), rows_np, files.flipped,
+                            checkpoint)
+
+        write_rows_sharded(files, manifest, info, fill)
     logger.info(f"{member}: wrote {files.array}")
     return True

@@ -166,6 +166,7 @@ class RunFiles:
         return f"{self.checkpoint} (end of epoch {epoch})" if epoch > 0 and self.checkpoint.is_file() else "none"
 
     def write_history(self, history: Sequence[dict[str, Any]], best: dict[str, Any] | None, complete: bool,
-                      num_epochs: int) -> None:
-        atomic_write_json(self.history,
-                          {"epochs": list(history), "best": best, "complete": complete, "num_epochs": num_epochs})
+                      num_epochs: int, stopped: str | None = None) -> None:
+        """``history.json``; ``stopped`` is the message of a stop signal that ended this process's part of the run."""
+        record = {"epochs": list(history), "best": best, "complete": complete, "num_epochs": num_epochs}
+        atomic_write_json(self.history, record | ({"stopped": stopped} if stopped else {}))

@@ -26,12 +26,13 @@ from utils.core.distributed import (
 from utils.core.errors import InvalidInputError
 from utils.core.locks import rank0_folder_lock
 from utils.core.numerics import NonFiniteError, nonfinite_entries
-from utils.core.signals import StopRequest, TrainingInterrupted, stop_on_signals
+from utils.core.signals import StopRequest, TrainingInterrupted, continue_hint, stop_on_signals
 from utils.core.weights import load_weights
 from utils.data.image import random_horizontal_flip
 from utils.train.checkpoint import Progress, RunFiles, TrainingParts, claim_run_folder, rng_state, set_rng_state
 from utils.train.monitor import TrainingMonitor, VerificationCallback
 from utils.train.sampling import SkippingSampler, check_full_batch, derive_seed, seed_everything, seed_worker
+from utils.train.stopping import StopAgreement
 from utils.train.task import Batch, TrainingResult, TrainingTask, TrainOptions
 
 
@@ -63,6 +64,7 @@ class _Trainer:
                  logger: logging.Logger | None) -> None:
         self.options, self.task, self.info = options, task, info
         self.stop = stop  # filled by train()'s signal handlers
+        self.stopper = StopAgreement(stop, info.distributed, info.device)
         self.run_dir = Path(task.run_dir)
         self.files = RunFiles(self.run_dir, task.model_name, options.keep_epoch_weights)
         self.device = info.device
@@ -152,8 +154,8 @@ class _Trainer:
         # history.json is derived from the checkpoint: a kill between the two is repaired by the next resume.
         self._write_history(complete)
 
-    def _write_history(self, complete: bool) -> None:
-        self.files.write_history(self.history, self.best, complete, self.task.num_epochs)
+    def _write_history(self, complete: bool, stopped: str | None = None) -> None:
+        self.files.write_history(self.history, self.best, complete, self.task.num_epochs, stopped)
 
     # ---- training -------------------------------------------------------------------------------------------
     def _is_better(self, record: dict[str, Any]) -> bool:
@@ -187,7 +189,7 @@ class _Trainer:
         batches = iter(self.loader)  # draws the loader's seed from the epoch's stream, as an uninterrupted run does
         if resumed:
             set_rng_state(resumed["rng"][self.info.rank], flip_generator, self.device)
-            totals = {name: value.to(self.device) for name, value in resumed["totals"].items()}
+            totals = {name: value.to(self.device) for name, value in resumed["totals"][self.info.rank].items()}
             steps = resumed["step"]
         monitor.start_epoch(self.epoch, task.num_epochs, self.steps_per_epoch)
         for inputs, labels, rows, *extras in batches:
@@ -223,7 +225,7 @@ class _Trainer:
             at_log_step = self.global_step % max(1, options.log_every) == 0 or steps == self.steps_per_epoch
             if at_log_step and self.options.amp != "fp16":  # fp16: the scaler skips such steps (_check_skipped)
                 self._check_finite_loss(totals["loss"])
-            if steps < self.steps_per_epoch and self._stop_requested(agree=at_log_step):
+            if self.stopper.after_step() and steps < self.steps_per_epoch:
                 self._save_mid_epoch(steps, totals, flip_generator)
         self.scheduler.step()
         names = sorted(totals)
@@ -256,21 +258,13 @@ class _Trainer:
         scaler = f", GradScaler from scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
         return f"{self.options.amp} autocast on {self.device.type}{scaler}"
 
-    def _stop_requested(self, agree: bool) -> bool:
-        """After a step: whether a stop signal arrived. Ranks agree only at logging steps (``agree``), so the loop
-        never waits on the GPU for it."""
-        requested = float(self.stop.signal is not None)
-        if self.info.distributed:
-            if not agree:
-                return False
-            requested = float(all_reduce_sum(torch.tensor([requested], device=self.device))[0])
-        return requested > 0
-
     def _save_mid_epoch(self, steps: int, totals: dict[str, torch.Tensor], flip_generator: torch.Generator) -> None:
         """Save a checkpoint ``steps`` into the epoch with every rank's random streams, then end the run: resuming
         it gives the weights of an uninterrupted run (same world size)."""
         self._check_finite_weights()
-        mid_epoch = {"step": steps, "totals": {name: value.cpu() for name, value in totals.items()},
+        # Every rank's own partial loss sums: the epoch's record adds them up over the ranks.
+        partial = {name: value.cpu() for name, value in totals.items()}
+        mid_epoch = {"step": steps, "totals": all_gather_object(partial),
                      "rng": all_gather_object(rng_state(flip_generator, self.device))}
         if self.info.is_main:
             self.files.save_state(self._parts(), self._progress(mid_epoch))
@@ -278,9 +272,12 @@ class _Trainer:
         self._interrupted(f"{steps} of {self.steps_per_epoch} in epoch {self.epoch + 1}")
 
     def _interrupted(self, where: str) -> None:
+        """End the run after its checkpoint was saved; the log and history.json say so and how to continue (torchrun
+        itself reports a failure, exit 1, when its workers exit 75)."""
         message = (f"{self.stop.name or 'a stop signal on another rank'}: {self.task.stage} stopped after step "
-                   f"{self.global_step} ({where}) and saved {self.files.checkpoint}; run the same command "
-                   "with resume=True to continue")
+                   f"{self.global_step} ({where}) and saved {self.files.checkpoint}; {continue_hint()}")
+        if self.info.is_main:
+            self._write_history(complete=False, stopped=message)
         self.logger.warning(message)
         raise TrainingInterrupted(message)
 
@@ -353,7 +350,7 @@ class _Trainer:
                     monitor.end_epoch(self.epoch - 1, self.global_step, record["losses"], lr, record.get("rfw"))
                     self._save_epoch(is_best, complete=self.epoch == task.num_epochs)
                 barrier()
-                if self.epoch < task.num_epochs and self._stop_requested(agree=True):
+                if self.epoch < task.num_epochs and self.stopper.now():
                     self._interrupted(f"end of epoch {self.epoch}")
         finally:
             monitor.close()
