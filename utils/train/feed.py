@@ -1,0 +1,78 @@
+"""The device feed: the loader's host batches as :class:`~utils.train.task.Batch` on the training device.
+
+Images travel as uint8 (pinned by the loader on CUDA, copied non-blocking) and are flipped and normalised on the
+device (``utils.data.image``), bit for bit what the CPU computes. The flip decisions are drawn on the CPU from the
+epoch's seeded generator, one draw per batch in loader order, so a resumed run draws the same flips. On CUDA the
+next batch is copied and prepared on a side stream while the current step runs; on the CPU batches are prepared
+when they are taken.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from utils.data.image import draw_flips, flip_images, network_input
+from utils.train.task import Batch
+
+
+class DeviceFeed:
+    """One epoch's batches on ``device``; ``flip`` draws the training flips from ``generator``."""
+
+    def __init__(self, batches: Iterable[Any], device: torch.device, generator: torch.Generator, *, flip: bool,
+                 channels_last: bool) -> None:
+        self.batches, self.device, self.generator = batches, device, generator
+        self.flip, self.channels_last = flip, channels_last
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # The generator's state after the last batch handed out: a prefetched batch has drawn its flips already,
+        # and a checkpoint taken now must not count them.
+        self.handed_state = generator.get_state()
+
+    def _host_flags(self, count: int) -> torch.Tensor:
+        flags = draw_flips(count, self.generator) if self.flip else torch.zeros(count, dtype=torch.bool)
+        return flags.pin_memory() if self.stream is not None else flags
+
+    def _prepare(self, host: Any) -> tuple[Batch, torch.Tensor]:
+        inputs, labels, rows, *extras = host
+        flags = self._host_flags(len(inputs))
+        state = self.generator.get_state()
+        moved = [t.to(self.device, non_blocking=True) for t in (inputs, labels, rows, flags, *extras)]
+        inputs, labels, rows, flags, *extras = moved
+        if self.flip:
+            inputs = flip_images(inputs, flags)
+        batch = Batch(network_input(inputs, self.channels_last), labels, rows, flags, tuple(extras))
+        return batch, state
+
+    def _tensors(self, batch: Batch) -> list[torch.Tensor]:
+        return [batch.inputs, batch.labels, batch.rows, batch.flipped, *batch.extras]
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.stream is None:
+            for host in self.batches:
+                batch, self.handed_state = self._prepare(host)
+                yield batch
+            return
+        yield from self._prefetched()
+
+    def _prefetched(self) -> Iterator[Batch]:
+        host_batches = iter(self.batches)
+        pending = self._prepare_on_side_stream(next(host_batches, None))
+        while pending is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            batch, state = pending
+            for tensor in self._tensors(batch):
+                # The caching allocator must not hand this memory to the side stream while the step uses it.
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+            pending = self._prepare_on_side_stream(next(host_batches, None))
+            self.handed_state = state
+            yield batch
+
+    def _prepare_on_side_stream(self, host: Any) -> tuple[Batch, torch.Tensor] | None:
+        if host is None:
+            return None
+        with torch.cuda.stream(self.stream):
+            return self._prepare(host)
+
+    def rewind(self) -> None:
+        """Put the generator back to just after the last batch handed out (before a mid-epoch checkpoint)."""
+        self.generator.set_state(self.handed_state)
