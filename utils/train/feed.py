@@ -3,11 +3,11 @@
 Images travel as uint8 (pinned by the loader on CUDA, copied non-blocking) and are flipped and normalised on the
 device (``utils.data.image``), bit for bit what the CPU computes. The flip decisions are drawn on the CPU from the
 epoch's seeded generator, one draw per batch in loader order, so a resumed run draws the same flips. On CUDA the
-next batch is copied and prepared on a side stream while the current step runs; on the CPU batches are prepared
-when they are taken.
+next batch is copied and prepared on a side stream while the current step runs.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -43,34 +43,28 @@ class DeviceFeed:
         batch = Batch(network_input(inputs, self.channels_last), labels, rows, flags, tuple(extras))
         return batch, state
 
-    def _tensors(self, batch: Batch) -> list[torch.Tensor]:
-        return [batch.inputs, batch.labels, batch.rows, batch.flipped, *batch.extras]
-
     def __iter__(self) -> Iterator[Batch]:
-        if self.stream is None:
-            for host in self.batches:
-                batch, self.handed_state = self._prepare(host)
-                yield batch
-            return
-        yield from self._prefetched()
-
-    def _prefetched(self) -> Iterator[Batch]:
+        """Batch k+1 is taken from the loader, and its flips drawn, before batch k is handed out: on CUDA its copy
+        and preparation overlap step k. The CPU runs the same order (without streams), so the tests exercise what
+        the GPU path does with the flip generator."""
         host_batches = iter(self.batches)
-        pending = self._prepare_on_side_stream(next(host_batches, None))
+        pending = self._prepare_ahead(next(host_batches, None))
         while pending is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
             batch, state = pending
-            for tensor in self._tensors(batch):
-                # The caching allocator must not hand this memory to the side stream while the step uses it.
-                tensor.record_stream(torch.cuda.current_stream(self.device))
-            pending = self._prepare_on_side_stream(next(host_batches, None))
+            if self.stream is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_stream(self.stream)
+                for tensor in [batch.inputs, batch.labels, batch.rows, batch.flipped, *batch.extras]:
+                    # The caching allocator must not hand this memory back to the side stream while a step uses it.
+                    tensor.record_stream(current)
+            pending = self._prepare_ahead(next(host_batches, None))
             self.handed_state = state
             yield batch
 
-    def _prepare_on_side_stream(self, host: Any) -> tuple[Batch, torch.Tensor] | None:
+    def _prepare_ahead(self, host: Any) -> tuple[Batch, torch.Tensor] | None:
         if host is None:
             return None
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             return self._prepare(host)
 
     def rewind(self) -> None:

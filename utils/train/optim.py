@@ -13,11 +13,16 @@ import torch
 
 def build_sgd(groups: Sequence[dict[str, Any]], *, lr: float, momentum: float, weight_decay: float,
               device: torch.device) -> torch.optim.SGD:
-    fused = device.type == "cuda"
+    fused = fused_on(device)
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused,
                                 foreach=None if fused else True)
     zero_momentum(optimizer)
     return optimizer
+
+
+def fused_on(device: torch.device) -> bool:
+    """Whether the SGD on ``device`` is the fused one (CUDA)."""
+    return device.type == "cuda"
 
 
 def zero_momentum(optimizer: torch.optim.SGD) -> None:
