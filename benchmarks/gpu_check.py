@@ -51,7 +51,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from backbones import build_backbone, get_backbone  # noqa: E402
+from backbones import build_backbone  # noqa: E402
 from config.config import Config, load_config  # noqa: E402
 from utils.core.distributed import DistInfo  # noqa: E402
 from utils.core.precision import Precision, configure_cuda  # noqa: E402

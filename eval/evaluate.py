@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from backbones import BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone
 from config.config import ADAPTORS, CONCAT_ORDER, ETHNICITIES, TEACHER_SETS, Config, teacher_members
@@ -43,6 +41,7 @@ from eval.rfw.pairs import find_benchmark
 from utils.core.distributed import default_device
 from utils.core.errors import InvalidInputError, MissingInputError, UserError
 from utils.core.io import atomic_write_json
+from utils.core.progress import progress
 from utils.core.weights import load_weights
 from utils.stages.release_import import parse_named_paths
 from utils.workdir import artifacts
@@ -296,7 +295,7 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
         readers = teacher_readers(runs)
         by_size: dict[int, TeacherOutputs] = {}  # one evaluator (and its shared teacher outputs) per input size
         rows = []
-        for run_dir, cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
+        for run_dir, cfg, stage in progress(runs, desc="report: evaluating runs on RFW"):
             if cfg.input_size not in by_size:
                 evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size, **options)
                 by_size[cfg.input_size] = TeacherOutputs(evaluator, device, readers)
