@@ -117,6 +117,9 @@ class Config:
     amp: str = "none"  # none | bf16 | fp16 autocast, on GPU and CPU (margin and loss maths stay fp32)
     amp_init_scale: float = 65536.0  # fp16 only: the GradScaler's first loss scale (PyTorch's default, 2**16)
     log_every: int = 50  # steps between log lines and TensorBoard points
+    channels_last: bool = True  # NHWC images and conv weights on CUDA (ignored on the CPU)
+    cudnn_benchmark: bool = True  # let cuDNN time its kernels for the fixed input size (CUDA only)
+    compile: bool = False  # torch.compile the trained model (off: not measured to win yet; see README)
     verify_every: int = 1  # epochs between RFW verifications when rfw_root is set (the last epoch always)
     # ---- report statistics (eval/metrics/bootstrap.py, eval/metrics/operating_point.py) ----------------------------------
     bootstrap_resamples: int = 1000  # bootstrap resamples of the RFW pairs for intervals and paired comparisons

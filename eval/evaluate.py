@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from backbones import BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone
 from config.config import ADAPTORS, CONCAT_ORDER, ETHNICITIES, TEACHER_SETS, Config, teacher_members
@@ -45,6 +43,7 @@ from utils.core.distributed import default_device
 from utils.core.errors import InvalidInputError, MissingInputError
 from utils.core.io import atomic_write_json, check_writable_folder
 from utils.core.locks import folder_lock
+from utils.core.progress import progress
 from utils.core.weights import load_weights
 from utils.stages.cli import run_tool
 from utils.stages.release_import import parse_named_paths
@@ -269,7 +268,7 @@ def _evaluate_runs(runs: Sequence[tuple[Path, Config, str]], work_dir: Path, rfw
     readers = teacher_readers(runs)
     by_size: dict[int, TeacherOutputs] = {}
     rows = []
-    for run_dir, cfg, stage in tqdm(runs, desc="report: evaluating runs on RFW", file=sys.stdout):
+    for run_dir, cfg, stage in progress(runs, desc="report: evaluating runs on RFW"):
         if cfg.input_size not in by_size:
             evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=batch_size, **options)
             by_size[cfg.input_size] = TeacherOutputs(evaluator, device, readers)

@@ -11,6 +11,8 @@ import torch
 
 import train
 from helpers import tiny_overrides
+from utils.core import precision
+from utils.core.precision import MAX_CONSECUTIVE_SKIPS, fp16_divergence
 from utils.stages.cli import run_stage
 
 
@@ -67,6 +69,27 @@ def test_fp16_overflow_counts_skipped_steps(tiny_synthetic, tmp_path):
     assert _checkpoint(result.run_dir)["scaler"]["scale"] == init_scale / 2**skipped
 
 
-def test_fp16_epoch_with_every_step_skipped_stops(tiny_synthetic, tmp_path):
-    with pytest.raises(RuntimeError, match="every one of the 3 steps of epoch 1 was skipped"):
+def test_fp16_short_epoch_at_the_default_scale_trains(tiny_synthetic, tmp_path):
+    """Two-step epochs whose steps all overflow at the first scale are the scaler finding its level, not a
+    diverged run: training goes on and the scale comes down to where steps are taken."""
+    result = _train(tiny_synthetic, tmp_path, amp="fp16", batch_size=12, num_epoch=4, milestones=[])
+    assert result.complete
+    epochs = _history(result.run_dir)
+    assert [e["skipped_steps"] for e in epochs][0] == 2, "the default scale should overflow this tiny net first"
+    assert sum(e["skipped_steps"] for e in epochs) < 2 * len(epochs), "no step was ever taken"
+    first = torch.load(result.run_dir / f"{epochs[0]['global_step']}backbone.pth", weights_only=True)
+    last = _checkpoint(result.run_dir)["model"]
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_fp16_divergence_is_judged_from_the_scale():
+    assert fp16_divergence(65536.0 / 4, 2) is None
+    assert "below 1" in fp16_divergence(0.5, 1)
+    assert "in a row" in fp16_divergence(1e20, MAX_CONSECUTIVE_SKIPS)
+    assert fp16_divergence(1e20, MAX_CONSECUTIVE_SKIPS - 1) is None
+
+
+def test_fp16_run_that_skips_every_step_stops(tiny_synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "MAX_CONSECUTIVE_SKIPS", 3)
+    with pytest.raises(RuntimeError, match=r"amp=fp16: 3 steps in a row were skipped .* by step 3 \(epoch 1\)"):
         _train(tiny_synthetic, tmp_path, amp="fp16", amp_init_scale=1e30)

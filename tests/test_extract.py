@@ -12,6 +12,7 @@ import extract_all
 from backbones import get_backbone
 from config.config import CONCAT_ORDER, load_config
 from helpers import fake_teacher_set, make_tree, run_torchrun, tiny_overrides, write_fake_teacher
+from utils.data.image import normalize_images
 from utils.data.index import ImageIndex
 from utils.stages.cli import run_stage
 from utils.stages.extract import teacher_store_complete
@@ -31,7 +32,7 @@ def embed_rows(cfg, member: str, index: ImageIndex, rows: list[int], flip: bool)
     model = get_backbone(cfg.network, input_size=cfg.input_size, width=cfg.width, embedding_size=cfg.embedding_size)
     model.load_state_dict(torch.load(artifacts.teacher_dir(cfg, member) / "best_backbone.pth", weights_only=True))
     dataset = dataset_for(cfg, index)
-    images = torch.stack([dataset[r][0] for r in rows])
+    images = normalize_images(torch.stack([dataset[r][0] for r in rows]))
     with torch.no_grad():
         return F.normalize(model.eval()(images.flip(3) if flip else images), dim=1).numpy()
 

@@ -27,7 +27,7 @@ from helpers import tiny_overrides
 from utils.data.align import ARCFACE_TEMPLATE, align_face, template
 from utils.data.binfile import read_bin, write_bin
 from utils.data.datasets import FaceDataset
-from utils.data.image import decode_image, random_horizontal_flip
+from utils.data.image import decode_image, draw_flips, flip_images, normalize_images
 from utils.data.index import scan_image_folder
 from utils.data.synthetic import generate_synthetic
 from utils.stages.cli import run_stage
@@ -210,7 +210,7 @@ def _trained_network(train_root: Path, epochs: int = 8) -> nn.Module:
     torch.manual_seed(0)
     index = scan_image_folder(train_root)
     dataset = FaceDataset(index, input_size=SIZE)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    images = normalize_images(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     labels = torch.as_tensor(index.labels)
     model = get_backbone("iresnet18", input_size=SIZE, embedding_size=64, width=8)
     classes = nn.Parameter(torch.randn(index.num_classes, 64) * 0.01)
@@ -220,7 +220,7 @@ def _trained_network(train_root: Path, epochs: int = 8) -> nn.Module:
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(order), 32):
             rows = order[start:start + 32]
-            batch, _ = random_horizontal_flip(images[rows], generator)
+            batch = flip_images(images[rows], draw_flips(len(rows), generator))
             logits = 16 * F.linear(F.normalize(model(batch)), F.normalize(classes))
             loss = F.cross_entropy(logits, labels[rows])
             optimizer.zero_grad()

@@ -173,7 +173,8 @@ def test_bad_labels_and_shapes_raise():
     for bad in (C, -1):
         wrong = labels.clone()
         wrong[2] = bad
-        with pytest.raises(ValueError, match=rf"\[{bad}\].*outside \[0, {C}\)"):
+        # Asserted on the device (no host wait in the step): on the CPU it raises at once.
+        with pytest.raises(RuntimeError, match=rf"labels outside \[0, {C}\)"):
             head(emb, wrong)
     with pytest.raises(ValueError, match="labels must have shape"):
         head(emb, labels[:3])

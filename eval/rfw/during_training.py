@@ -16,6 +16,7 @@ from eval.metrics.bootstrap import bootstrap_fairness
 from eval.metrics.fairness import fairness_metrics
 from eval.rfw.embedding import RFWEvaluator, backbone_embed_fn
 from utils.core.errors import MissingInputError
+from utils.data.inference import Inference
 
 
 def summarize_verification(results: Mapping[str, object], n_resamples: int = 1000, seed: int = 0,
@@ -45,6 +46,6 @@ def epoch_evaluator(cfg: Config, device: torch.device) -> Callable[[nn.Module], 
                                 "RFW archive)")
     evaluator = RFWEvaluator(rfw_root, cfg.input_size, batch_size=cfg.extract_batch_size,
                              allow_resize=cfg.allow_resize, val_root=cfg.val_root, val_targets=cfg.val_targets,
-                             max_pixels=cfg.max_image_pixels)
+                             max_pixels=cfg.max_image_pixels, inference=Inference(cfg.amp, cfg.channels_last))
     return lambda model: summarize_verification(evaluator(backbone_embed_fn(model), device), cfg.bootstrap_resamples,
                                                 cfg.bootstrap_seed, cfg.confidence)

@@ -16,7 +16,7 @@ from config.config import ETHNICITIES, MAX_IMAGE_PIXELS
 from eval.metrics.protocol import VerificationResult, pair_set_problem, verify
 from eval.rfw.pairs import find_rfw_source, load_benchmarks, load_rfw
 from utils.core.errors import InvalidInputError
-from utils.data.image import normalize_images
+from utils.data.inference import Inference, overlapped
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,9 +39,11 @@ def image_outputs(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     flip: bool = True,
+    inference: Inference = Inference(),
 ) -> ImageOutputs:
     """Outputs of ``embed_fn`` for uint8 RGB images ``[2N, 3, S, S]`` (and their horizontal flips), on the CPU.
-    ``embed_fn`` receives batches already scaled to ``[-1, 1]``."""
+    ``embed_fn`` receives batches already scaled to ``[-1, 1]`` on ``device``, and runs under ``inference``'s
+    autocast."""
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images [N, 3, S, S], got {tuple(images.shape)} {images.dtype}")
@@ -49,14 +51,17 @@ def image_outputs(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if images.shape[0] == 0:
         raise ValueError("no images to embed")
-    plain, flipped = [], []
-    with torch.inference_mode():
+    device = torch.device(device)
+
+    def forwards() -> Iterator[tuple[int, torch.Tensor]]:
         for start in range(0, images.shape[0], batch_size):
-            batch = normalize_images(images[start:start + batch_size].to(device, non_blocking=True))
-            plain.append(embed_fn(batch).float().cpu())
-            if flip:
-                flipped.append(embed_fn(torch.flip(batch, dims=[3])).float().cpu())
-    return ImageOutputs(torch.cat(plain), torch.cat(flipped) if flip else None)
+            batch = inference.inputs(images[start:start + batch_size], device)
+            views = [batch, torch.flip(batch, dims=[3])] if flip else [batch]
+            yield start, torch.stack([embed_fn(view).float() for view in views])
+
+    with torch.inference_mode(), inference.autocast(device):
+        outputs = [output for _, output in overlapped(forwards())]
+    return ImageOutputs(torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs]) if flip else None)
 
 
 def embed_images(
@@ -164,6 +169,7 @@ class RFWEvaluator:
         val_root: str | Path | None = None,
         val_targets: Sequence[str] = (),
         max_pixels: int = MAX_IMAGE_PIXELS,
+        inference: Inference = Inference(),
     ) -> None:
         clash = set(val_targets) & set(ethnicities)
         if clash:
@@ -172,6 +178,7 @@ class RFWEvaluator:
         self.input_size = input_size
         self.batch_size = batch_size
         self.nfolds = nfolds
+        self.inference = inference
         self.data = load_rfw(self.rfw_root, input_size, ethnicities=tuple(ethnicities), allow_resize=allow_resize,
                              max_pixels=max_pixels)
         for eth, (_, issame) in self.data.items():
@@ -182,7 +189,8 @@ class RFWEvaluator:
 
     def outputs(self, embed_fn: EmbedFn, device: str | torch.device = "cpu") -> dict[str, ImageOutputs]:
         """The raw outputs (with flip TTA) of every pair set's images, by name."""
-        return {name: image_outputs(embed_fn, images, batch_size=self.batch_size, device=device, flip=True)
+        return {name: image_outputs(embed_fn, images, batch_size=self.batch_size, device=device, flip=True,
+                                    inference=self.inference)
                 for name, (images, _) in self.data.items()}
 
     def verify_outputs(self, outputs: dict[str, ImageOutputs]) -> dict[str, VerificationResult]:

@@ -10,15 +10,16 @@ from torch.utils.data import Dataset
 
 from config.config import MAX_IMAGE_PIXELS
 from utils.data import recordio
-from utils.data.image import decode_image, normalize_array, to_tensor
+from utils.data.image import decode_image, to_tensor
 from utils.data.index import IDX_NAME, REC_NAME, REC_SEPARATOR, ImageIndex
 
 
 class FaceDataset(Dataset):
-    """Images of ``rows`` of an index as ``(float image [3, S, S], label, row)``.
+    """Images of ``rows`` of an index as ``(uint8 RGB image [3, S, S], label, row)``.
 
-    No augmentation here: the training engine flips whole batches so it knows which samples were
-    flipped. Paths are kept in a numpy array so forked DataLoader workers share them instead of
+    Images stay uint8 (a quarter of float32's bytes to pin and copy); the device normalises them
+    (``utils.data.image.network_input``). No augmentation here: the training feed flips whole batches so it
+    knows which samples were flipped. Paths are kept in a numpy array so forked DataLoader workers share them instead of
     copying a list of a million Python strings on first touch.
     """
 
@@ -55,15 +56,12 @@ class FaceDataset(Dataset):
             raise OSError(f"cannot read image {name}: {exc.strerror}") from exc
 
     def read_uint8(self, i: int) -> torch.Tensor:
-        """The ``i``-th image as uint8 RGB [3, S, S] (what ``__getitem__`` normalises)."""
+        """The ``i``-th image as uint8 RGB [3, S, S]."""
         data, name = self._read(i)
         return to_tensor(decode_image(data, self.input_size, name, self.allow_resize, self.max_pixels))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        data, name = self._read(i)
-        image = decode_image(data, self.input_size, name, self.allow_resize, self.max_pixels)
-        image = normalize_array(image.transpose(2, 0, 1))
-        return torch.from_numpy(image), int(self.labels[i]), int(self.rows[i])
+        return self.read_uint8(i), int(self.labels[i]), int(self.rows[i])
 
 
 class RecordDataset(FaceDataset):

@@ -35,22 +35,28 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def normalize_array(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB (any shape) -> float32 (x / 255 - 0.5) / 0.5, the network input of every stage.
-
-    numpy, not torch: per-item torch ops in a data loader go through the intra-op thread pool, which is
-    slow in a busy main process; the float32 operations are the same as :func:`normalize_images`.
-    """
-    return (image.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
-
-
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB image tensors -> float (x / 255 - 0.5) / 0.5 (batched twin of :func:`normalize_array`)."""
-    return (images.float() / 255.0 - 0.5) / 0.5
+    """uint8 RGB image tensors -> float32 (x / 255 - 0.5) / 0.5, the network input of every stage, on the images'
+    device. The divisor is a tensor on that device: CUDA divides by a host scalar as a multiplication by its
+    reciprocal, which can differ from x / 255 in the last bit; a true division gives the numpy float32 result."""
+    divisor = torch.full((), 255.0, dtype=torch.float32, device=images.device)
+    return (images.float() / divisor - 0.5) / 0.5
 
 
-def random_horizontal_flip(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each image of a [B, 3, H, W] batch with probability 0.5; returns the batch and the flags."""
-    flags = torch.rand(images.shape[0], generator=generator, device=generator.device) < 0.5
-    flags = flags.to(images.device)
-    return torch.where(flags[:, None, None, None], images.flip(3), images), flags
+def draw_flips(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Which of ``count`` images the training flip mirrors (probability 0.5 each), drawn on ``generator``'s device
+    (the CPU in training, so a resumed run draws the same flips)."""
+    return torch.rand(count, generator=generator, device=generator.device) < 0.5
+
+
+def flip_images(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Mirror the images of a [B, C, H, W] batch whose ``flags`` are set (flags on the images' device)."""
+    return torch.where(flags[:, None, None, None], images.flip(3), images)
+
+
+def network_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """A batch as the network takes it: uint8 images normalised (float ones, already normalised, as they are),
+    NHWC in memory when ``channels_last``."""
+    if images.dtype == torch.uint8:
+        images = normalize_images(images)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from backbones import build_backbone
 from config.config import Config, teacher_members
 from utils.core.distributed import DistInfo, barrier, broadcast_object, shard_range
 from utils.core.errors import MissingInputError, ProvenanceError
 from utils.core.logs import get_logger
-from utils.core.signals import stop_on_signals
+from utils.core.progress import progress
+from utils.core.signals import StopRequest, stop_on_signals
 from utils.core.weights import load_weights
 from utils.data.datasets import check_images
 from utils.data.index import ImageIndex
+from utils.data.inference import Inference, overlapped
 from utils.workdir import artifacts
 from utils.workdir.artifacts import member_files
 from utils.workdir.inputs import dataset_for, load_index
@@ -140,7 +141,18 @@ def extract_teacher(cfg: Config, plan: StorePlan, index: ImageIndex, info: DistI
         logger.info(f"{member}: {files.array} is complete for this index and checkpoint; skipping")
         return False
     logger.info(f"{member}: extracting {len(index)} images with {checkpoint} ({plan.problem})")
-    model = load_weights(build_backbone(cfg), checkpoint, what=f"{member} teacher weights").to(info.device).eval()
+    inference = Inference(cfg.amp, cfg.channels_last)
+    model = inference.prepare(load_weights(build_backbone(cfg), checkpoint, what=f"{member} teacher weights"),
+                              info.device)
+
+    def forwards(loader: DataLoader, flipped: bool, stop: StopRequest) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Each batch's rows and its L2-normalised embeddings [views, B, E], left on the device."""
+        for images, _, batch_rows in progress(loader, desc=f"extract {member}", enabled=info.is_main):
+            stop.raise_if_set(f"the extraction of {member} into {files.array}")
+            inputs = inference.inputs(images, info.device)
+            views = [inputs, inputs.flip(3)] if flipped else [inputs]
+            yield batch_rows.numpy(), torch.stack([F.normalize(model(view).float(), dim=1) for view in views])
+
     manifest = {"member": member, "teacher_set": cfg.teacher_set, "network": cfg.network, "N": len(index),
                 "dim": cfg.embedding_size, "index_hash": plan.index_hash, "checkpoint": plan.fingerprint,
                 "flipped": cfg.extract_flipped, "provenance": plan.record}
@@ -149,17 +161,12 @@ def extract_teacher(cfg: Config, plan: StorePlan, index: ImageIndex, info: DistI
             dataset = dataset_for(cfg, index, np.arange(rows.start, rows.stop))
             loader = DataLoader(dataset, batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers,
                                 pin_memory=info.device.type == "cuda")
-            with torch.inference_mode():
-                for images, _, batch_rows in tqdm(loader, desc=f"extract {member}", disable=not info.is_main):
-                    stop.raise_if_set(f"the extraction of {member} into {files.array}")
-                    images = images.to(info.device, non_blocking=True)
-                    rows_np = batch_rows.numpy()
-                    arrays["array"][rows_np] = checked_rows(
-                        F.normalize(model(images).float(), dim=1).cpu().numpy(), rows_np, files.array, checkpoint)
+            with torch.inference_mode(), inference.autocast(info.device):
+                for rows_np, outputs in overlapped(forwards(loader, "flipped" in arrays, stop)):
+                    arrays["array"][rows_np] = checked_rows(outputs[0].numpy(), rows_np, files.array, checkpoint)
                     if "flipped" in arrays:
-                        arrays["flipped"][rows_np] = checked_rows(
-                            F.normalize(model(images.flip(3)).float(), dim=1).cpu().numpy(), rows_np, files.flipped,
-                            checkpoint)
+                        arrays["flipped"][rows_np] = checked_rows(outputs[1].numpy(), rows_np, files.flipped,
+                                                                  checkpoint)
 
         write_rows_sharded(files, manifest, info, fill)
     logger.info(f"{member}: wrote {files.array}")

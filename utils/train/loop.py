@@ -26,11 +26,13 @@ from utils.core.distributed import (
 from utils.core.errors import InvalidInputError
 from utils.core.locks import rank0_folder_lock
 from utils.core.numerics import NonFiniteError, nonfinite_entries
+from utils.core.precision import Precision, configure_cuda, fp16_divergence
 from utils.core.signals import StopRequest, TrainingInterrupted, continue_hint, stop_on_signals
 from utils.core.weights import load_weights
-from utils.data.image import random_horizontal_flip
 from utils.train.checkpoint import Progress, RunFiles, TrainingParts, claim_run_folder, rng_state, set_rng_state
+from utils.train.feed import DeviceFeed
 from utils.train.monitor import TrainingMonitor, VerificationCallback
+from utils.train.optim import build_sgd, match_param_layout
 from utils.train.sampling import SkippingSampler, check_full_batch, derive_seed, seed_everything, seed_worker
 from utils.train.stopping import StopAgreement
 from utils.train.task import Batch, TrainingResult, TrainingTask, TrainOptions
@@ -68,11 +70,14 @@ class _Trainer:
         self.run_dir = Path(task.run_dir)
         self.files = RunFiles(self.run_dir, task.model_name, options.keep_epoch_weights)
         self.device = info.device
-        # The same autocast + GradScaler path runs on GPU and CPU, so CI exercises what clusters run.
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
+        self.precision = Precision(options.amp, self.device)
+        self.channels_last = options.channels_last and self.device.type == "cuda"
+        configure_cuda(self.device, options.cudnn_benchmark)
         _check_labels(task)
         check_full_batch(task.stage, len(task.dataset), task.batch_size, info.world_size)  # type: ignore[arg-type]
         self.model = task.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.header = task.header.to(self.device) if task.header is not None else None
         initialised = options.init_weights and not options.resume
         if initialised:
@@ -86,16 +91,19 @@ class _Trainer:
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         if self.header is not None:
             groups.append({"params": list(self.header.parameters())})
-        self.optimizer = torch.optim.SGD(groups, lr=task.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+        self.optimizer = build_sgd(groups, lr=task.lr, momentum=options.momentum, weight_decay=options.weight_decay,
+                                   device=self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, step_decay(task.milestones, options.lr_decay))
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=options.amp_init_scale,
-                                           enabled=options.amp == "fp16")
+        self.scaler = self.precision.grad_scaler(options.amp_init_scale)
         self.epoch = 0
         self.global_step = 0
+        self.skipped = torch.zeros((), device=self.device)
+        self.skips_in_a_row = torch.zeros((), device=self.device)  # fp16 divergence: read at log steps only
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.mid_epoch: dict[str, Any] | None = None  # where a checkpoint saved on a stop signal left off
         self._resume()
+        match_param_layout(self.optimizer)
 
         self.sampler = SkippingSampler(task.dataset, num_replicas=info.world_size, rank=info.rank,
                                        shuffle=True, seed=options.seed)
@@ -111,6 +119,8 @@ class _Trainer:
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
             if self.header is not None:
                 self.train_header = DistributedDataParallel(self.header, device_ids=ids)
+        if options.compile:
+            self.train_model = torch.compile(self.train_model)
         self.verify = VerificationCallback(task.evaluate, self.logger) if task.evaluate is not None else None
 
     # ---- persistence ----------------------------------------------------------------------------------------
@@ -183,80 +193,85 @@ class _Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         totals: dict[str, torch.Tensor] = {}
         steps = 0
-        skipped = torch.zeros((), device=self.device)  # fp16 steps the scaler skipped; read once per epoch
+        self.skipped = torch.zeros((), device=self.device)  # fp16 steps the scaler skipped; read once per epoch
         resumed, self.mid_epoch = self.mid_epoch, None
         self.sampler.skip = resumed["step"] * task.batch_size if resumed else 0
         batches = iter(self.loader)  # draws the loader's seed from the epoch's stream, as an uninterrupted run does
         if resumed:
             set_rng_state(resumed["rng"][self.info.rank], flip_generator, self.device)
             totals = {name: value.to(self.device) for name, value in resumed["totals"][self.info.rank].items()}
+            self.skipped = resumed["skipped"][self.info.rank].to(self.device)
             steps = resumed["step"]
+        feed = DeviceFeed(batches, self.device, flip_generator, flip=task.flip, channels_last=self.channels_last)
         monitor.start_epoch(self.epoch, task.num_epochs, self.steps_per_epoch)
-        for inputs, labels, rows, *extras in batches:
-            if task.flip:
-                inputs, flipped = random_horizontal_flip(inputs, flip_generator)
-            else:
-                flipped = torch.zeros(len(inputs), dtype=torch.bool)
-            inputs, labels, rows, flipped = (t.to(self.device, non_blocking=True)
-                                             for t in (inputs, labels, rows, flipped))
-            batch = Batch(inputs, labels, rows, flipped, tuple(t.to(self.device, non_blocking=True) for t in extras))
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                losses = task.loss_fn(self.train_model, self.train_header, batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["loss"]).backward()
-            self.scaler.unscale_(self.optimizer)
-            model_norm = nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)  # the norm before
-            if self.scaler.is_enabled():
-                # The scaler skips the step exactly when a gradient is not finite, i.e. when a norm is not; the
-                # header is not clipped, so only its norm is computed here.
-                finite = torch.isfinite(model_norm)
-                if self.header is not None:
-                    header_grads = [p.grad for p in self.header.parameters() if p.grad is not None]
-                    finite &= torch.isfinite(nn.utils.get_total_norm(header_grads))
-                skipped += ~finite
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        for batch in feed:
+            losses = self._step(batch)
             self.global_step += 1
             steps += 1
             for name, value in losses.items():
                 totals[name] = totals[name] + value.detach().float() if name in totals else value.detach().float()
             monitor.step(self.global_step, self.epoch, losses, lr)
             at_log_step = self.global_step % max(1, options.log_every) == 0 or steps == self.steps_per_epoch
-            if at_log_step and self.options.amp != "fp16":  # fp16: the scaler skips such steps (_check_skipped)
-                self._check_finite_loss(totals["loss"])
+            if at_log_step:
+                self._check_numerics(totals["loss"])
             if self.stopper.after_step() and steps < self.steps_per_epoch:
+                feed.rewind()
                 self._save_mid_epoch(steps, totals, flip_generator)
         self.scheduler.step()
         names = sorted(totals)
         summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
-            float(steps), device=self.device), skipped]))
+            float(steps), device=self.device), self.skipped]))
         total_steps, total_skipped = float(summed[-2]), float(summed[-1])
         return ({name: float(value) for name, value in zip(names, summed[:-2])}
                 | {"steps": total_steps, "skipped": total_skipped})
 
-    def _check_skipped(self, skipped: float, steps: float) -> int:
-        """Per-rank count of the epoch's fp16 steps skipped for non-finite gradients; stops when all were."""
+    def _step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimisation step, queued on the device: nothing here waits for it (no host read of a tensor)."""
+        with self.precision.autocast():
+            losses = self.task.loss_fn(self.train_model, self.train_header, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        model_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)  # the norm before
+        if self.scaler.is_enabled():
+            # The scaler skips the step exactly when a gradient is not finite, i.e. when a norm is not; the
+            # header is not clipped, so only its norm is computed here.
+            finite = torch.isfinite(model_norm)
+            if self.header is not None:
+                header_grads = [p.grad for p in self.header.parameters() if p.grad is not None]
+                finite &= torch.isfinite(nn.utils.get_total_norm(header_grads))
+            skipped = (~finite).float()
+            self.skipped += skipped
+            self.skips_in_a_row = (self.skips_in_a_row + skipped) * skipped
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses
+
+    def _check_numerics(self, loss_sum: torch.Tensor) -> None:
+        """At a logging step: fp16 divergence from the loss scale (the scaler skips non-finite steps), else a
+        non-finite loss."""
+        if not self.scaler.is_enabled():
+            self._check_finite_loss(loss_sum)
+            return
+        # DDP averages the gradients before the scaler sees them, so every rank holds the same scale and count.
+        problem = fp16_divergence(self.scaler.get_scale(), int(self.skips_in_a_row))
+        if problem is not None:
+            raise NonFiniteError(
+                f"amp=fp16: {problem} by step {self.global_step} (epoch {self.epoch + 1}): the run diverged; last "
+                f"good checkpoint: {self.files.last_good(self.epoch)}. Use amp=bf16 or amp=none, lower "
+                f"amp_init_scale, or check the lr and the data")
+
+    def _log_skipped(self, skipped: float, steps: float) -> int:
+        """Per-rank count of the epoch's fp16 steps skipped for non-finite gradients, logged with the scale."""
         if not self.scaler.is_enabled():
             return 0
         # DDP averages the gradients before the check, so every rank skips the same steps.
         count, per_rank = round(skipped / self.info.world_size), round(steps / self.info.world_size)
-        scale = self.scaler.get_scale()
         if self.info.is_main:
             self.logger.info(f"epoch {self.epoch + 1} fp16: skipped {count} of {per_rank} steps "
-                             f"(non-finite gradients), loss scale now {scale:g}")
-        if count == per_rank:
-            raise RuntimeError(
-                f"amp=fp16: every one of the {per_rank} steps of epoch {self.epoch + 1} was skipped because the "
-                f"gradients were not finite (loss scale fell to {scale:g}); the weights did not change. "
-                f"Use amp=bf16 or amp=none, lower amp_init_scale, or check the lr and the data")
+                             f"(non-finite gradients), loss scale now {self.scaler.get_scale():g}")
         return count
 
-    def _precision(self) -> str:
-        if self.amp_dtype is None:
-            return f"fp32 on {self.device.type}"
-        scaler = f", GradScaler from scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
-        return f"{self.options.amp} autocast on {self.device.type}{scaler}"
 
     def _save_mid_epoch(self, steps: int, totals: dict[str, torch.Tensor], flip_generator: torch.Generator) -> None:
         """Save a checkpoint ``steps`` into the epoch with every rank's random streams, then end the run: resuming
@@ -265,6 +280,7 @@ class _Trainer:
         # Every rank's own partial loss sums: the epoch's record adds them up over the ranks.
         partial = {name: value.cpu() for name, value in totals.items()}
         mid_epoch = {"step": steps, "totals": all_gather_object(partial),
+                     "skipped": all_gather_object(self.skipped.cpu()),
                      "rng": all_gather_object(rng_state(flip_generator, self.device))}
         if self.info.is_main:
             self.files.save_state(self._parts(), self._progress(mid_epoch))
@@ -309,7 +325,7 @@ class _Trainer:
             self.logger.info(f"{task.stage} run in {self.run_dir}: {len(task.dataset)} samples, "  # type: ignore[arg-type]
                              f"{len(self.loader)} steps/epoch x {task.num_epochs} epochs, world size "
                              f"{info.world_size}, lr {task.lr:g}, milestones {list(task.milestones)}, "
-                             f"precision {self._precision()}")
+                             f"precision {self.precision.describe(self.scaler)}")
             self.logger.info("config: " + json.dumps(task.config, sort_keys=True))
         monitor = TrainingMonitor(self.logger, self.files.tensorboard_dir, is_main=info.is_main, log_every=options.log_every,
                                   samples_per_step=task.batch_size * info.world_size,
@@ -324,7 +340,7 @@ class _Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 sums = self._train_epoch(monitor)
                 steps = sums.pop("steps")
-                skipped_steps = self._check_skipped(sums.pop("skipped"), steps)
+                skipped_steps = self._log_skipped(sums.pop("skipped"), steps)
                 broadcast_buffers(self.model)
                 if self.header is not None:
                     broadcast_buffers(self.header)

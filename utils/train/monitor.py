@@ -12,10 +12,11 @@ import torch
 from tqdm import tqdm
 
 from utils.core.logs import format_duration
+from utils.core.progress import is_terminal
 
 
 class TrainingMonitor:
-    """Per-step bookkeeping: tqdm bar, periodic log line (samples/s, losses, lr, ETA), TensorBoard scalars.
+    """Per-step bookkeeping: tqdm bar (in a terminal), periodic log line (samples/s, losses, lr, ETA), TensorBoard scalars.
 
     Losses are accumulated as device tensors and read back only every ``log_every`` steps, so the training
     step never waits for the device.
@@ -41,7 +42,8 @@ class TrainingMonitor:
         self._run_start = time.perf_counter()
 
     def start_epoch(self, epoch: int, num_epochs: int, steps: int) -> None:
-        if self.is_main:
+        # In a file (a cluster job's stdout) the periodic log lines are the progress; a bar only in a terminal.
+        if self.is_main and is_terminal(sys.stdout):
             self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{num_epochs}", leave=False, dynamic_ncols=True,
                             file=sys.stdout)
         self._window = {}

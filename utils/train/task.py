@@ -43,6 +43,9 @@ class TrainOptions:
     amp: str  # none | bf16 | fp16
     amp_init_scale: float  # fp16 GradScaler's first loss scale
     log_every: int
+    channels_last: bool  # CUDA only
+    cudnn_benchmark: bool  # CUDA only
+    compile: bool
     verify_every: int
     resume: bool
     resume_same_world_size: bool

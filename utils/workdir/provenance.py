@@ -118,8 +118,9 @@ def teacher_record(cfg: Config, data: str) -> Record:
 
 
 def store_record(cfg: Config, member: str, data: str, teacher_sha256: str) -> Record:
-    """One teacher's stored embeddings: the teacher's architecture and weights, the images, flipped rows."""
-    keys = _keys(cfg, ("teacher_set", "network", *_MODEL_KEYS, *_DATA_KEYS, "extract_flipped"))
+    """One teacher's stored embeddings: the teacher's architecture and weights, the images, flipped rows, and the
+    precision of the forward (extraction autocasts in the run's ``amp``)."""
+    keys = _keys(cfg, ("teacher_set", "network", *_MODEL_KEYS, *_DATA_KEYS, "extract_flipped", "amp"))
     keys["member"] = member
     return {"stage": "store", "keys": keys, "inputs": {"data": data, "teacher": teacher_sha256}}
 
