@@ -91,6 +91,17 @@ def run_one_by_one(steps: Sequence[Step], base: Sequence[str], nproc: int, torch
                                     "stopped early?)")
 
 
+def _job_failure(step: Step, returncode: int, log: Path) -> Exception | None:
+    """Why a finished side-by-side job failed (its log's tail printed), or None when its outputs are complete."""
+    if returncode != 0:
+        print(log.read_text()[-4000:], file=sys.stderr)
+        return StageFailed(f"{step.job.describe()} (log {log})", returncode)
+    verdict = step.job.check()
+    if not verdict.done:
+        return InvalidInputError(f"{step.job.describe()} ended without complete outputs ({verdict.reason}; log {log})")
+    return None
+
+
 def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: Path, workers: int,
                           stop: StopRequest, started: float) -> None:
     """Run the steps that must run, up to ``workers`` at a time, each once every job it reads from has finished.
@@ -138,14 +149,8 @@ def run_jobs_side_by_side(steps: Sequence[Step], base: Sequence[str], work_dir: 
             del running[key]
             if stop.signal is not None or failure is not None:
                 continue
-            if process.returncode != 0:
-                print(log.read_text()[-4000:], file=sys.stderr)
-                failure = StageFailed(f"{step.job.describe()} (log {log})", process.returncode)
-                continue
-            verdict = step.job.check()
-            if not verdict.done:
-                failure = InvalidInputError(f"{step.job.describe()} ended without complete outputs "
-                                            f"({verdict.reason}; log {log})")
+            failure = _job_failure(step, process.returncode, log)
+            if failure is not None:
                 continue
             finished.add(key)
             print(f"{step.job.line(number[key], len(steps))} -- done", flush=True)

@@ -317,6 +317,30 @@ class _Trainer:
                 f"{' ...' if len(bad) > 5 else ''} after epoch {self.epoch + 1} (step {self.global_step}); not "
                 f"saved; last good checkpoint: {self.files.last_good(self.epoch)}")
 
+    def _epoch_record(self, monitor: TrainingMonitor, lr: float) -> dict[str, Any]:
+        """Train one epoch and return its history record (losses, timing, fp16 skips, RFW when due)."""
+        start = time.perf_counter()
+        sums = self._train_epoch(monitor)
+        steps = sums.pop("steps")
+        skipped_steps = self._log_skipped(sums.pop("skipped"), steps)
+        broadcast_buffers(self.model)
+        if self.header is not None:
+            broadcast_buffers(self.header)
+        self._check_finite_weights()
+        record: dict[str, Any] = {
+            "epoch": self.epoch + 1, "global_step": self.global_step, "lr": lr,
+            "loss_sum": sums["loss"], "losses": {k: v / steps for k, v in sums.items()},
+            "seconds": time.perf_counter() - start,
+        }
+        if self.scaler.is_enabled():
+            record["skipped_steps"] = skipped_steps
+        last_epoch = self.epoch + 1 == self.task.num_epochs
+        if self.verify is not None and ((self.epoch + 1) % self.options.verify_every == 0 or last_epoch):
+            # Rank 0 evaluates while the others wait in the broadcast, then all agree on the result.
+            summary = self.verify(self.model, self.epoch) if self.info.is_main else None
+            record["rfw"] = broadcast_object(summary)
+        return record
+
     def run(self) -> TrainingResult:
         task, options, info = self.task, self.options, self.info
         if info.is_main:
@@ -336,27 +360,8 @@ class _Trainer:
                 if options.stop_after_epoch is not None and self.epoch >= options.stop_after_epoch:
                     self.logger.info(f"stop_after_epoch={options.stop_after_epoch}: stopping; resume=True continues")
                     break
-                start = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
-                sums = self._train_epoch(monitor)
-                steps = sums.pop("steps")
-                skipped_steps = self._log_skipped(sums.pop("skipped"), steps)
-                broadcast_buffers(self.model)
-                if self.header is not None:
-                    broadcast_buffers(self.header)
-                self._check_finite_weights()
-                record: dict[str, Any] = {
-                    "epoch": self.epoch + 1, "global_step": self.global_step, "lr": lr,
-                    "loss_sum": sums["loss"], "losses": {k: v / steps for k, v in sums.items()},
-                    "seconds": time.perf_counter() - start,
-                }
-                if self.scaler.is_enabled():
-                    record["skipped_steps"] = skipped_steps
-                last_epoch = self.epoch + 1 == task.num_epochs
-                if self.verify is not None and ((self.epoch + 1) % options.verify_every == 0 or last_epoch):
-                    # Rank 0 evaluates while the others wait in the broadcast, then all agree on the result.
-                    summary = self.verify(self.model, self.epoch) if info.is_main else None
-                    record["rfw"] = broadcast_object(summary)
+                record = self._epoch_record(monitor, lr)
                 self.epoch += 1
                 self.history.append(record)
                 is_best = self._is_better(record)
