@@ -16,12 +16,13 @@ from torch.utils.data import Dataset
 
 import KD_alone
 import KD_CEL
+from backbones import build_backbone
 from config.config import ETHNICITIES, load_config, merge_overrides
 from eval.rfw.during_training import epoch_evaluator
 from helpers import run_torchrun, tiny_overrides
 from utils.core.distributed import init_distributed
 from utils.stages.cli import run_stage
-from utils.stages.common import train_options
+from utils.stages.common import make_header, train_options
 from utils.stages.student import akd_loss, build_kd_dataset, build_student_task, eafkd_loss, kd_term
 from utils.train.loop import train
 from utils.train.sampling import seed_everything
@@ -117,6 +118,19 @@ def test_akd_never_uses_identity_labels(chain, akd_run, tmp_path):
     step = result.history[0]["global_step"]
     # Same seed, same first epoch: garbage labels give bit-identical weights to the real-label run.
     assert same_weights(load(result.run_dir / f"{step}backbone.pth"), load(akd_run.run_dir / f"{step}backbone.pth"))
+
+
+def test_eafkd_student_draws_its_backbone_then_its_header_from_the_stage_seed(chain, tmp_path):
+    """The release builds the student before its margin header; the order decides both initialisations, so a
+    reordering would change every EAF-KD number without failing any other test."""
+    cfg = load_config(fresh_work(chain, tmp_path / "work", kd="EAFKD"))
+    seed_everything(cfg.seed)
+    task = build_student_task(cfg, None)
+    seed_everything(cfg.seed)
+    model = build_backbone(cfg, student=True)
+    header = make_header(cfg, int(task.header.kernel.shape[1]))
+    assert same_weights(task.model.state_dict(), model.state_dict())
+    assert torch.equal(task.header.kernel, header.kernel)
 
 
 def test_akd_resume_matches_uninterrupted_run(chain, akd_run, tmp_path):

@@ -160,10 +160,10 @@ def build_student_task(cfg: Config, evaluate: Evaluate | None) -> TrainingTask:
     targets = read_manifest(artifacts.target_files(artifacts.adaptor_dir(cfg)).manifest) or {}
     record = student_record(cfg, data_fingerprint(dataset.base.index, dataset.base.rows),
                             record_digest(targets.get("provenance") or {}))
+    model = build_backbone(cfg, student=True)  # before the header: their order decides both initialisations
     header = make_header(cfg, num_classes) if cfg.kd == "EAFKD" else None
-    return stage_task(cfg, stage="student", run_dir=artifacts.student_dir(cfg), provenance=record,
-                      model=build_backbone(cfg, student=True), dataset=dataset, loss_fn=kd_loss_fn(cfg),
-                      header=header, evaluate=evaluate)
+    return stage_task(cfg, stage="student", run_dir=artifacts.student_dir(cfg), provenance=record, model=model,
+                      dataset=dataset, loss_fn=kd_loss_fn(cfg), header=header, evaluate=evaluate)
 
 
 def run_student(cfg: Config, info: DistInfo, kd: str, evaluate: Evaluate | None) -> TrainingResult:
