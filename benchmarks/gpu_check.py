@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -197,6 +197,17 @@ def bench_config(args: argparse.Namespace, data: Path, precision: str, name: str
     return load_config(overrides(args, data, args.work / name / precision, precision))
 
 
+def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             clipped: Iterable[nn.Parameter], grad_clip: float) -> None:
+    """The engine's update for the bare loops: scaled backward, unscale, clip, scaler step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(clipped, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def bare_step(cfg: Config, num_classes: int, batch: int) -> Callable[[], None]:
     """One training step of the engine's work with the data already on the device: forward, margin head,
     cross-entropy, backward, clipping, SGD with momentum and weight decay, in the run's precision."""
@@ -222,12 +233,7 @@ def bare_step(cfg: Config, num_classes: int, batch: int) -> Callable[[], None]:
     def step() -> None:
         with precision.autocast():
             loss = classification_loss(model, header, data)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimise(loss, optimizer, scaler, model.parameters(), cfg.grad_clip)
 
     return step
 
@@ -343,12 +349,7 @@ def adaptor_rate(args: argparse.Namespace, precision: str) -> float:
         with precision_.autocast():
             logits = header(adaptor(features), labels)
         loss = nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(adaptor.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimise(loss, optimizer, scaler, adaptor.parameters(), cfg.grad_clip)
 
     return median_rate(cfg.batch_size_fc * args.bench_steps, timed_rounds(step, args.bench_steps, args.rounds))
 
