@@ -23,7 +23,7 @@ from eval.rfw.embedding import backbone_embed_fn, embed_images
 from eval.rfw.pairs import load_bin
 from utils.core.distributed import default_device
 from utils.core.errors import InvalidInputError, MissingInputError
-from utils.core.io import atomic_path, atomic_write_text, check_writable_folder, create_array
+from utils.core.io import atomic_path, atomic_write_text, create_array, output_folder
 from utils.core.weights import load_weights
 from utils.data.image import decode_image
 from utils.data.index import IMAGE_EXTENSIONS
@@ -114,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> tuple[Path, Path]:
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size {args.batch_size}: give a number >= 1")
-    check_writable_folder(args.out)  # before the weights load and the images are read
-    device = torch.device(args.device) if args.device else default_device()
-    model = get_backbone(args.network, input_size=args.input_size, embedding_size=args.embedding_size,
-                         use_se=args.use_se, width=args.width)
-    load_weights(model, args.backbone, what=f"{args.network} backbone weights")
-    paths = embed_source(model, args.images, args.out, input_size=args.input_size, flip=args.flip,
-                         batch_size=args.batch_size, device=device, allow_resize=args.allow_resize)
+    with output_folder(args.out) as out:  # checked before the weights load and the images are read
+        device = torch.device(args.device) if args.device else default_device()
+        model = get_backbone(args.network, input_size=args.input_size, embedding_size=args.embedding_size,
+                             use_se=args.use_se, width=args.width)
+        load_weights(model, args.backbone, what=f"{args.network} backbone weights")
+        paths = embed_source(model, args.images, out, input_size=args.input_size, flip=args.flip,
+                             batch_size=args.batch_size, device=device, allow_resize=args.allow_resize)
     print(f"wrote {paths[0]} and {paths[1]}")
     return paths
 

@@ -41,7 +41,7 @@ from eval.rfw.pairs import find_benchmark
 from utils.core.digests import file_sha256
 from utils.core.distributed import default_device
 from utils.core.errors import InvalidInputError, MissingInputError
-from utils.core.io import atomic_write_json, check_writable_folder
+from utils.core.io import atomic_write_json, output_folder
 from utils.core.locks import folder_lock
 from utils.core.progress import progress
 from utils.core.weights import load_weights
@@ -318,7 +318,7 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
     # The report files follow the statistics settings too; the evaluated rows only follow the sources.
     wanted = {**sources, "report_settings": json.loads(json.dumps(asdict(settings)))}
     sources_path = artifacts.report_sources_file(out)
-    with folder_lock(check_writable_folder(out), "report folder"):
+    with output_folder(out), folder_lock(out, "report folder"):
         recorded = json.loads(sources_path.read_text()) if sources_path.is_file() else None
         reused = recorded == wanted
         if recorded is not None and {k: v for k, v in recorded.items() if k != "report_settings"} == sources:
@@ -430,17 +430,17 @@ def _run(args: argparse.Namespace) -> list[ResultRow]:
         print(report.text)
         print(f"report {'reused' if report.reused else 'written'}: {report.out_dir}")
         return report.rows
-    out = check_writable_folder(args.out or Path("eval_results"))  # before the evaluation, not after it
-    evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size, **options)
-    common = dict(embedding_size=args.embedding_size, width=args.width, use_se=args.use_se,
-                  device=args.device, name=args.name)
-    if args.backbone is not None:
-        rows = [evaluate_backbone(args.backbone, args.network, evaluator, **common)]
-    else:
-        rows = [evaluate_multi_teacher(args.teacher, args.adaptor, args.adaptor_type, evaluator,
-                                       teacher_network=args.teacher_network,
-                                       raw_teachers=args.release_raw_teachers, **common)]
-    paths = write_report(rows, out, settings=settings)
+    with output_folder(args.out or Path("eval_results")) as out:  # checked before the evaluation, not after it
+        evaluator = RFWEvaluator(args.rfw_root, args.input_size, batch_size=args.batch_size, **options)
+        common = dict(embedding_size=args.embedding_size, width=args.width, use_se=args.use_se,
+                      device=args.device, name=args.name)
+        if args.backbone is not None:
+            rows = [evaluate_backbone(args.backbone, args.network, evaluator, **common)]
+        else:
+            rows = [evaluate_multi_teacher(args.teacher, args.adaptor, args.adaptor_type, evaluator,
+                                           teacher_network=args.teacher_network,
+                                           raw_teachers=args.release_raw_teachers, **common)]
+        paths = write_report(rows, out, settings=settings)
     print(results_table(rows))
     print(f"report written to {out}: {', '.join(p.name for p in paths.values())}")
     return rows

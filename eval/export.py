@@ -27,7 +27,7 @@ from torch import nn
 from backbones import BACKBONES, get_backbone
 from utils.core.digests import file_sha256
 from utils.core.errors import IncompatibleInputError, InvalidInputError, MissingInputError
-from utils.core.io import atomic_path, atomic_write_json, check_writable_folder
+from utils.core.io import atomic_path, atomic_write_json, check_writable_folder, output_folder
 from utils.core.weights import load_weights
 from utils.data.image import decode_image, normalize_images, to_tensor
 from utils.data.index import IMAGE_EXTENSIONS
@@ -197,8 +197,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     files = find_images(image_paths, args.num_images)
     if not files:
         raise MissingInputError("no real images to check the export on: pass --images FILES_OR_FOLDERS")
-    record = export_backbone(args.weights, args.out, arch, real_images=load_images(files, arch.input_size),
-                             tolerance=args.tolerance)
+    real_images = load_images(files, arch.input_size)
+    with output_folder(args.out.parent):
+        record = export_backbone(args.weights, args.out, arch, real_images=real_images, tolerance=args.tolerance)
     checks = "; ".join(f"{name} images ({check['images']}): max |diff| {check['max_abs_diff']:.2e}, normalised "
                        f"{check['max_abs_diff_normalised']:.2e}" for name, check in record["check"].items()
                        if isinstance(check, dict))

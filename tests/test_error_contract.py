@@ -214,3 +214,66 @@ def test_a_bad_image_met_in_a_data_loader_worker_is_one_line(train_root, tmp_pat
     err = _stage_exit(train_script.main, _train(train_root, tmp_path, check_images=0, num_workers=1), monkeypatch,
                       capsys)
     assert err == f"error (rank 0): cannot decode image {image}: corrupt, truncated or not an image"
+
+
+# ---- nothing half-written: a tool that fails on bad input leaves no output folder behind ------------------------
+
+def _rfw_of_one_image(tmp_path: Path) -> Path:
+    from utils.data.binfile import write_bin
+
+    write_jpeg(tmp_path / "a.jpg", (10, 20, 30), size=32)
+    for eth in ("African", "Asian", "Caucasian", "Indian"):
+        write_bin(tmp_path / "rfw" / f"{eth}_test.bin", [(tmp_path / "a.jpg").read_bytes()] * 40, [True, False] * 10)
+    return tmp_path / "rfw"
+
+
+def test_a_failing_evaluation_leaves_no_out_folder(tmp_path, capsys, monkeypatch):
+    import logging
+
+    from config.config import load_config
+    from eval.evaluate import main as evaluate_main
+    from utils.core.io import atomic_write_json
+    from utils.workdir import artifacts
+
+    # A stage test before this one may have left the project's logger writing to its closed captured stdout.
+    monkeypatch.setattr(logging.getLogger("mstkd"), "handlers", [])
+    rfw = _rfw_of_one_image(tmp_path)
+    small = ["--network", "iresnet18", "--input-size", "32", "--embedding-size", "16", "--width", "8",
+             "--device", "cpu"]
+    out = tmp_path / "new" / "report"
+    err = _tool_exit(evaluate_main, ["--backbone", str(tmp_path / "missing.pth"), "--rfw-root", str(rfw),
+                                     "--out", str(out), *small], capsys)
+    assert "missing.pth" in err and not (tmp_path / "new").exists()
+    err = _tool_exit(evaluate_main, ["--backbone", str(_weights(tmp_path)), "--rfw-root", str(tmp_path / "images"),
+                                     "--out", str(out), *small], capsys)
+    assert "images" in err and not (tmp_path / "new").exists()
+    # A work directory whose run has no weights yet: the report folder is not created either.
+    cfg = load_config({"output_root": str(tmp_path / "work"), "network": "iresnet18", "width": 8, "input_size": 32})
+    config = cfg.to_dict()
+    config["derived"]["stage"] = "teacher"
+    atomic_write_json(artifacts.config_file(artifacts.teacher_dir(cfg)), config)
+    for report in (out, None):
+        err = _tool_exit(evaluate_main, ["--work-dir", str(tmp_path / "work"), "--rfw-root", str(rfw),
+                                         *(["--out", str(report)] if report else []), "--device", "cpu"], capsys)
+        assert "training not finished" in err
+    assert not (tmp_path / "new").exists() and not artifacts.report_folder(tmp_path / "work", "").exists()
+
+
+def test_failing_embed_and_export_leave_no_out_folder(tmp_path, capsys):
+    from eval.embed import main as embed_main
+    from eval.export import main as export_main
+
+    images = make_tree(tmp_path / "images", size=32)
+    err = _tool_exit(embed_main, ["--backbone", str(tmp_path / "missing.pth"), "--images", str(images),
+                                  "--out", str(tmp_path / "new" / "embeddings"), *EMBED], capsys)
+    assert "missing.pth" in err and not (tmp_path / "new").exists()
+    damaged = sorted(images.rglob("*.jpg"))[-1]
+    damaged.write_bytes(damaged.read_bytes()[:100])  # met after the first batches are embedded
+    err = _tool_exit(embed_main, ["--backbone", str(_weights(tmp_path)), "--images", str(images), "--batch-size", "4",
+                                  "--out", str(tmp_path / "new" / "embeddings"), *EMBED], capsys)
+    assert "cannot decode image" in err and not (tmp_path / "new").exists()
+    err = _tool_exit(export_main, ["--weights", str(tmp_path / "missing.pth"), "--network", "iresnet18",
+                                   "--input-size", "32", "--embedding-size", "16", "--width", "8",
+                                   "--images", str(sorted(images.rglob("*.jpg"))[0]),
+                                   "--out", str(tmp_path / "new" / "m.onnx")], capsys)
+    assert "missing.pth" in err and not (tmp_path / "new").exists()

@@ -90,16 +90,43 @@ def reserve_disk_space(path: str | Path) -> None:
                 raise
 
 
+def _missing_top(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (``None`` when ``folder`` exists)."""
+    missing = None
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
+
+
 def check_writable_folder(folder: str | Path) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it, before hours of work go into its
-    contents: a read-only folder, or a file in its place, is one line naming it (:class:`WriteError`)."""
+    """Prove that ``folder`` can be written before hours of work go into its contents, creating nothing: an
+    existing folder, or else its nearest existing parent, takes a probe file. A read-only folder, or a file in its
+    place, is one line naming it (:class:`WriteError`)."""
     folder = Path(folder)
+    missing = _missing_top(folder)
+    existing = folder if missing is None else missing.parent
     with os_errors_named(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        if not existing.is_dir():
+            raise OSError(errno.EEXIST if missing is None else errno.ENOTDIR, f"{existing} is not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=existing)
         os.close(fd)
         os.unlink(probe)
     return folder
+
+
+@contextmanager
+def output_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield ``folder``, checked by :func:`check_writable_folder` and created only by the writes into it. When the
+    block fails, the folders of its path that did not exist before are removed with what was written there, so a
+    run that fails on bad input leaves no empty or half-written output folder; an existing folder stays."""
+    folder = check_writable_folder(folder)
+    missing = _missing_top(folder)
+    try:
+        yield folder
+    except BaseException:
+        if missing is not None:
+            shutil.rmtree(missing, ignore_errors=True)
+        raise
 
 
 def remove_temp_files(folder: str | Path) -> list[Path]:
