@@ -93,3 +93,41 @@ def test_fp16_run_that_skips_every_step_stops(tiny_synthetic, tmp_path, monkeypa
     monkeypatch.setattr(precision, "MAX_CONSECUTIVE_SKIPS", 3)
     with pytest.raises(RuntimeError, match=r"amp=fp16: 3 steps in a row were skipped .* by step 3 \(epoch 1\)"):
         _train(tiny_synthetic, tmp_path, amp="fp16", amp_init_scale=1e30)
+
+
+def test_an_fp16_epoch_whose_steps_were_all_skipped_keeps_the_schedule_and_warns_nothing(tmp_path):
+    """The scaler skips every step of the first epoch (overflow at a huge first scale), so the optimizer has not
+    stepped when the epoch's lr schedule moves on: torch's "scheduler before optimizer" warning would be wrong here,
+    and the lr of every epoch must be the plain schedule's."""
+    import warnings
+
+    import numpy as np
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from config.config import load_config
+    from utils.core.distributed import DistInfo
+    from utils.stages.common import train_options
+    from utils.train.loop import train
+    from utils.train.task import TrainingTask
+
+    def regression_loss(model, header, batch):
+        return {"loss": ((model(batch.inputs)[:, 0] - batch.labels.float()) ** 2).mean()}
+
+    def run(name: str, **settings) -> list[dict]:
+        torch.manual_seed(0)
+        points = TensorDataset(torch.randn(32, 4), torch.tensor(np.arange(32) % 2), torch.arange(32))
+        task = TrainingTask(stage="teacher", run_dir=tmp_path / name, config={}, provenance={"stage": "teacher"},
+                            model=nn.Linear(4, 2), model_name="backbone", dataset=points, loss_fn=regression_loss,
+                            lr=0.05, num_epochs=3, milestones=[2], batch_size=8, flip=False)
+        options = train_options(load_config({"output_root": str(tmp_path), "num_workers": 0, **settings}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(task, options, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+        assert result.complete
+        assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+        return result.history
+
+    skipped = run("fp16", amp="fp16", amp_init_scale=1e30)
+    assert skipped[0]["skipped_steps"] == 4, "every step of the first epoch overflowed"
+    assert [e["lr"] for e in skipped] == [e["lr"] for e in run("fp32")] == [0.05, 0.05 * 0.1, 0.05 * 0.1]

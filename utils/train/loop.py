@@ -11,6 +11,7 @@ import bisect
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -217,13 +218,23 @@ class _Trainer:
             if self.stopper.after_step() and steps < self.steps_per_epoch:
                 feed.rewind()
                 self._save_mid_epoch(steps, totals, flip_generator)
-        self.scheduler.step()
+        self._next_epoch_lr()
         names = sorted(totals)
         summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
             float(steps), device=self.device), self.skipped]))
         total_steps, total_skipped = float(summed[-2]), float(summed[-1])
         return ({name: float(value) for name, value in zip(names, summed[:-2])}
                 | {"steps": total_steps, "skipped": total_skipped})
+
+    def _next_epoch_lr(self) -> None:
+        """Move the lr schedule to the next epoch. When the fp16 scaler skipped every optimizer step so far (an
+        overflow at the first scale), torch warns that the schedule's first value is skipped; it is not (the lr is
+        a function of the epoch count alone, see :func:`step_decay`), and the skip is deliberate: the warning is
+        silenced for this call only."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                                                      r"`optimizer\.step\(\)`")
+            self.scheduler.step()
 
     def _step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimisation step, queued on the device: nothing here waits for it (no host read of a tensor)."""
