@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from backbones import BACKBONES, get_backbone
+from config.config import MAX_IMAGE_PIXELS
 from eval.rfw.embedding import backbone_embed_fn, embed_images
 from eval.rfw.pairs import load_bin
 from utils.core.distributed import default_device
@@ -27,7 +28,7 @@ from utils.core.io import atomic_path, atomic_write_text, create_array, output_f
 from utils.core.weights import load_weights
 from utils.data.image import decode_image
 from utils.data.index import IMAGE_EXTENSIONS
-from utils.stages.cli import run_tool
+from utils.stages.cli import add_max_image_pixels, run_tool
 
 EMBEDDINGS_NAME, ROWS_NAME = "embeddings.npy", "rows.tsv"
 
@@ -41,20 +42,22 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(paths, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _folder_batches(paths: Sequence[Path], input_size: int, batch_size: int,
-                    allow_resize: bool) -> Iterator[torch.Tensor]:
+def _folder_batches(paths: Sequence[Path], input_size: int, batch_size: int, allow_resize: bool,
+                    max_pixels: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         out = np.empty((len(chunk), 3, input_size, input_size), dtype=np.uint8)
         for i, path in enumerate(chunk):
-            out[i] = decode_image(path.read_bytes(), input_size, str(path), allow_resize).transpose(2, 0, 1)
+            out[i] = decode_image(path.read_bytes(), input_size, str(path), allow_resize,
+                                  max_pixels).transpose(2, 0, 1)
         yield torch.from_numpy(out)
 
 
 def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path, *, input_size: int,
                  flip: bool = False, batch_size: int = 256, device: str | torch.device = "cpu",
-                 allow_resize: bool = False) -> tuple[Path, Path]:
-    """Embeddings of every image of ``source`` (a folder of aligned crops or a ``.bin``) into ``out_dir``.
+                 allow_resize: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Path, Path]:
+    """Embeddings of every image of ``source`` (a folder of aligned crops or a ``.bin``) into ``out_dir``; an image
+    whose header claims more than ``max_pixels`` pixels is refused before decoding.
 
     Returns the paths of ``embeddings.npy`` and ``rows.tsv``.
     """
@@ -62,9 +65,9 @@ def embed_source(model: torch.nn.Module, source: str | Path, out_dir: str | Path
     if source.is_dir():
         paths = list_images(source)
         names = [p.relative_to(source).as_posix() for p in paths]
-        batches: Iterator[torch.Tensor] = _folder_batches(paths, input_size, batch_size, allow_resize)
+        batches: Iterator[torch.Tensor] = _folder_batches(paths, input_size, batch_size, allow_resize, max_pixels)
     elif source.is_file() and source.suffix == ".bin":
-        images, _ = load_bin(source, input_size, allow_resize)
+        images, _ = load_bin(source, input_size, allow_resize, max_pixels)
         names = [f"{source.name}[{i}]" for i in range(images.shape[0])]
         batches = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
     else:
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--allow-resize", action="store_true",
                         help="resize images that are not --input-size squares instead of refusing them as unaligned")
+    add_max_image_pixels(parser)
     return parser
 
 
@@ -120,7 +124,8 @@ def _run(args: argparse.Namespace) -> tuple[Path, Path]:
                              use_se=args.use_se, width=args.width)
         load_weights(model, args.backbone, what=f"{args.network} backbone weights")
         paths = embed_source(model, args.images, out, input_size=args.input_size, flip=args.flip,
-                             batch_size=args.batch_size, device=device, allow_resize=args.allow_resize)
+                             batch_size=args.batch_size, device=device, allow_resize=args.allow_resize,
+                             max_pixels=args.max_image_pixels)
     print(f"wrote {paths[0]} and {paths[1]}")
     return paths
 

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from backbones import BACKBONES, build_adaptor, build_backbone, get_adaptor, get_backbone
-from config.config import ADAPTORS, CONCAT_ORDER, ETHNICITIES, TEACHER_SETS, Config, teacher_members
+from config.config import (
+    ADAPTORS, CONCAT_ORDER, ETHNICITIES, MAX_IMAGE_PIXELS, TEACHER_SETS, Config, teacher_members
+)
 from eval.metrics.protocol import VerificationResult
 from eval.report.stats import StatsSettings, report_stats
 from eval.report.tables import ResultRow, read_report_rows, results_table, summary_line, write_report
@@ -45,7 +47,7 @@ from utils.core.io import atomic_write_json, output_folder
 from utils.core.locks import folder_lock
 from utils.core.progress import progress
 from utils.core.weights import load_weights
-from utils.stages.cli import run_tool
+from utils.stages.cli import add_max_image_pixels, run_tool
 from utils.stages.release_import import parse_named_paths
 from utils.workdir import artifacts
 from utils.workdir.provenance import tree_fingerprint
@@ -289,7 +291,8 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
                     out_dir: str | Path | None = None, batch_size: int = 256,
                     device: str | torch.device | None = None, skip_incomplete: bool = False,
                     raw_teachers: bool = False, settings: StatsSettings | None = None, allow_resize: bool = False,
-                    val_root: str | Path | None = None, val_targets: Sequence[str] = ()) -> WorkDirReport:
+                    val_root: str | Path | None = None, val_targets: Sequence[str] = (),
+                    max_pixels: int = MAX_IMAGE_PIXELS) -> WorkDirReport:
     """Evaluate every run under ``work_dir`` (of ``run_name``, if given) on RFW and write one report folder.
 
     Each run is rebuilt from its own config.json. The report folder (default ``report[-run_name]`` in the
@@ -298,7 +301,8 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
     are rewritten only when the statistics ``settings`` changed. With ``skip_incomplete`` a run
     without its best weights is reported and skipped instead of failing; ``raw_teachers`` evaluates adaptor
     spaces as in :func:`multi_teacher_embed_fn`. ``settings``: bootstrap and operating points of the report.
-    ``val_targets`` (``<val_root>/<name>.bin``) add benchmark columns; ``allow_resize`` as in :class:`RFWEvaluator`.
+    ``val_targets`` (``<val_root>/<name>.bin``) add benchmark columns; ``allow_resize`` and ``max_pixels`` as in
+    :class:`RFWEvaluator`.
     """
     work_dir, rfw_root = Path(work_dir), Path(rfw_root)
     if not rfw_root.is_dir():
@@ -308,7 +312,8 @@ def report_work_dir(work_dir: str | Path, rfw_root: str | Path, *, run_name: str
     if not runs:
         raise MissingInputError(f"no training runs ({artifacts.CONFIG_FILE} with a stage) under {work_dir}")
     out = Path(out_dir) if out_dir is not None else artifacts.report_folder(work_dir, run_name or "")
-    options = {"allow_resize": allow_resize, "val_root": val_root, "val_targets": list(val_targets)}
+    options = {"allow_resize": allow_resize, "val_root": val_root, "val_targets": list(val_targets),
+               "max_pixels": max_pixels}
     sources = _sources(runs, work_dir, rfw_root, raw_teachers)
     if val_targets:
         benchmarks = {name: find_benchmark(val_root, name) for name in val_targets}  # type: ignore[arg-type]
@@ -364,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-root", type=Path, metavar="DIR", help="folder holding <NAME>.bin of --val-targets")
     parser.add_argument("--allow-resize", action="store_true",
                         help="resize images that are not --input-size squares instead of refusing them as unaligned")
+    add_max_image_pixels(parser)
     parser.add_argument("--input-size", type=int, default=112, help="image side fed to the network")
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--width", type=int, default=64, help="backbone base width (64 = paper networks)")
@@ -419,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
 
 
 def _run(args: argparse.Namespace) -> list[ResultRow]:
-    options = dict(allow_resize=args.allow_resize, val_root=args.val_root, val_targets=args.val_targets)
+    options = dict(allow_resize=args.allow_resize, val_root=args.val_root, val_targets=args.val_targets,
+                   max_pixels=args.max_image_pixels)
     settings = StatsSettings(args.bootstrap_resamples, args.bootstrap_seed, args.confidence, tuple(args.fmr_targets),
                              args.fdr_alpha)
     if args.work_dir is not None:

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import BACKBONES, get_backbone
+from config.config import MAX_IMAGE_PIXELS
 from utils.core.digests import file_sha256
 from utils.core.errors import IncompatibleInputError, InvalidInputError, MissingInputError
 from utils.core.io import atomic_path, atomic_write_json, check_writable_folder, output_folder
 from utils.core.weights import load_weights
 from utils.data.image import decode_image, normalize_images, to_tensor
 from utils.data.index import IMAGE_EXTENSIONS
-from utils.stages.cli import run_tool
+from utils.stages.cli import add_max_image_pixels, run_tool
 from utils.workdir import artifacts
 from utils.workdir.runs import read_run_config
 
@@ -81,9 +82,11 @@ def find_images(paths: Sequence[Path], limit: int) -> list[Path]:
     return found[:limit]
 
 
-def load_images(files: Sequence[Path], input_size: int) -> torch.Tensor:
-    """Image files -> the network input [N, 3, S, S], decoded and normalised as in training."""
-    images = [to_tensor(decode_image(np.fromfile(path, dtype=np.uint8), input_size, str(path))) for path in files]
+def load_images(files: Sequence[Path], input_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Image files -> the network input [N, 3, S, S], decoded and normalised as in training (an image whose header
+    claims more than ``max_pixels`` pixels is refused before decoding)."""
+    images = [to_tensor(decode_image(np.fromfile(path, dtype=np.uint8), input_size, str(path), max_pixels=max_pixels))
+              for path in files]
     return normalize_images(torch.stack(images))
 
 
@@ -173,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=Path, nargs="+", metavar="PATH",
                         help="real images (files or folders) for the check; default: the run's data_root")
     parser.add_argument("--num-images", type=int, default=16, help="how many real images to check")
+    add_max_image_pixels(parser)
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest accepted difference of the L2-normalised embeddings")
     return parser
@@ -197,7 +201,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     files = find_images(image_paths, args.num_images)
     if not files:
         raise MissingInputError("no real images to check the export on: pass --images FILES_OR_FOLDERS")
-    real_images = load_images(files, arch.input_size)
+    real_images = load_images(files, arch.input_size, args.max_image_pixels)
     with output_folder(args.out.parent):
         record = export_backbone(args.weights, args.out, arch, real_images=real_images, tolerance=args.tolerance)
     checks = "; ".join(f"{name} images ({check['images']}): max |diff| {check['max_abs_diff']:.2e}, normalised "

@@ -206,3 +206,53 @@ def test_user_errors_of_the_data_layer_are_user_errors():
 
     with pytest.raises(UserError, match="cannot decode image x.jpg"):
         decode_bgr(b"\xff\xd8\xff\xe0" + b"\0" * 20, "x.jpg")
+
+
+def test_the_eval_tools_raise_the_pixel_limit_with_an_option_their_refusal_names(tmp_path, capsys):
+    """An image just over the default limit is refused naming --max-image-pixels, and read with the option raised."""
+    from config.config import MAX_IMAGE_PIXELS
+    from eval.embed import main as embed_main
+    from eval.evaluate import main as evaluate_main
+    from eval.export import main as export_main
+    from utils.data.binfile import write_bin
+
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    assert MAX_IMAGE_PIXELS < side * side < MAX_IMAGE_PIXELS * 1.001
+    images = tmp_path / "images"
+    large = _bomb(images / "large.jpg", side, side)
+    write_jpeg(images / "small.jpg", (10, 20, 30), size=32)
+    for eth in ("African", "Asian", "Caucasian", "Indian"):
+        write_bin(tmp_path / "rfw" / f"{eth}_test.bin", [large.read_bytes()] * 40, [True, False] * 10)
+    torch.manual_seed(0)
+    from backbones import get_backbone
+
+    torch.save(get_backbone("iresnet18", input_size=32, embedding_size=16, width=8).state_dict(), tmp_path / "w.pth")
+    small = ["--network", "iresnet18", "--input-size", "32", "--embedding-size", "16", "--width", "8"]
+    tools = {
+        "embed": (embed_main, ["--backbone", str(tmp_path / "w.pth"), "--images", str(images), "--out",
+                               str(tmp_path / "embeddings"), "--device", "cpu", "--allow-resize", *small]),
+        "evaluate": (evaluate_main, ["--backbone", str(tmp_path / "w.pth"), "--rfw-root", str(tmp_path / "rfw"),
+                                     "--out", str(tmp_path / "report"), "--device", "cpu", "--allow-resize",
+                                     "--bootstrap-resamples", "10", *small]),
+        "export": (export_main, ["--weights", str(tmp_path / "w.pth"), "--images", str(large), "--out",
+                                 str(tmp_path / "m.onnx"), *small]),
+    }
+    for name, (tool, argv) in tools.items():
+        with pytest.raises(SystemExit) as ended:
+            tool(argv)
+        err = capsys.readouterr().err
+        assert ended.value.code == 2 and f"claims {side}x{side}" in err and "--max-image-pixels" in err, (name, err)
+    for name in ("embed", "evaluate"):
+        tool, argv = tools[name]
+        tool([*argv, "--max-image-pixels", str(side * side)])
+    assert np.load(tmp_path / "embeddings" / "embeddings.npy").shape == (2, 16)
+    assert (tmp_path / "report" / "results.json").is_file()
+
+
+def test_the_pipeline_report_passes_a_raised_pixel_limit_to_the_evaluation(tmp_path):
+    from utils.pipeline.launch import report_command
+
+    default = report_command(load_config({"rfw_root": str(tmp_path), "output_root": str(tmp_path)}))
+    raised = report_command(load_config({"rfw_root": str(tmp_path), "output_root": str(tmp_path),
+                                         "max_image_pixels": 10**8}))
+    assert "--max-image-pixels" not in default and raised[-2:] == ["--max-image-pixels", "100000000"]

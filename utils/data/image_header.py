@@ -66,5 +66,6 @@ def check_pixels(data: bytes | np.ndarray, name: str, max_pixels: int) -> tuple[
     if width * height > max_pixels:
         raise InvalidInputError(
             f"image {name} claims {width}x{height} = {width * height:,} pixels, more than max_image_pixels="
-            f"{max_pixels:,}; refused before decoding (a decompression bomb?). Raise max_image_pixels if it is real")
+            f"{max_pixels:,}; refused before decoding (a decompression bomb?). If it is real, raise the limit: config "
+            f"key max_image_pixels, option --max-image-pixels of the eval tools")
     return size

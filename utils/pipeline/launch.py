@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config.config import Config, merge_overrides
+from config.config import MAX_IMAGE_PIXELS, Config, merge_overrides
 from utils.core.errors import InvalidInputError
 from utils.core.signals import StopRequest
 from utils.pipeline.plan import REPO, Job, Step
@@ -173,4 +173,6 @@ def report_command(cfg: Config) -> list[str]:
                "--fmr-targets", *map(str, cfg.fmr_targets)]
     if cfg.val_targets:
         command += ["--val-root", str(cfg.val_root), "--val-targets", *cfg.val_targets]
+    if cfg.max_image_pixels != MAX_IMAGE_PIXELS:
+        command += ["--max-image-pixels", str(cfg.max_image_pixels)]
     return command + (["--allow-resize"] if cfg.allow_resize else [])

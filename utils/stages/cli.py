@@ -7,11 +7,12 @@ its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any, Callable, Sequence, TypeVar
 
 from backbones import BACKBONES
-from config.config import Config, parse_cli
+from config.config import MAX_IMAGE_PIXELS, Config, parse_cli
 from utils.core.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.core.errors import EXIT_CODE, InvalidInputError, UserError
 from utils.core.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted, startup_done
@@ -36,6 +37,20 @@ def _parse(argv: Sequence[str] | None, stage_defaults: dict[str, Any]) -> Config
     except (KeyError, ValueError) as exc:  # config/ imports nothing of ours, so it raises the builtins
         raise InvalidInputError(exc.args[0] if exc.args else str(exc)) from None
     return check_networks(cfg)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give a number >= 1")
+    return value
+
+
+def add_max_image_pixels(parser: argparse.ArgumentParser) -> None:
+    """``--max-image-pixels N`` of the tools that decode images: the config key ``max_image_pixels`` of the stages."""
+    parser.add_argument("--max-image-pixels", type=_positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
+                        help="refuse images whose header claims more pixels, before decoding them (a decompression "
+                             f"bomb); default {MAX_IMAGE_PIXELS:,}")
 
 
 def one_line(exc: BaseException) -> str:
