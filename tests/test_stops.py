@@ -197,3 +197,90 @@ def test_a_stop_while_the_kd_targets_are_written_leaves_them_incomplete(tiny_syn
 def test_a_stage_killed_by_a_signal_gives_the_shell_exit_code():
     assert StageFailed("train.py", -signal.SIGKILL).exit_code == 128 + signal.SIGKILL
     assert StageFailed("train.py", INTERRUPTED_EXIT_CODE).exit_code == INTERRUPTED_EXIT_CODE
+
+
+# ---- stops during the per-epoch verification and the extraction's image check ------------------------------------
+
+def _verified_task(run_dir: Path, verify) -> "TrainingTask":
+    """A seconds-free task whose per-epoch verification embeds 6 batches and scores each epoch by its outputs."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from utils.train.task import TrainingTask
+
+    torch.manual_seed(0)
+    points = TensorDataset(torch.randn(32, 4), torch.arange(32) % 2, torch.arange(32))
+    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance={"stage": "teacher"},
+                        model=nn.Linear(4, 2), model_name="backbone", dataset=points, lr=0.05, num_epochs=3,
+                        milestones=[2], batch_size=8, flip=False, evaluate=verify, selection="verification",
+                        loss_fn=lambda model, header, batch: {
+                            "loss": ((model(batch.inputs)[:, 0] - batch.labels.float()) ** 2).mean()})
+
+
+def _verification(signal_at: int | None = None):
+    """``evaluate`` of :func:`_verified_task`: 6 forwards on fixed inputs; SIGTERM to this process before forward
+    number ``signal_at`` (counted over the run). ``calls`` counts the forwards."""
+    probe = torch.randn(6, 8, 4, generator=torch.Generator().manual_seed(1))
+
+    def verify(model):
+        outputs = []
+        for batch in probe:
+            verify.calls += 1
+            if verify.calls == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            with torch.no_grad():
+                outputs.append(model(batch))
+        return {"avg": float(torch.cat(outputs).abs().mean())}
+    verify.calls = 0
+    return verify
+
+
+def test_a_stop_during_the_verification_ends_it_within_a_batch_and_the_resume_is_exact(tmp_path):
+    """The epoch's checkpoint is saved after its verification (the record holds the accuracy that picks the best
+    epoch): a stop during the verification saves the trained epoch before its lr step, exits like any stop, and
+    the resumed run verifies that epoch again and ends as an uninterrupted run."""
+    from utils.core.distributed import DistInfo
+    from utils.stages.common import train_options
+    from utils.train.loop import train
+
+    one_process = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    options = train_options(load_config({"output_root": str(tmp_path), "num_workers": 0, "resume": True}))
+    stopped = _verification(signal_at=6 + 2)  # the second forward of epoch 2's verification
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM: teacher stopped after step 8 \(during the RFW "
+                                                  r"verification of epoch 2\) and saved .*; run the same command"):
+        train(_verified_task(tmp_path / "run", stopped), options, one_process)
+    assert stopped.calls == 6 + 2, "the verification went on after the stop"
+    state = torch.load(artifacts.checkpoint_file(tmp_path / "run"), weights_only=True)
+    assert state["epoch"] == 1 and state["mid_epoch"]["step"] == 4 and "stopped" in history(tmp_path / "run")
+    resumed = train(_verified_task(tmp_path / "run", _verification()), options, one_process)
+    straight = train(_verified_task(tmp_path / "straight", _verification()), options, one_process)
+    assert resumed.complete and straight.complete
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in resumed.history]
+    assert strip == [{k: v for k, v in e.items() if k != "seconds"} for e in straight.history]
+    assert [e["lr"] for e in resumed.history] == [0.05, 0.05 * 0.1, 0.05 * 0.1]
+    a, b = (weights(r.best_weights) for r in (resumed, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed.best_epoch == straight.best_epoch
+
+
+def test_a_stop_during_the_extraction_image_check_ends_it_between_chunks(tiny_synthetic, tmp_path, monkeypatch):
+    from utils.data import datasets
+
+    overrides = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian", extract_batch_size=8, num_workers=1)
+    cfg = load_config(overrides)
+    write_fake_teacher(cfg, "Asian", seed=0)
+    reads = []
+    original = datasets.FaceDataset.read_uint8
+
+    def read_uint8(self, i):
+        reads.append(i)
+        if len(reads) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, i)
+
+    monkeypatch.setattr(datasets.FaceDataset, "read_uint8", read_uint8)
+    monkeypatch.setattr(datasets, "CHECK_CHUNK", 8)
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM: the image check before the extraction stopped before "
+                                                  r"it completed"):
+        run_stage(extract_all.main, overrides)
+    assert len(reads) == 8, "the check went on after the chunk in which the stop arrived"
+    assert not member_files(artifacts.store_dir(cfg), "Asian").manifest.exists()

@@ -3,6 +3,7 @@ normalisation, and the early check that decodes a sample of them."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,6 +13,8 @@ from config.config import MAX_IMAGE_PIXELS
 from utils.data import recordio
 from utils.data.image import decode_image, to_tensor
 from utils.data.index import IDX_NAME, REC_NAME, REC_SEPARATOR, ImageIndex
+
+CHECK_CHUNK = 256  # images :func:`check_images` decodes between two calls of its ``between_chunks``
 
 
 class FaceDataset(Dataset):
@@ -74,10 +77,12 @@ class RecordDataset(FaceDataset):
         super().__init__(index, rows, labels, input_size, allow_resize, max_pixels)
 
 
-def check_images(dataset: FaceDataset, sample: int, *, seed: int = 0, workers: int = 1) -> int:
+def check_images(dataset: FaceDataset, sample: int, *, seed: int = 0, workers: int = 1,
+                 between_chunks: Callable[[], None] | None = None) -> int:
     """Decode ``sample`` seeded-random images of ``dataset`` (all of them when ``sample`` < 0 or exceeds its
     size), so a corrupt or unreadable file fails in seconds with its name, not hours into a run. Returns how many
-    were decoded."""
+    were decoded. ``between_chunks`` is called before each :data:`CHECK_CHUNK` images (a stop check: a check of
+    a million images takes minutes)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if sample == 0 or len(dataset) == 0:
@@ -88,6 +93,9 @@ def check_images(dataset: FaceDataset, sample: int, *, seed: int = 0, workers: i
     # reader is one file handle (seek, then read), so those records are read by one thread.
     threads = 1 if dataset.index.kind == "recordio" else max(1, workers)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for _ in pool.map(dataset.read_uint8, positions.tolist()):
-            pass
+        for start in range(0, count, CHECK_CHUNK):
+            if between_chunks is not None:
+                between_chunks()
+            for _ in pool.map(dataset.read_uint8, positions[start:start + CHECK_CHUNK].tolist()):
+                pass
     return count

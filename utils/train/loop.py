@@ -103,6 +103,7 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.mid_epoch: dict[str, Any] | None = None  # where a checkpoint saved on a stop signal left off
+        self.trained_epoch: tuple[int, dict[str, torch.Tensor], torch.Generator] | None = None
         self._resume()
         match_param_layout(self.optimizer)
 
@@ -218,7 +219,7 @@ class _Trainer:
             if self.stopper.after_step() and steps < self.steps_per_epoch:
                 feed.rewind()
                 self._save_mid_epoch(steps, totals, flip_generator)
-        self._next_epoch_lr()
+        self.trained_epoch = (steps, totals, flip_generator)  # what a stop during the verification saves
         names = sorted(totals)
         summed = all_reduce_sum(torch.stack([totals[name] for name in names] + [torch.tensor(
             float(steps), device=self.device), self.skipped]))
@@ -284,9 +285,11 @@ class _Trainer:
         return count
 
 
-    def _save_mid_epoch(self, steps: int, totals: dict[str, torch.Tensor], flip_generator: torch.Generator) -> None:
+    def _save_mid_epoch(self, steps: int, totals: dict[str, torch.Tensor], flip_generator: torch.Generator,
+                        where: str | None = None) -> None:
         """Save a checkpoint ``steps`` into the epoch with every rank's random streams, then end the run: resuming
-        it gives the weights of an uninterrupted run (same world size)."""
+        it gives the weights of an uninterrupted run (same world size). ``steps`` may be the whole epoch (a stop
+        during its verification): the resumed run then trains no step of it and verifies it again."""
         self._check_finite_weights()
         # Every rank's own partial loss sums: the epoch's record adds them up over the ranks.
         partial = {name: value.cpu() for name, value in totals.items()}
@@ -296,7 +299,7 @@ class _Trainer:
         if self.info.is_main:
             self.files.save_state(self._parts(), self._progress(mid_epoch))
         barrier()
-        self._interrupted(f"{steps} of {self.steps_per_epoch} in epoch {self.epoch + 1}")
+        self._interrupted(where or f"{steps} of {self.steps_per_epoch} in epoch {self.epoch + 1}")
 
     def _interrupted(self, where: str) -> None:
         """End the run after its checkpoint was saved; the log and history.json say so and how to continue (torchrun
@@ -348,8 +351,11 @@ class _Trainer:
         last_epoch = self.epoch + 1 == self.task.num_epochs
         if self.verify is not None and ((self.epoch + 1) % self.options.verify_every == 0 or last_epoch):
             # Rank 0 evaluates while the others wait in the broadcast, then all agree on the result.
-            summary = self.verify(self.model, self.epoch) if self.info.is_main else None
-            record["rfw"] = broadcast_object(summary)
+            summary = broadcast_object(self.verify(self.model, self.epoch, self.stop) if self.info.is_main else None)
+            if summary is None:  # a stop signal during the verification: the epoch is saved before its lr step
+                self._save_mid_epoch(*self.trained_epoch,  # type: ignore[misc]
+                                     where=f"during the RFW verification of epoch {self.epoch + 1}")
+            record["rfw"] = summary
         return record
 
     def run(self) -> TrainingResult:
@@ -373,6 +379,7 @@ class _Trainer:
                     break
                 lr = self.optimizer.param_groups[0]["lr"]
                 record = self._epoch_record(monitor, lr)
+                self._next_epoch_lr()
                 self.epoch += 1
                 self.history.append(record)
                 is_best = self._is_better(record)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from utils.core.logs import format_duration
 from utils.core.progress import is_terminal
+from utils.core.signals import StopRequest, TrainingInterrupted
 
 
 class TrainingMonitor:
@@ -130,12 +131,21 @@ class VerificationCallback:
         self.evaluate = evaluate
         self.logger = logger
 
-    def __call__(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, epoch: int, stop: StopRequest) -> dict[str, float] | None:
+        """The summary of the model's verification after ``epoch``; None when a stop signal arrived during it
+        (checked before each batch's forward, so the verification ends within a batch)."""
+        def stop_before_forward(module: torch.nn.Module, inputs: object) -> None:
+            stop.raise_if_set("the RFW verification")
+
         was_training = model.training
         model.eval()
+        hook = model.register_forward_pre_hook(stop_before_forward)
         try:
             summary = dict(self.evaluate(model))
+        except TrainingInterrupted:
+            return None
         finally:
+            hook.remove()
             model.train(was_training)
         self.logger.info(f"epoch {epoch + 1} RFW (95% bootstrap intervals): {format_verification(summary)}")
         return summary
