@@ -98,7 +98,7 @@ class Net(nn.Module):
 
 def face_task(run_dir: Path, loss_fn=classification_loss, epochs: int = 2) -> TrainingTask:
     torch.manual_seed(0)
-    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance={"stage": "teacher"}, model=Net(),
+    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance=lambda: {"stage": "teacher"}, model=Net(),
                         model_name="backbone", dataset=Faces(), loss_fn=loss_fn, lr=0.05, num_epochs=epochs,
                         milestones=[], batch_size=8, header=get_head("ElasticArcFace", 8, 2, s=8.0, m=0.3, std=0.05))
 

@@ -139,7 +139,7 @@ def build_adaptor_task(cfg: Config, stores: TeacherStores, record: Record | None
         f"{'into RAM' if in_memory else 'from the memory map'}")
     dataset = ConcatStoreDataset(stores.arrays, stores.index.labels, in_memory=in_memory)
     return stage_task(cfg, stage="adaptor", run_dir=artifacts.adaptor_dir(cfg),
-                      provenance=record or adaptor_record(cfg, stores.records), model=build_adaptor(cfg),
+                      provenance=lambda: record or adaptor_record(cfg, stores.records), model=build_adaptor(cfg),
                       dataset=dataset, loss_fn=classification_loss,
                       header=make_header(cfg, stores.index.num_classes, adaptor_stage=True),
                       flip=False, collate_fn=passthrough_collate,
