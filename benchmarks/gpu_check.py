@@ -17,7 +17,10 @@
    cudaEventSynchronize calls and device-to-host copies.
 5. Extraction images/s (utils.stages.extract.extract_teacher over every image, JPEG decoding included) and the
    device-only embedding rate (uint8 batches through utils.data.inference at ``--extract-batch``).
-6. Achieved TFLOP/s (forward+backward FLOPs per sample counted with torch.utils.flop_counter; about 38 GFLOP for
+6. With ``--compile`` (the ``full`` preset's default): the bare loop again with the backbone under torch.compile,
+   in bf16 (else the first precision): its samples/s against the eager loop's and the seconds its first step took
+   to compile; the config key ``compile`` should become the default only where this wins.
+7. Achieved TFLOP/s (forward+backward FLOPs per sample counted with torch.utils.flop_counter; about 38 GFLOP for
    iresnet50 at 112 px) and the paper's estimated total time on one 8-GPU node from the measured rates (8 teachers x
    0.32 M images x 52 epochs, 12 students x 1.25 M x 52, 6 adaptors x 1.25 M x 26, 8 extractions of 1.25 M).
 
@@ -73,14 +76,14 @@ ETHNICITY = "African"
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"network": "iresnet50", "width": 64, "image_size": 112, "embedding_size": 512, "ids": 500,
              "images_per_id": 32, "batch": 128, "epochs": 5, "workers": 8, "bench_steps": 50, "rounds": 5,
-             "extract_batch": 1024, "adaptor_classes": 27997, "amp_init_scale": None, "nproc": None},
+             "extract_batch": 1024, "adaptor_classes": 27997, "amp_init_scale": None, "nproc": None, "compile": True},
     "quick": {"network": "iresnet50", "width": 64, "image_size": 112, "embedding_size": 512, "ids": 160,
               "images_per_id": 32, "batch": 128, "epochs": 5, "workers": 8, "bench_steps": 20, "rounds": 3,
-              "extract_batch": 1024, "adaptor_classes": 27997, "amp_init_scale": None, "nproc": 1},
+              "extract_batch": 1024, "adaptor_classes": 27997, "amp_init_scale": None, "nproc": 1, "compile": False},
     # The tiny net's margin gradients overflow fp16 at PyTorch's first scale of 2**16 within 3-step epochs.
     "ci": {"network": "iresnet18", "width": 8, "image_size": 32, "embedding_size": 64, "ids": 6,
            "images_per_id": 8, "batch": 8, "epochs": 4, "workers": 1, "bench_steps": 2, "rounds": 3,
-           "extract_batch": 64, "adaptor_classes": 500, "amp_init_scale": 256.0, "nproc": 2},
+           "extract_batch": 64, "adaptor_classes": 500, "amp_init_scale": 256.0, "nproc": 2, "compile": False},
 }
 # The paper's work (DESIGN.md): samples per stage kind on one node.
 PAPER = {"teacher_samples": 8 * 0.32e6 * 52, "student_samples": 12 * 1.25e6 * 52,
@@ -154,8 +157,6 @@ def torchrun(args: argparse.Namespace, script: str, run_args: list[str], log: Pa
                            f"output in {log}:\n{tail}")
 
 
-
-
 def median_rate(samples: float, seconds: list[float]) -> float:
     return samples / statistics.median(seconds)
 
@@ -227,12 +228,13 @@ def bare_step(cfg: Config, num_classes: int, batch: int) -> Callable[[], None]:
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, num_classes, (batch,), device=device)
+    trained = torch.compile(model) if options.compile else model
     data = Batch(images, labels, torch.arange(batch, device=device), torch.zeros(batch, dtype=torch.bool,
                                                                                   device=device))
 
     def step() -> None:
         with precision.autocast():
-            loss = classification_loss(model, header, data)["loss"]
+            loss = classification_loss(trained, header, data)["loss"]
         optimise(loss, optimizer, scaler, model.parameters(), cfg.grad_clip)
 
     return step
@@ -252,6 +254,20 @@ def timed_rounds(step: Callable[[], None], steps: int, rounds: int) -> list[floa
         _sync(device)
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def compile_speed(args: argparse.Namespace, data: Path, precision: str, eager_rate: float) -> dict[str, Any]:
+    """The bare loop with its backbone under torch.compile (the engine's ``compile=True``) against ``eager_rate``,
+    the same loop's eager samples/s; the first step's seconds are the compilation's."""
+    cfg = load_config(overrides(args, data, args.work / "compile" / precision, precision) + ["compile=True"])
+    step = bare_step(cfg, args.ids, args.batch)
+    start = time.perf_counter()
+    step()
+    _sync(_device())
+    compile_seconds = time.perf_counter() - start
+    rate = median_rate(args.batch * args.bench_steps, timed_rounds(step, args.bench_steps, args.rounds))
+    return {"precision": precision, "compile_seconds": compile_seconds, "compiled_samples_per_s_per_gpu": rate,
+            "eager_samples_per_s_per_gpu": eager_rate, "speedup": rate / eager_rate}
 
 
 def profile_counts(prof: torch.profiler.profile, steps: int) -> dict[str, float | None]:
@@ -444,6 +460,12 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"extraction: {extraction['images']} images, {extraction['images_per_s']:.0f} images/s end to end "
                      f"({extraction['teacher']} teacher, batch {extraction['batch']}); "
                      f"{extraction['device_images_per_s']:.0f} images/s on the device alone")
+    compiled = result.get("compile")
+    if compiled:
+        lines.append(f"torch.compile, bare loop in {compiled['precision']}: "
+                     f"{compiled['compiled_samples_per_s_per_gpu']:.1f} samples/s against "
+                     f"{compiled['eager_samples_per_s_per_gpu']:.1f} eager (x{compiled['speedup']:.2f}), "
+                     f"{compiled['compile_seconds']:.0f} s to compile")
     for precision, hours in result.get("paper_hours", {}).items():
         lines.append(f"paper on one {PAPER['gpus']}-GPU node at the {precision} rates: {hours['total']:.1f} h "
                      f"(teachers {hours['teachers']:.1f}, students {hours['students']:.1f}, adaptors "
@@ -475,6 +497,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adaptor-classes", type=int, help="identities of the timed adaptor step")
     parser.add_argument("--amp-init-scale", type=float, help="fp16 GradScaler's first scale (config default if unset)")
     parser.add_argument("--nproc", type=int, help="ranks (default: every GPU, or 2 CPU ranks)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="time the bare loop under torch.compile too (full: on; quick, ci: off)")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -503,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": {"preset": args.preset, "network": args.network, "width": args.width, "image_size": args.image_size,
                   "batch": args.batch, "epochs": args.epochs, "images": images, "workers": args.workers,
                   "steps_per_epoch": images // (args.batch * args.nproc), "precisions": args.precisions,
-                  "rounds": args.rounds},
+                  "rounds": args.rounds, "compile": args.compile},
         "runs": {}, "ok": False, "failures": ["unfinished"],
     }
 
@@ -540,6 +564,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         failures.append(f"nccl: {result['nccl']}")
     result["ok"], result["failures"] = not failures, failures
     save("extraction")
+    if args.compile:
+        compiled = "bf16" if "bf16" in runs else args.precisions[0]
+        result["compile"] = compile_speed(args, data, compiled, runs[compiled]["bare_samples_per_s_per_gpu"])
+        save("compile")
     text = table(result)
     (args.out / "gpu_check.txt").write_text(text + "\n")
     print(text, flush=True)

@@ -63,7 +63,7 @@ def engine_samples_per_second(network: str, data: Path, out: Path, batch: int, s
                        "ethnicity": "African", "batch_size": batch, "num_epoch": epochs, "milestones": [],
                        "num_workers": 0, "log_every": 1000})
     dataset, num_classes = build_training_dataset(cfg, "ethnicity")
-    task = TrainingTask(stage="teacher", run_dir=out / network, config=cfg.to_dict(), provenance={"stage": "benchmark"},
+    task = TrainingTask(stage="teacher", run_dir=out / network, config=cfg.to_dict(), provenance=lambda: {"stage": "benchmark"},
                         model=get_backbone(network), model_name="backbone",
                         dataset=dataset, loss_fn=classification_loss, lr=cfg.scaled_lr, num_epochs=epochs,
                         milestones=[], batch_size=batch, header=make_header(cfg, num_classes))

@@ -73,7 +73,7 @@ def task(run_dir: Path, info) -> TrainingTask:
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance={"stage": "teacher"}, model=model,
+    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance=lambda: {"stage": "teacher"}, model=model,
                         model_name="backbone", dataset=Points(), loss_fn=loss_fn, lr=0.05, num_epochs=args.epochs,
                         milestones=[], batch_size=BATCH, flip=False)
 

@@ -98,7 +98,7 @@ class Net(nn.Module):
 
 def face_task(run_dir: Path, loss_fn=classification_loss, epochs: int = 2) -> TrainingTask:
     torch.manual_seed(0)
-    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance={"stage": "teacher"}, model=Net(),
+    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance=lambda: {"stage": "teacher"}, model=Net(),
                         model_name="backbone", dataset=Faces(), loss_fn=loss_fn, lr=0.05, num_epochs=epochs,
                         milestones=[], batch_size=8, header=get_head("ElasticArcFace", 8, 2, s=8.0, m=0.3, std=0.05))
 
@@ -198,3 +198,29 @@ def test_speed_keys_reach_the_loop_with_their_defaults():
     assert (cfg.channels_last, cfg.cudnn_benchmark, cfg.compile) == (True, True, False)
     loop = train_options(load_config({"channels_last": False, "cudnn_benchmark": False, "compile": True}))
     assert (loop.channels_last, loop.cudnn_benchmark, loop.compile) == (False, False, True)
+
+
+def test_a_compiled_run_trains_saves_the_plain_model_and_resumes(tmp_path, monkeypatch):
+    """compile=True compiles the module the loop trains; weights and checkpoints hold the plain model's keys (they
+    load into an uncompiled network), a stopped compiled run resumes, and it ends where the eager run ends.
+    aot_eager stands in for inductor, whose CPU code generation takes most of a minute: under test is the loop's
+    handling of a compiled module, which is the same whatever the backend generates."""
+    compiled: list[nn.Module] = []
+    real_compile = torch.compile
+
+    def aot_eager(module: nn.Module, **kwargs):
+        compiled.append(module)
+        return real_compile(module, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    run_dir = tmp_path / "compiled"
+    first = train(face_task(run_dir, epochs=2), options(tmp_path, compile=True, resume=True, stop_after_epoch=1),
+                  ONE_PROCESS)
+    assert not first.complete and len(compiled) == 1
+    resumed = train(face_task(run_dir, epochs=2), options(tmp_path, compile=True, resume=True), ONE_PROCESS)
+    eager = train(face_task(tmp_path / "eager", epochs=2), options(tmp_path), ONE_PROCESS)
+    assert resumed.complete and len(compiled) == 2
+    weights, reference = (torch.load(r.best_weights, weights_only=True) for r in (resumed, eager))
+    assert weights.keys() == Net().state_dict().keys() == reference.keys()
+    Net().load_state_dict(weights)
+    assert all(torch.allclose(weights[k].float(), reference[k].float(), atol=1e-5) for k in weights)

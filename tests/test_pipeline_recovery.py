@@ -23,8 +23,9 @@ def test_killed_pipeline_resumes_without_redoing_finished_jobs(tmp_path):
     first_teacher, second_teacher = out / TEACHERS[0], out / TEACHERS[1]
     try:
         deadline = time.monotonic() + 300
-        # Kill once the second teacher has a resumable checkpoint but has not finished.
-        while not (second_teacher / "checkpoint_last.pt").exists():
+        # Kill once the second teacher has a resumable checkpoint but has not finished: its history.json, written
+        # just after the epoch's checkpoint (a kill between the two is the repair case at the end).
+        while not (second_teacher / "history.json").exists():
             assert process.poll() is None, "pipeline ended before it could be interrupted"
             assert time.monotonic() < deadline, "pipeline never reached the second teacher"
             time.sleep(0.05)

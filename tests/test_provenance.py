@@ -16,8 +16,9 @@ import pytest
 import train
 from config.config import load_config
 from helpers import ROOT, tiny_overrides
-from utils.core.errors import ProvenanceError
+from utils.core.errors import InvalidInputError, ProvenanceError
 from utils.stages.cli import run_stage
+from utils.train.checkpoint import claim_run_folder
 from utils.workdir import artifacts
 from utils.core.digests import file_sha256
 from utils.workdir.provenance import describe_changes
@@ -82,6 +83,39 @@ def test_changes_are_listed_readably():
 def _python(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=120)
+
+
+def test_only_rank_0_computes_the_record_and_every_rank_gets_its_verdict(tmp_path):
+    """The record holds the data fingerprint, which reads every training image on a first run: the other ranks
+    must not compute it too. A rank-0 failure to compute it is the verdict every rank raises."""
+    def never() -> dict:
+        raise AssertionError("a non-main rank computed the run's record")
+
+    claim_run_folder(tmp_path / "other_rank", never, replace=False, is_main=False)
+    assert not (tmp_path / "other_rank" / "provenance.json").exists()
+
+    claim_run_folder(tmp_path / "main_rank", lambda: {"stage": "teacher"}, replace=False, is_main=True)
+    assert json.loads(artifacts.provenance_file(tmp_path / "main_rank").read_text()) == {"stage": "teacher"}
+
+    def missing_image() -> dict:
+        raise InvalidInputError("data_root: image a/b.jpg is missing")
+
+    with pytest.raises(InvalidInputError, match="a/b.jpg is missing"):
+        claim_run_folder(tmp_path / "failing", missing_image, replace=False, is_main=True)
+
+
+def test_stages_hand_the_loop_their_record_uncomputed(tiny_synthetic, tmp_path, monkeypatch):
+    """Building a teacher task reads no image for the data fingerprint: the loop's rank 0 does, once."""
+    from config.config import load_config as load
+    from utils.stages import teacher
+
+    def fingerprint(*_):
+        raise AssertionError("fingerprint computed while building the task")
+
+    monkeypatch.setattr(teacher, "data_fingerprint", fingerprint)
+    task = teacher.build_teacher_task(load(tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian")), None)
+    with pytest.raises(AssertionError, match="while building"):
+        task.provenance()
 
 
 def test_user_mistakes_end_in_one_line_other_errors_keep_their_traceback(tmp_path):

@@ -64,7 +64,7 @@ def regression_loss(model, header, batch):
 def tiny_task(run_dir: Path, loss_fn=regression_loss, epochs: int = 2) -> TrainingTask:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance={"stage": "teacher"}, model=model,
+    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance=lambda: {"stage": "teacher"}, model=model,
                         model_name="backbone", dataset=Points(),
                         loss_fn=loss_fn, lr=0.05, num_epochs=epochs, milestones=[], batch_size=8, flip=False)
 

@@ -139,7 +139,7 @@ def build_adaptor_task(cfg: Config, stores: TeacherStores, record: Record | None
         f"{'into RAM' if in_memory else 'from the memory map'}")
     dataset = ConcatStoreDataset(stores.arrays, stores.index.labels, in_memory=in_memory)
     return stage_task(cfg, stage="adaptor", run_dir=artifacts.adaptor_dir(cfg),
-                      provenance=record or adaptor_record(cfg, stores.records), model=build_adaptor(cfg),
+                      provenance=lambda: record or adaptor_record(cfg, stores.records), model=build_adaptor(cfg),
                       dataset=dataset, loss_fn=classification_loss,
                       header=make_header(cfg, stores.index.num_classes, adaptor_stage=True),
                       flip=False, collate_fn=passthrough_collate,
@@ -239,7 +239,7 @@ def _train_and_write_targets(cfg: Config, info: DistInfo) -> Path | None:
     else:
         # Claimed before the task is built: a folder of another run is refused (or moved aside with replace=True)
         # before the stores are loaded, and the task's log lines go to this run's log.
-        logger = claim_run_folder(run_dir, record, replace=cfg.replace, is_main=info.is_main)
+        logger = claim_run_folder(run_dir, lambda: record, replace=cfg.replace, is_main=info.is_main)
         result = train(build_adaptor_task(cfg, stores, record), train_options(cfg), info, logger=logger)
         if not result.complete:
             logger.info("training stopped before its last epoch; the KD targets are written once it completes")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ def make_header(cfg: Config, num_classes: int, adaptor_stage: bool = False) -> n
     return build_head(cfg, num_classes, adaptor_stage=adaptor_stage)
 
 
-def stage_task(cfg: Config, *, stage: str, run_dir: Path, provenance: Record, model: nn.Module, dataset: Dataset,
+def stage_task(cfg: Config, *, stage: str, run_dir: Path, provenance: Callable[[], Record], model: nn.Module, dataset: Dataset,
                loss_fn: LossFn, header: nn.Module | None, evaluate: Evaluate | None = None,
                **loop_settings: Any) -> TrainingTask:
     """The training task of ``stage`` with the config's schedule: the adaptor stage's ``*_fc`` keys, the

@@ -158,11 +158,12 @@ def build_student_task(cfg: Config, evaluate: Evaluate | None) -> TrainingTask:
     """The student run of ``cfg``: a-KD or EAF-KD (``cfg.kd``) from ``cfg.adaptor``'s targets."""
     dataset, num_classes = build_kd_dataset(cfg)
     targets = read_manifest(artifacts.target_files(artifacts.adaptor_dir(cfg)).manifest) or {}
-    record = student_record(cfg, data_fingerprint(dataset.base.index, dataset.base.rows),
-                            record_digest(targets.get("provenance") or {}))
+    targets_digest = record_digest(targets.get("provenance") or {})
     model = build_backbone(cfg, student=True)  # before the header: their order decides both initialisations
     header = make_header(cfg, num_classes) if cfg.kd == "EAFKD" else None
-    return stage_task(cfg, stage="student", run_dir=artifacts.student_dir(cfg), provenance=record, model=model,
+    return stage_task(cfg, stage="student", run_dir=artifacts.student_dir(cfg), model=model,
+                      provenance=lambda: student_record(cfg, data_fingerprint(dataset.base.index, dataset.base.rows),
+                                                        targets_digest),
                       dataset=dataset, loss_fn=kd_loss_fn(cfg), header=header, evaluate=evaluate)
 
 

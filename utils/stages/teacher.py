@@ -20,7 +20,7 @@ def build_teacher_task(cfg: Config, evaluate: Evaluate | None) -> TrainingTask:
         raise InvalidInputError("train.py trains one teacher: set ethnicity=African|Asian|Caucasian|Indian")
     dataset, num_classes = build_training_dataset(cfg, "split" if cfg.teacher_set == "baseline" else "ethnicity")
     return stage_task(cfg, stage="teacher", run_dir=artifacts.teacher_dir(cfg),
-                      provenance=teacher_record(cfg, data_fingerprint(dataset.index, dataset.rows)),
+                      provenance=lambda: teacher_record(cfg, data_fingerprint(dataset.index, dataset.rows)),
                       model=build_backbone(cfg), dataset=dataset, loss_fn=classification_loss,
                       header=make_header(cfg, num_classes), evaluate=evaluate)
 

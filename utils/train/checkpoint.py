@@ -12,36 +12,44 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from utils.core.distributed import broadcast_object
-from utils.core.errors import InvalidInputError, ProvenanceError
+from utils.core.errors import InvalidInputError, UserError
 from utils.core.io import atomic_torch_save, atomic_write_json
 from utils.core.logs import setup_logging
 from utils.workdir import artifacts
 from utils.workdir.provenance import Record, claim_run_dir
 
 
-def claim_run_folder(run_dir: Path, record: Record, *, replace: bool, is_main: bool) -> logging.Logger:
-    """Make ``run_dir`` the folder of a run with ``record`` and return the logger set up to its log.
+def claim_run_folder(run_dir: Path, record: Callable[[], Record], *, replace: bool,
+                     is_main: bool) -> logging.Logger:
+    """Make ``run_dir`` the folder of a run with ``record()`` and return the logger set up to its log.
 
-    Rank 0 claims the folder (``provenance.claim_run_dir``) and every rank learns the verdict, so all raise the
-    same ProvenanceError; a run moved aside with ``replace`` is reported in the new run's log.
+    Rank 0 alone computes the record (a first run's data fingerprint reads every training image) and claims the
+    folder (``provenance.claim_run_dir``); every rank learns the verdict, so all raise the same error and none
+    waits for a rank that failed. A run moved aside with ``replace`` is reported in the new run's log.
     """
-    verdict: tuple[str | None, str | None] = (None, None)
+    verdict: tuple[Exception | None, str | None] = (None, None)
+    failure: Exception | None = None
     if is_main:
         try:
-            aside = claim_run_dir(run_dir, record, replace=replace)
+            aside = claim_run_dir(run_dir, record(), replace=replace)
             verdict = (None, str(aside) if aside else None)
-        except ProvenanceError as exc:
-            verdict = (str(exc), None)
+        except UserError as exc:
+            verdict = (exc, None)
+        except Exception as exc:  # rank 0 raises it with its traceback; the others must not wait for it
+            failure = exc
+            verdict = (RuntimeError(f"rank 0 failed to claim {run_dir}: {exc!r}"), None)
     error, aside = broadcast_object(verdict)  # type: ignore[misc]
-    if error:
-        raise ProvenanceError(error)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise error
     logger = setup_logging(artifacts.log_file(run_dir), is_main)
     if aside is not None:
         logger.warning(f"replace=True: the run made with other settings was moved to {aside}")

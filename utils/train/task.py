@@ -60,7 +60,9 @@ class TrainingTask:
     stage: str  # teacher | adaptor | student: recorded in config.json for the evaluation and the pipeline
     run_dir: Path
     config: Mapping[str, Any]  # the resolved config, saved as the run's config.json
-    provenance: Record  # what determines this run's outputs; a folder holding another run is refused
+    # What determines this run's outputs (a folder holding another run is refused), computed by rank 0 alone when
+    # it claims the folder: a first run's data fingerprint reads every training image.
+    provenance: Callable[[], Record]
     model: nn.Module  # the backbone or adaptor: clipped, and saved as `{step}{model_name}.pth`
     model_name: str  # "backbone" | "adaptor": the release's weights-file naming
     dataset: Dataset  # yields (inputs, label, row, *extras)
