@@ -117,7 +117,8 @@ def test_an_fp16_epoch_whose_steps_were_all_skipped_keeps_the_schedule_and_warns
     def run(name: str, **settings) -> list[dict]:
         torch.manual_seed(0)
         points = TensorDataset(torch.randn(32, 4), torch.tensor(np.arange(32) % 2), torch.arange(32))
-        task = TrainingTask(stage="teacher", run_dir=tmp_path / name, config={}, provenance={"stage": "teacher"},
+        task = TrainingTask(stage="teacher", run_dir=tmp_path / name, config={},
+                            provenance=lambda: {"stage": "teacher"},
                             model=nn.Linear(4, 2), model_name="backbone", dataset=points, loss_fn=regression_loss,
                             lr=0.05, num_epochs=3, milestones=[2], batch_size=8, flip=False)
         options = train_options(load_config({"output_root": str(tmp_path), "num_workers": 0, **settings}))

@@ -210,7 +210,7 @@ def _verified_task(run_dir: Path, verify) -> "TrainingTask":
 
     torch.manual_seed(0)
     points = TensorDataset(torch.randn(32, 4), torch.arange(32) % 2, torch.arange(32))
-    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance={"stage": "teacher"},
+    return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance=lambda: {"stage": "teacher"},
                         model=nn.Linear(4, 2), model_name="backbone", dataset=points, lr=0.05, num_epochs=3,
                         milestones=[2], batch_size=8, flip=False, evaluate=verify, selection="verification",
                         loss_fn=lambda model, header, batch: {
