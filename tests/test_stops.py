@@ -284,3 +284,38 @@ def test_a_stop_during_the_extraction_image_check_ends_it_between_chunks(tiny_sy
         run_stage(extract_all.main, overrides)
     assert len(reads) == 8, "the check went on after the chunk in which the stop arrived"
     assert not member_files(artifacts.store_dir(cfg), "Asian").manifest.exists()
+
+
+def test_a_stop_during_train_py_s_own_rfw_verification_saves_the_epoch_and_the_rerun_verifies_it(
+        tiny_synthetic, tmp_path, monkeypatch):
+    """The real path: train.py's RFWEvaluator (flip TTA, every ethnicity, bootstrap summary) gets a SIGTERM during
+    its first batch; it ends before another forward, the trained epoch is saved, and the rerun verifies it again."""
+    import train
+    from eval.rfw import during_training
+
+    embedded = []
+    real_embed_fn = during_training.backbone_embed_fn
+
+    def signalling_embed_fn(model):
+        embed = real_embed_fn(model)
+
+        def first_batch_signals(images):
+            embedded.append(len(images))
+            if len(embedded) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return embed(images)
+        return first_batch_signals
+
+    monkeypatch.setattr(during_training, "backbone_embed_fn", signalling_embed_fn)
+    overrides = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian", rfw_root=str(tiny_synthetic / "rfw"),
+                               extract_batch_size=8, resume=True)
+    with pytest.raises(TrainingInterrupted, match=r"stopped after step 3 \(during the RFW verification of epoch 1\)"):
+        run_stage(train.main, overrides)
+    assert embedded == [8], "the verification embedded another batch after the stop"
+    run_dir = artifacts.teacher_dir(load_config(overrides))
+    assert torch.load(artifacts.checkpoint_file(run_dir), weights_only=True)["mid_epoch"]["step"] == 3
+    monkeypatch.setattr(during_training, "backbone_embed_fn", real_embed_fn)
+    result = run_stage(train.main, overrides)
+    record = history(run_dir)
+    assert result.complete and record["complete"] and "stopped" not in record
+    assert [len(epoch["rfw"]) > 0 for epoch in record["epochs"]] == [True, True]
