@@ -15,20 +15,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 import extract_all
 import fc_EArc
+import train as train_py
 from config.config import format_override, load_config
+from eval.rfw import during_training
 from helpers import (
     ROOT, catches_sigterm, child_pids, fake_teacher_set, pipeline_command, tiny_overrides, torchrun, wait_for,
     write_fake_teacher
 )
+from utils.core.distributed import DistInfo
 from utils.core.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.pipeline.launch import StageFailed
 from utils.pipeline.plan import PRESETS
 from utils.stages import adaptor, extract
 from utils.stages.cli import run_stage
+from utils.stages.common import train_options
+from utils.train.loop import train
 from utils.train.stopping import LAG_STEPS
+from utils.train.task import TrainingTask
 from utils.workdir import artifacts
 from utils.workdir.artifacts import member_files
 from utils.workdir.store import read_manifest
@@ -201,13 +209,8 @@ def test_a_stage_killed_by_a_signal_gives_the_shell_exit_code():
 
 # ---- stops during the per-epoch verification and the extraction's image check ------------------------------------
 
-def _verified_task(run_dir: Path, verify) -> "TrainingTask":
+def _verified_task(run_dir: Path, verify) -> TrainingTask:
     """A seconds-free task whose per-epoch verification embeds 6 batches and scores each epoch by its outputs."""
-    from torch import nn
-    from torch.utils.data import TensorDataset
-
-    from utils.train.task import TrainingTask
-
     torch.manual_seed(0)
     points = TensorDataset(torch.randn(32, 4), torch.arange(32) % 2, torch.arange(32))
     return TrainingTask(stage="teacher", run_dir=run_dir, config={}, provenance=lambda: {"stage": "teacher"},
@@ -239,10 +242,6 @@ def test_a_stop_during_the_verification_ends_it_within_a_batch_and_the_resume_is
     """The epoch's checkpoint is saved after its verification (the record holds the accuracy that picks the best
     epoch): a stop during the verification saves the trained epoch before its lr step, exits like any stop, and
     the resumed run verifies that epoch again and ends as an uninterrupted run."""
-    from utils.core.distributed import DistInfo
-    from utils.stages.common import train_options
-    from utils.train.loop import train
-
     one_process = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     options = train_options(load_config({"output_root": str(tmp_path), "num_workers": 0, "resume": True}))
     stopped = _verification(signal_at=6 + 2)  # the second forward of epoch 2's verification
@@ -290,9 +289,6 @@ def test_a_stop_during_train_py_s_own_rfw_verification_saves_the_epoch_and_the_r
         tiny_synthetic, tmp_path, monkeypatch):
     """The real path: train.py's RFWEvaluator (flip TTA, every ethnicity, bootstrap summary) gets a SIGTERM during
     its first batch; it ends before another forward, the trained epoch is saved, and the rerun verifies it again."""
-    import train
-    from eval.rfw import during_training
-
     embedded = []
     real_embed_fn = during_training.backbone_embed_fn
 
@@ -310,12 +306,12 @@ def test_a_stop_during_train_py_s_own_rfw_verification_saves_the_epoch_and_the_r
     overrides = tiny_overrides(tiny_synthetic, tmp_path, ethnicity="Asian", rfw_root=str(tiny_synthetic / "rfw"),
                                extract_batch_size=8, resume=True)
     with pytest.raises(TrainingInterrupted, match=r"stopped after step 3 \(during the RFW verification of epoch 1\)"):
-        run_stage(train.main, overrides)
+        run_stage(train_py.main, overrides)
     assert embedded == [8], "the verification embedded another batch after the stop"
     run_dir = artifacts.teacher_dir(load_config(overrides))
     assert torch.load(artifacts.checkpoint_file(run_dir), weights_only=True)["mid_epoch"]["step"] == 3
     monkeypatch.setattr(during_training, "backbone_embed_fn", real_embed_fn)
-    result = run_stage(train.main, overrides)
+    result = run_stage(train_py.main, overrides)
     record = history(run_dir)
     assert result.complete and record["complete"] and "stopped" not in record
     assert [len(epoch["rfw"]) > 0 for epoch in record["epochs"]] == [True, True]
