@@ -114,16 +114,18 @@ class _Trainer:
                                  persistent_workers=task.num_workers > 0, worker_init_fn=seed_worker,
                                  collate_fn=task.collate_fn)
         self.steps_per_epoch = len(self.loader)
-        self.train_model: nn.Module = self.model
-        self.train_header = self.header
-        if info.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-            if self.header is not None:
-                self.train_header = DistributedDataParallel(self.header, device_ids=ids)
-        if options.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.train_model, self.train_header = self._wrapped(options.compile)
         self.verify = VerificationCallback(task.evaluate, self.logger) if task.evaluate is not None else None
+
+    def _wrapped(self, compile_model: bool) -> tuple[nn.Module, nn.Module | None]:
+        """The model and header the steps run: DDP over several ranks, the model compiled on request. Weights and
+        checkpoints are taken from the plain ``self.model`` and ``self.header``."""
+        model, header = self.model, self.header
+        if self.info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+            header = DistributedDataParallel(header, device_ids=ids) if header is not None else None
+        return (torch.compile(model) if compile_model else model), header
 
     # ---- persistence ----------------------------------------------------------------------------------------
     def _parts(self) -> TrainingParts:
