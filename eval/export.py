@@ -28,7 +28,7 @@ from backbones import BACKBONES, get_backbone
 from config.config import MAX_IMAGE_PIXELS
 from utils.core.digests import file_sha256
 from utils.core.errors import IncompatibleInputError, InvalidInputError, MissingInputError
-from utils.core.io import atomic_path, atomic_write_json, check_writable_folder, output_folder
+from utils.core.io import atomic_path, atomic_write_json, output_folder
 from utils.core.weights import load_weights
 from utils.data.image import decode_image, normalize_images, to_tensor
 from utils.data.index import IMAGE_EXTENSIONS
@@ -187,22 +187,21 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--tolerance {args.tolerance}: give a difference >= 0")
     if args.num_images < 1:
         raise InvalidInputError(f"--num-images {args.num_images}: give a number >= 1")
-    check_writable_folder(args.out.parent)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     _check_args(args)
-    data_root = None
-    if args.network is None:
-        arch, data_root = run_architecture(args.weights)
-    else:
-        arch = Architecture(args.network, args.input_size, args.embedding_size, args.width, args.use_se)
-    image_paths = args.images or ([data_root] if data_root is not None and data_root.is_dir() else [])
-    files = find_images(image_paths, args.num_images)
-    if not files:
-        raise MissingInputError("no real images to check the export on: pass --images FILES_OR_FOLDERS")
-    real_images = load_images(files, arch.input_size, args.max_image_pixels)
-    with output_folder(args.out.parent):
+    with output_folder(args.out.parent):  # checked writable before the weights and images are read
+        data_root = None
+        if args.network is None:
+            arch, data_root = run_architecture(args.weights)
+        else:
+            arch = Architecture(args.network, args.input_size, args.embedding_size, args.width, args.use_se)
+        image_paths = args.images or ([data_root] if data_root is not None and data_root.is_dir() else [])
+        files = find_images(image_paths, args.num_images)
+        if not files:
+            raise MissingInputError("no real images to check the export on: pass --images FILES_OR_FOLDERS")
+        real_images = load_images(files, arch.input_size, args.max_image_pixels)
         record = export_backbone(args.weights, args.out, arch, real_images=real_images, tolerance=args.tolerance)
     checks = "; ".join(f"{name} images ({check['images']}): max |diff| {check['max_abs_diff']:.2e}, normalised "
                        f"{check['max_abs_diff_normalised']:.2e}" for name, check in record["check"].items()

@@ -42,8 +42,8 @@ def make_header(cfg: Config, num_classes: int, adaptor_stage: bool = False) -> n
     return build_head(cfg, num_classes, adaptor_stage=adaptor_stage)
 
 
-def stage_task(cfg: Config, *, stage: str, run_dir: Path, provenance: Callable[[], Record], model: nn.Module, dataset: Dataset,
-               loss_fn: LossFn, header: nn.Module | None, evaluate: Evaluate | None = None,
+def stage_task(cfg: Config, *, stage: str, run_dir: Path, provenance: Callable[[], Record], model: nn.Module,
+               dataset: Dataset, loss_fn: LossFn, header: nn.Module | None, evaluate: Evaluate | None = None,
                **loop_settings: Any) -> TrainingTask:
     """The training task of ``stage`` with the config's schedule: the adaptor stage's ``*_fc`` keys, the
     teachers' and students' plain ones. The best epoch is the lowest-loss one for adaptors (the release's rule),

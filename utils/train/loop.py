@@ -185,7 +185,7 @@ class _Trainer:
             return "rfw" not in self.best or record["rfw"]["avg"] > self.best["rfw"]["avg"]
         raise ValueError(f"unknown selection rule {selection!r}")
 
-    def _train_epoch(self, monitor: TrainingMonitor) -> dict[str, float]:
+    def _train_epoch(self, monitor: TrainingMonitor, lr: float) -> dict[str, float]:
         task, options = self.task, self.options
         seed = derive_seed(options.seed, self.epoch, self.info.rank)
         seed_everything(seed)
@@ -194,7 +194,6 @@ class _Trainer:
         self.train_model.train()
         if self.train_header is not None:
             self.train_header.train()
-        lr = self.optimizer.param_groups[0]["lr"]
         totals: dict[str, torch.Tensor] = {}
         steps = 0
         self.skipped = torch.zeros((), device=self.device)  # fp16 steps the scaler skipped; read once per epoch
@@ -286,7 +285,6 @@ class _Trainer:
                              f"(non-finite gradients), loss scale now {self.scaler.get_scale():g}")
         return count
 
-
     def _save_mid_epoch(self, steps: int, totals: dict[str, torch.Tensor], flip_generator: torch.Generator,
                         where: str | None = None) -> None:
         """Save a checkpoint ``steps`` into the epoch with every rank's random streams, then end the run: resuming
@@ -333,10 +331,11 @@ class _Trainer:
                 f"{' ...' if len(bad) > 5 else ''} after epoch {self.epoch + 1} (step {self.global_step}); not "
                 f"saved; last good checkpoint: {self.files.last_good(self.epoch)}")
 
-    def _epoch_record(self, monitor: TrainingMonitor, lr: float) -> dict[str, Any]:
+    def _epoch_record(self, monitor: TrainingMonitor) -> dict[str, Any]:
         """Train one epoch and return its history record (losses, timing, fp16 skips, RFW when due)."""
         start = time.perf_counter()
-        sums = self._train_epoch(monitor)
+        lr = self.optimizer.param_groups[0]["lr"]
+        sums = self._train_epoch(monitor, lr)
         steps = sums.pop("steps")
         skipped_steps = self._log_skipped(sums.pop("skipped"), steps)
         broadcast_buffers(self.model)
@@ -379,8 +378,7 @@ class _Trainer:
                 if options.stop_after_epoch is not None and self.epoch >= options.stop_after_epoch:
                     self.logger.info(f"stop_after_epoch={options.stop_after_epoch}: stopping; resume=True continues")
                     break
-                lr = self.optimizer.param_groups[0]["lr"]
-                record = self._epoch_record(monitor, lr)
+                record = self._epoch_record(monitor)
                 self._next_epoch_lr()
                 self.epoch += 1
                 self.history.append(record)
@@ -388,7 +386,8 @@ class _Trainer:
                 if is_best:
                     self.best = record
                 if info.is_main:
-                    monitor.end_epoch(self.epoch - 1, self.global_step, record["losses"], lr, record.get("rfw"))
+                    monitor.end_epoch(self.epoch - 1, self.global_step, record["losses"], record["lr"],
+                                      record.get("rfw"))
                     self._save_epoch(is_best, complete=self.epoch == task.num_epochs)
                 barrier()
                 if self.epoch < task.num_epochs and self.stopper.now():
