@@ -202,6 +202,21 @@ def test_changed_training_data_or_rfw_files_rerun_what_read_them(finished_copy):
 
 
 @pytest.mark.slow
+def test_a_plan_reads_the_image_digests_once_for_all_its_data_fingerprints(finished_copy, monkeypatch):
+    """The plan fingerprints the rows of every teacher, split and student: one pass over the images (which stats
+    every file of the data, seconds per million) serves all of them."""
+    import utils.pipeline.plan as planning
+    from utils.data.index import ImageIndex
+
+    passes, fingerprints = [], []
+    file_digests, data_fingerprint = ImageIndex.file_digests, planning.data_fingerprint
+    monkeypatch.setattr(ImageIndex, "file_digests", lambda index: passes.append(1) or file_digests(index))
+    monkeypatch.setattr(planning, "data_fingerprint", lambda *args: fingerprints.append(1) or data_fingerprint(*args))
+    assert len(_plan(finished_copy)["skip"]) == JOBS
+    assert len(fingerprints) > 1 and len(passes) == 1
+
+
+@pytest.mark.slow
 def test_swapped_adaptor_weights_rewrite_its_targets_and_rerun_its_students(finished_copy):
     weights = finished_copy / "adaptors/specialized_iresnet18/SL/best_adaptor.pth"
     state = torch.load(weights, weights_only=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from config.config import (
     ADAPTOR_SCRIPTS, ADAPTORS, ETHNICITIES, KD_KINDS, KD_SCRIPTS, TEACHER_SETS, Config, load_config, teacher_members
 )
@@ -139,8 +141,8 @@ def _store_verdict(manifest_path: Path, wanted: Record, what: str) -> Verdict:
 
 
 class _Inputs:
-    """What the checks share, computed once per plan: the image index and the data fingerprints (file digests
-    are reused by :func:`utils.workdir.provenance.file_sha256` itself)."""
+    """What the checks share, computed once per plan: the image index, its file digests and the data
+    fingerprints (weights and RFW digests are reused by :func:`utils.core.digests.file_sha256` itself)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -150,12 +152,16 @@ class _Inputs:
     def index(self) -> ImageIndex:
         return load_index(self.cfg)
 
+    @functools.cached_property
+    def digests(self) -> np.ndarray:
+        return self.index.file_digests()
+
     def data(self, cfg: Config, protocol: str) -> str:
         """Fingerprint of the rows a stage of ``cfg`` reads under ``protocol`` (cached per teacher member)."""
         key = (protocol, cfg.teacher_member if protocol != "all" else "")
         if key not in self._data:
             rows, _ = training_rows(cfg, self.index, protocol)
-            self._data[key] = data_fingerprint(self.index, rows)
+            self._data[key] = data_fingerprint(self.index, rows, self.digests)
         return self._data[key]
 
     def teacher_weights(self, cfg: Config, member: str) -> str | None:

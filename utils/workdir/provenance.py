@@ -47,13 +47,14 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def data_fingerprint(index: ImageIndex, rows: np.ndarray | None = None) -> str:
+def data_fingerprint(index: ImageIndex, rows: np.ndarray | None = None, digests: np.ndarray | None = None) -> str:
     """The training images a run reads: ``rows`` of the index (all by default) as (path, label, sha256 of the
     file's contents). A replaced image changes it even when its size and times are kept; the digests of unchanged
     files come from the index's digest cache, so only a first run reads every image. RecordIO rows carry the
-    digest of the record file."""
+    digest of the record file. ``digests``: ``index.file_digests()`` when the caller already holds them (a plan
+    fingerprints several row sets of one index; each call would stat every image again)."""
     rows = np.arange(len(index)) if rows is None else np.asarray(rows)
-    digests = index.file_digests()
+    digests = index.file_digests() if digests is None else digests
     digest = hashlib.sha256(f"{index.kind}\n".encode())
     for row in rows.tolist():
         digest.update(f"{index.paths[row]}\t{index.labels[row]}\t{digests[row].tobytes().hex()}\n".encode())
