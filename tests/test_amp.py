@@ -69,6 +69,7 @@ def test_fp16_overflow_counts_skipped_steps(tiny_synthetic, tmp_path):
     assert _checkpoint(result.run_dir)["scaler"]["scale"] == init_scale / 2**skipped
 
 
+@pytest.mark.float_sensitive
 def test_fp16_short_epoch_at_the_default_scale_trains(tiny_synthetic, tmp_path):
     """Two-step epochs whose steps all overflow at the first scale are the scaler finding its level, not a
     diverged run: training goes on and the scale comes down to where steps are taken."""
@@ -79,7 +80,8 @@ def test_fp16_short_epoch_at_the_default_scale_trains(tiny_synthetic, tmp_path):
     assert sum(e["skipped_steps"] for e in epochs) < 2 * len(epochs), "no step was ever taken"
     first = torch.load(result.run_dir / f"{epochs[0]['global_step']}backbone.pth", weights_only=True)
     last = _checkpoint(result.run_dir)["model"]
-    assert any(not torch.equal(first[k], last[k]) for k in first)
+    buffers = {name for name in first if "running_" in name or "num_batches_tracked" in name}
+    assert any(not torch.equal(first[k], last[k]) for k in first if k not in buffers), "no parameter moved"
 
 
 def test_fp16_divergence_is_judged_from_the_scale():

@@ -18,6 +18,7 @@ def gpu_check():
     return module
 
 
+@pytest.mark.float_sensitive
 def test_gpu_check_ci_dry_run_trains_resumes_measures_and_reports(gpu_check, tmp_path):
     result = gpu_check.main(["--preset", "ci", "--precisions", "fp16", "--nproc", "1", "--out", str(tmp_path)])
     assert result["ok"], result["failures"]
