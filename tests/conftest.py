@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from collections import Counter
@@ -17,11 +18,27 @@ if str(ROOT) not in sys.path:
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+from utils.core.logs import LOGGER_NAME  # noqa: E402
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the pipeline (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "float_sensitive: asserts on what trained networks compute; `make "
                             "test-float-paths` runs these under other thread counts and an older instruction set")
+
+
+@pytest.fixture(autouse=True)
+def project_logger_as_a_fresh_process_has_it():
+    """After each test, the project's logger as a new process has it: a stage a test runs sets it up with a handler
+    on that test's captured stdout (closed afterwards) and without propagation, which later tests in the same worker
+    would inherit (logging errors on a closed stream, log lines in the output they parse, caplog seeing nothing)."""
+    yield
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
 
 
 def pytest_collection_modifyitems(items):

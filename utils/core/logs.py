@@ -12,23 +12,6 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
-class _CurrentStdout(logging.StreamHandler):
-    """Writes to ``sys.stdout`` as it is when a record is emitted, not as it was when the logger was set up: a
-    stdout replaced later (``contextlib.redirect_stdout``, a test's capture) gets the lines, and one closed since
-    is never written to."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-
-    @property  # type: ignore[override]
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass  # always the current sys.stdout
-
-
 def setup_logging(log_file: Path | None, is_main: bool) -> logging.Logger:
     """Log to stdout, and on rank 0 also to ``log_file``; other ranks only report warnings."""
     logger = get_logger()
@@ -38,7 +21,7 @@ def setup_logging(log_file: Path | None, is_main: bool) -> logging.Logger:
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    stream = _CurrentStdout()
+    stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(formatter)
     logger.addHandler(stream)
     if is_main and log_file is not None:
